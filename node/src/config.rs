@@ -1,0 +1,329 @@
+//! Command line, environment and TOML configuration, merged into one validated [`Config`].
+//!
+//! Precedence, highest first: a command-line flag, its `SHOAL_*` environment variable, the
+//! config file (`--config`), the default. Every value is validated at start-up: a typo fails
+//! loudly with one line, it is never silently ignored (unknown TOML keys are errors).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/shoal";
+/// Default upstream: Docker Hub.
+pub const DEFAULT_UPSTREAM: &str = "https://registry-1.docker.io";
+/// Default cache cap: 10 GiB.
+pub const DEFAULT_CACHE_SIZE: u64 = 10 << 30;
+/// Default time a tag's digest is trusted before it is re-checked upstream.
+pub const DEFAULT_TAG_TTL_SECS: u64 = 30;
+/// Default upstream timeout: for the response head, and for each read of the body.
+pub const DEFAULT_UPSTREAM_TIMEOUT_SECS: u64 = 30;
+
+/// `shoal`: a peer-to-peer container image distribution daemon.
+#[derive(Debug, Parser)]
+#[command(name = "shoal", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the OCI Distribution API as a pull-through mirror.
+    Run(RunArgs),
+}
+
+/// Flags of `shoal run`; each may also come from the environment or the config file.
+#[derive(Debug, Default, Args)]
+pub struct RunArgs {
+    /// TOML config file with the same keys as the flags (`listen`, `data_dir`, `upstream`,
+    /// `cache_size`, `tag_ttl`, `auth_file`, `upstream_timeout`, and a `[registries]` table).
+    #[arg(long, env = "SHOAL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address of the `/v2` and `/metrics` listener [default: 127.0.0.1:5000].
+    #[arg(long, env = "SHOAL_LISTEN")]
+    pub listen: Option<String>,
+    /// Directory of the blob store and its metadata [default: /var/lib/shoal].
+    #[arg(long, env = "SHOAL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Upstream for requests without `?ns=` [default: https://registry-1.docker.io].
+    #[arg(long, env = "SHOAL_UPSTREAM")]
+    pub upstream: Option<String>,
+    /// Where a registry host really is, `HOST=URL` (repeatable; comma-separated in the env).
+    #[arg(long = "registry", env = "SHOAL_REGISTRY", value_delimiter = ',')]
+    pub registries: Vec<String>,
+    /// Cap on cached bytes, e.g. `10GiB`, `500MB`, `1048576` [default: 10GiB].
+    #[arg(long, env = "SHOAL_CACHE_SIZE")]
+    pub cache_size: Option<String>,
+    /// Seconds a tag's digest is trusted before it is checked upstream again [default: 30].
+    #[arg(long, env = "SHOAL_TAG_TTL")]
+    pub tag_ttl: Option<u64>,
+    /// Docker `config.json`-style file with an `auths` map of upstream credentials.
+    #[arg(long, env = "SHOAL_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+    /// Seconds to wait for an upstream response head or for each body read [default: 30].
+    #[arg(long, env = "SHOAL_UPSTREAM_TIMEOUT")]
+    pub upstream_timeout: Option<u64>,
+}
+
+/// A size in the config file: a number of bytes or a string such as `"10GiB"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    upstream: Option<String>,
+    #[serde(default)]
+    registries: BTreeMap<String, String>,
+    cache_size: Option<SizeValue>,
+    tag_ttl: Option<u64>,
+    auth_file: Option<PathBuf>,
+    upstream_timeout: Option<u64>,
+}
+
+/// Errors in the configuration; each names what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for Shoal.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        message: String,
+    },
+    /// A value is invalid.
+    #[error("invalid {key} {value:?}: {reason}")]
+    Invalid {
+        /// The setting.
+        key: &'static str,
+        /// Its value.
+        value: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The validated configuration of a running node.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listener address.
+    pub listen: SocketAddr,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Default upstream base URL, without a trailing slash.
+    pub upstream: String,
+    /// Registry host to base URL.
+    pub registries: BTreeMap<String, String>,
+    /// Cache cap in bytes.
+    pub cache_size: u64,
+    /// Tag TTL.
+    pub tag_ttl: Duration,
+    /// Credentials file.
+    pub auth_file: Option<PathBuf>,
+    /// Upstream timeout.
+    pub upstream_timeout: Duration,
+}
+
+impl Config {
+    /// A configuration for tests and embedding: everything default but the two essentials.
+    pub fn new(listen: SocketAddr, data_dir: &Path, upstream: &str) -> Config {
+        Config {
+            listen,
+            data_dir: data_dir.to_path_buf(),
+            upstream: upstream.trim_end_matches('/').to_owned(),
+            registries: BTreeMap::new(),
+            cache_size: DEFAULT_CACHE_SIZE,
+            tag_ttl: Duration::from_secs(DEFAULT_TAG_TTL_SECS),
+            auth_file: None,
+            upstream_timeout: Duration::from_secs(DEFAULT_UPSTREAM_TIMEOUT_SECS),
+        }
+    }
+}
+
+fn invalid(key: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, value: value.to_owned(), reason: reason.into() }
+}
+
+/// Parses a byte size: a plain number, or a number with a unit (`K`, `KB`, `KiB`, ... `T`).
+/// Decimal units (`KB`, `MB`) are powers of 1000, binary ones (`KiB`, `K`) powers of 1024.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    if num.is_empty() {
+        return Err("expected a number of bytes, e.g. 10GiB".into());
+    }
+    let n: u64 = num.parse().map_err(|_| "number too large".to_string())?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        other => return Err(format!("unknown unit {other:?}")),
+    };
+    n.checked_mul(mult).ok_or_else(|| "size too large".to_string())
+}
+
+/// Checks a base URL: `http` or `https`, a host, no query. Returns it without a trailing slash.
+pub fn parse_base_url(key: &'static str, s: &str) -> Result<String, ConfigError> {
+    let url = reqwest::Url::parse(s).map_err(|e| invalid(key, s, e.to_string()))?;
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err(invalid(key, s, "scheme must be http or https"));
+    }
+    if url.host_str().is_none() {
+        return Err(invalid(key, s, "no host"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(invalid(key, s, "must not have a query or fragment"));
+    }
+    Ok(s.trim_end_matches('/').to_owned())
+}
+
+/// Whether `s` is a plausible registry host (`name[:port]`), as sent in `?ns=`.
+pub fn valid_host(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+}
+
+impl RunArgs {
+    /// Merges flags (with their env fallbacks), the config file and the defaults.
+    pub fn resolve(&self) -> Result<Config, ConfigError> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
+                    path: path.clone(),
+                    message: e.message().to_owned(),
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        let listen_s = self.listen.clone().or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let listen = listen_s
+            .parse::<SocketAddr>()
+            .map_err(|e| invalid("listen", &listen_s, format!("{e} (expected HOST:PORT, e.g. 127.0.0.1:5000)")))?;
+        let data_dir = self.data_dir.clone().or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into());
+        let upstream_s = self.upstream.clone().or(file.upstream).unwrap_or_else(|| DEFAULT_UPSTREAM.into());
+        let upstream = parse_base_url("upstream", &upstream_s)?;
+
+        let mut registries = BTreeMap::new();
+        for (host, url) in file.registries {
+            if !valid_host(&host) {
+                return Err(invalid("registry", &host, "not a host name"));
+            }
+            registries.insert(host, parse_base_url("registry", &url)?);
+        }
+        for entry in &self.registries {
+            let (host, url) = entry
+                .split_once('=')
+                .ok_or_else(|| invalid("registry", entry, "expected HOST=URL, e.g. docker.io=http://127.0.0.1:5001"))?;
+            if !valid_host(host) {
+                return Err(invalid("registry", entry, "not a host name"));
+            }
+            registries.insert(host.to_owned(), parse_base_url("registry", url)?);
+        }
+
+        let cache_size = match (&self.cache_size, file.cache_size) {
+            (Some(s), _) => parse_size(s).map_err(|r| invalid("cache_size", s, r))?,
+            (None, Some(SizeValue::Bytes(n))) => n,
+            (None, Some(SizeValue::Text(s))) => parse_size(&s).map_err(|r| invalid("cache_size", &s, r))?,
+            (None, None) => DEFAULT_CACHE_SIZE,
+        };
+        let tag_ttl = Duration::from_secs(self.tag_ttl.or(file.tag_ttl).unwrap_or(DEFAULT_TAG_TTL_SECS));
+        let timeout = self.upstream_timeout.or(file.upstream_timeout).unwrap_or(DEFAULT_UPSTREAM_TIMEOUT_SECS);
+        if timeout == 0 {
+            return Err(invalid("upstream_timeout", "0", "must be at least 1 second"));
+        }
+        let auth_file = self.auth_file.clone().or(file.auth_file);
+        if let Some(path) = &auth_file {
+            if !path.is_file() {
+                return Err(invalid("auth_file", &path.display().to_string(), "no such file"));
+            }
+        }
+        Ok(Config {
+            listen,
+            data_dir,
+            upstream,
+            registries,
+            cache_size,
+            tag_ttl,
+            auth_file,
+            upstream_timeout: Duration::from_secs(timeout),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size("5MB"), Ok(5_000_000));
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("5XB").is_err());
+        assert!(parse_size("99999999999999T").is_err());
+    }
+
+    #[test]
+    fn precedence_and_validation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shoal.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:6000\"\ncache_size = \"1GiB\"\ntag_ttl = 5\n[registries]\n\"docker.io\" = \"http://127.0.0.1:5001/\"\n",
+        )
+        .unwrap();
+        let args = RunArgs { config: Some(path.clone()), tag_ttl: Some(7), ..Default::default() };
+        let c = args.resolve().unwrap();
+        assert_eq!(c.listen, "127.0.0.1:6000".parse().unwrap());
+        assert_eq!(c.cache_size, 1 << 30);
+        assert_eq!(c.tag_ttl, Duration::from_secs(7), "flag beats file");
+        assert_eq!(c.registries["docker.io"], "http://127.0.0.1:5001");
+
+        std::fs::write(&path, "listn = \"x\"\n").unwrap();
+        let err = RunArgs { config: Some(path), ..Default::default() }.resolve().unwrap_err();
+        assert!(err.to_string().contains("listn"), "{err}");
+
+        let err = RunArgs { registries: vec!["docker.io".into()], ..Default::default() }.resolve().unwrap_err();
+        assert!(err.to_string().contains("HOST=URL"), "{err}");
+        let err = RunArgs { upstream: Some("ftp://x".into()), ..Default::default() }.resolve().unwrap_err();
+        assert!(err.to_string().contains("scheme"), "{err}");
+        let err = RunArgs { listen: Some("nope".into()), ..Default::default() }.resolve().unwrap_err();
+        assert!(err.to_string().contains("listen"), "{err}");
+    }
+}

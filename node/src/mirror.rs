@@ -1,0 +1,489 @@
+//! The pull-through logic: tags resolved upstream within a TTL, content by digest from the
+//! store, missing blobs fetched once and streamed to every client that wants them while they
+//! arrive.
+//!
+//! Invariants:
+//! - A tag is re-checked upstream once its TTL has passed; if the upstream is unreachable or
+//!   answers 5xx/429, the last-known-good digest is served and the staleness logged.
+//! - A blob is fetched from the upstream by at most one task at a time per credential; every
+//!   other request for it reads the same partial file.
+//! - A client never receives the last byte of an arriving blob before the whole blob was
+//!   verified: on a mismatch its response is aborted short of complete.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, StatusCode};
+use shoal_protocol::media::{self, MANIFEST_ACCEPT, MAX_MANIFEST_BYTES};
+use shoal_protocol::{Digest, ErrorCode, Name, OciError, Reference};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::flight::SingleFlight;
+use crate::metrics::{Metrics, UpstreamLabels};
+use crate::store::{BlobWriter, CommitError, OpenBlob, Store};
+use crate::upstream::{read_limited, ClientAuth, Registry, Request, UpstreamError, Upstreams};
+
+/// An error for the client: the OCI error, and the upstream's challenge when it asked for auth.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// The error body and status.
+    pub oci: OciError,
+    /// `WWW-Authenticate` to pass back with a 401.
+    pub challenge: Option<HeaderValue>,
+}
+
+impl ApiError {
+    /// An error without a challenge.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError { oci: OciError::new(code, message), challenge: None }
+    }
+}
+
+impl From<UpstreamError> for ApiError {
+    fn from(e: UpstreamError) -> ApiError {
+        warn!(error = %e, "upstream failure");
+        let msg = match &e {
+            UpstreamError::Timeout { .. } => "upstream registry timed out",
+            UpstreamError::Unreachable { .. } => "upstream registry unreachable",
+            UpstreamError::Token { .. } => "upstream token service failed",
+        };
+        ApiError::new(ErrorCode::UpstreamUnavailable, msg)
+    }
+}
+
+fn internal(context: &str, e: impl std::fmt::Display) -> ApiError {
+    warn!(error = %e, "{context}");
+    ApiError::new(ErrorCode::Internal, "internal error")
+}
+
+/// Maps a non-success upstream status to the client's error.
+fn status_error(resp: &reqwest::Response, not_found: ErrorCode, what: &str) -> ApiError {
+    let status = resp.status();
+    let code = match status {
+        StatusCode::NOT_FOUND => not_found,
+        StatusCode::UNAUTHORIZED => ErrorCode::Unauthorized,
+        StatusCode::FORBIDDEN => ErrorCode::Denied,
+        StatusCode::TOO_MANY_REQUESTS => ErrorCode::TooManyRequests,
+        _ => ErrorCode::UpstreamUnavailable,
+    };
+    let message = match code {
+        ErrorCode::UpstreamUnavailable => format!("upstream answered {} for {what}", status.as_u16()),
+        ErrorCode::Unauthorized => format!("authentication required for {what}"),
+        ErrorCode::Denied => format!("access to {what} denied"),
+        ErrorCode::TooManyRequests => "upstream rate limit reached".into(),
+        _ => format!("{what} unknown"),
+    };
+    let challenge =
+        if code == ErrorCode::Unauthorized { resp.headers().get(http::header::WWW_AUTHENTICATE).cloned() } else { None };
+    ApiError { oci: OciError::new(code, message), challenge }
+}
+
+/// Whether a failed tag check may fall back to the last-known-good digest.
+fn upstream_down(status: StatusCode) -> bool {
+    status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS
+}
+
+/// A manifest ready to serve.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    /// Its digest.
+    pub digest: Digest,
+    /// Its media type.
+    pub media_type: String,
+    /// Its bytes, exactly as the upstream served them.
+    pub body: Bytes,
+}
+
+/// How far an arriving blob has got.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    /// Bytes written to the partial file.
+    pub written: u64,
+    /// `Some(Ok)` once verified and stored; `Some(Err)` if it failed (the bytes are gone).
+    pub done: Option<Result<(), String>>,
+}
+
+/// A blob being fetched from the upstream.
+pub struct Transfer {
+    /// Its digest.
+    pub digest: Digest,
+    /// Its size, when the upstream announced it.
+    pub size: Option<u64>,
+    /// A read handle on the partial file (read with positional reads).
+    pub file: File,
+    /// Progress, updated as bytes arrive.
+    pub progress: watch::Receiver<Progress>,
+}
+
+/// A blob to serve.
+pub enum Blob {
+    /// Complete and verified.
+    Stored(OpenBlob),
+    /// Still arriving.
+    Arriving(Arc<Transfer>),
+}
+
+/// Size and presence of a blob, for `HEAD`.
+#[derive(Debug, Clone, Copy)]
+pub struct BlobHead {
+    /// Size in bytes, if known.
+    pub size: Option<u64>,
+}
+
+type FlightKey = (Digest, String);
+
+/// The mirror: store, upstreams, and the in-flight work.
+pub struct Mirror {
+    /// The blob store.
+    pub store: Store,
+    /// The upstream registries.
+    pub upstreams: Upstreams,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    tag_ttl: Duration,
+    /// Blobs arriving now. A std mutex: look-ups and inserts only.
+    arriving: Mutex<HashMap<Digest, Arc<Transfer>>>,
+    blob_starts: SingleFlight<FlightKey, Result<Option<Arc<Transfer>>, ApiError>>,
+    manifest_fetches: SingleFlight<FlightKey, Result<Manifest, ApiError>>,
+    tag_checks: SingleFlight<(String, String, String, String), Result<Digest, ApiError>>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn content_type(resp: &reqwest::Response) -> Option<String> {
+    let v = resp.headers().get(http::header::CONTENT_TYPE)?.to_str().ok()?;
+    let v = v.split(';').next()?.trim();
+    (!v.is_empty()).then(|| v.to_owned())
+}
+
+impl Mirror {
+    /// A mirror over a store and a set of upstreams.
+    pub fn new(store: Store, upstreams: Upstreams, metrics: Arc<Metrics>, tag_ttl: Duration) -> Mirror {
+        Mirror {
+            store,
+            upstreams,
+            metrics,
+            tag_ttl,
+            arriving: Mutex::new(HashMap::new()),
+            blob_starts: SingleFlight::default(),
+            manifest_fetches: SingleFlight::default(),
+            tag_checks: SingleFlight::default(),
+        }
+    }
+
+    fn count_upstream(&self, reg: &Registry, bytes: u64) {
+        let labels = UpstreamLabels { registry: reg.key.clone() };
+        self.metrics.upstream_bytes.get_or_create(&labels).inc_by(bytes);
+    }
+
+    fn count_request(&self, reg: &Registry) {
+        self.metrics.upstream_requests.get_or_create(&UpstreamLabels { registry: reg.key.clone() }).inc();
+    }
+
+    async fn send(&self, reg: &Registry, req: &Request<'_>, auth: &ClientAuth) -> Result<crate::upstream::Response, ApiError> {
+        self.count_request(reg);
+        Ok(self.upstreams.send(reg, req, auth).await?)
+    }
+
+    /// A manifest by tag or digest.
+    pub async fn manifest(
+        self: &Arc<Self>,
+        reg: &Registry,
+        name: &Name,
+        reference: &Reference,
+        auth: &ClientAuth,
+    ) -> Result<Manifest, ApiError> {
+        let digest = match reference {
+            Reference::Digest(d) => *d,
+            Reference::Tag(t) => self.resolve_tag(reg, name, t, auth).await?,
+        };
+        self.manifest_by_digest(reg, name, digest, auth).await
+    }
+
+    async fn resolve_tag(self: &Arc<Self>, reg: &Registry, name: &Name, tag: &str, auth: &ClientAuth) -> Result<Digest, ApiError> {
+        let cached = self.store.tag(&reg.key, name.as_str(), tag);
+        if let Some((d, at)) = cached {
+            if now_secs().saturating_sub(at) < self.tag_ttl.as_secs() {
+                return Ok(d);
+            }
+        }
+        let key = (reg.key.clone(), name.to_string(), tag.to_owned(), auth.fingerprint());
+        let (this, reg2, name2, tag2, auth2) = (self.clone(), reg.clone(), name.clone(), tag.to_owned(), auth.clone());
+        let result = self
+            .tag_checks
+            .run(key, async move { this.check_tag(&reg2, &name2, &tag2, &auth2).await })
+            .await
+            .unwrap_or_else(|| Err(ApiError::new(ErrorCode::Internal, "internal error")));
+        match (result, cached) {
+            (Ok(d), _) => Ok(d),
+            (Err(e), Some((d, at))) if matches!(e.oci.code, ErrorCode::UpstreamUnavailable | ErrorCode::TooManyRequests) => {
+                warn!(registry = %reg.key, repo = %name, tag, digest = %d, age_s = now_secs().saturating_sub(at),
+                    "upstream unavailable: serving last-known-good digest for tag");
+                self.metrics.stale_tags.inc();
+                Ok(d)
+            }
+            (Err(e), _) => Err(e),
+        }
+    }
+
+    /// Asks the upstream what a tag points at (HEAD: not counted against Docker Hub's limits).
+    async fn check_tag(self: &Arc<Self>, reg: &Registry, name: &Name, tag: &str, auth: &ClientAuth) -> Result<Digest, ApiError> {
+        let what = format!("manifest {name}:{tag}");
+        let path = format!("/v2/{name}/manifests/{tag}");
+        let head = Request { method: Method::HEAD, repo: name.as_str(), path: path.clone(), accept: Some(MANIFEST_ACCEPT), range: None };
+        let resp = self.send(reg, &head, auth).await?;
+        let status = resp.inner.status();
+        if status == StatusCode::NOT_FOUND {
+            let _ = self.store.remove_tag(&reg.key, name.as_str(), tag);
+        }
+        if !status.is_success() {
+            let e = status_error(&resp.inner, ErrorCode::ManifestUnknown, &what);
+            if upstream_down(status) {
+                warn!(registry = %reg.key, status = status.as_u16(), "upstream failed a tag check");
+            }
+            return Err(e);
+        }
+        let header_digest = resp
+            .inner
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Digest::parse(v).ok());
+        let digest = match header_digest {
+            Some(d) => d,
+            None => {
+                // No digest header: fetch the manifest by tag and hash it ourselves.
+                let get = Request { method: Method::GET, ..head };
+                let resp = self.send(reg, &get, auth).await?;
+                if !resp.inner.status().is_success() {
+                    return Err(status_error(&resp.inner, ErrorCode::ManifestUnknown, &what));
+                }
+                let m = self.read_manifest(reg, resp, None).await?;
+                m.digest
+            }
+        };
+        self.store.set_tag(&reg.key, name.as_str(), tag, &digest).map_err(|e| internal("tag write", e))?;
+        info!(registry = %reg.key, repo = %name, tag, digest = %digest, "tag resolved upstream");
+        Ok(digest)
+    }
+
+    async fn manifest_by_digest(self: &Arc<Self>, reg: &Registry, name: &Name, digest: Digest, auth: &ClientAuth) -> Result<Manifest, ApiError> {
+        if let Some(m) = self.stored_manifest(&digest) {
+            return Ok(m);
+        }
+        let key = (digest, auth.fingerprint());
+        let (this, reg2, name2, auth2) = (self.clone(), reg.clone(), name.clone(), auth.clone());
+        self.manifest_fetches
+            .run(key, async move {
+                if let Some(m) = this.stored_manifest(&digest) {
+                    return Ok(m);
+                }
+                let req = Request {
+                    method: Method::GET,
+                    repo: name2.as_str(),
+                    path: format!("/v2/{name2}/manifests/{digest}"),
+                    accept: Some(MANIFEST_ACCEPT),
+                    range: None,
+                };
+                let resp = this.send(&reg2, &req, &auth2).await?;
+                if !resp.inner.status().is_success() {
+                    return Err(status_error(&resp.inner, ErrorCode::ManifestUnknown, &format!("manifest {digest}")));
+                }
+                this.read_manifest(&reg2, resp, Some(digest)).await
+            })
+            .await
+            .unwrap_or_else(|| Err(ApiError::new(ErrorCode::Internal, "internal error")))
+    }
+
+    fn stored_manifest(&self, digest: &Digest) -> Option<Manifest> {
+        let (body, meta) = self.store.read_small(digest, MAX_MANIFEST_BYTES)?;
+        let media_type = meta
+            .media_type
+            .or_else(|| media::sniff_manifest_type(&body))
+            .unwrap_or_else(|| media::OCI_MANIFEST.to_owned());
+        Some(Manifest { digest: *digest, media_type, body: Bytes::from(body) })
+    }
+
+    /// Reads, verifies and stores a manifest body.
+    async fn read_manifest(&self, reg: &Registry, resp: crate::upstream::Response, expected: Option<Digest>) -> Result<Manifest, ApiError> {
+        let media_type = content_type(&resp.inner);
+        let header_digest = resp
+            .inner
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Digest::parse(v).ok());
+        let private = resp.authenticated;
+        let body = read_limited(resp.inner, MAX_MANIFEST_BYTES, self.upstreams.timeout())
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::UpstreamUnavailable, format!("upstream manifest: {e}")))?;
+        self.count_upstream(reg, body.len() as u64);
+        let digest = Digest::of(&body);
+        if let Some(want) = expected.or(header_digest) {
+            if want != digest {
+                self.metrics.digest_mismatches.inc();
+                warn!(registry = %reg.key, expected = %want, actual = %digest, "upstream manifest does not match its digest");
+                return Err(ApiError::new(ErrorCode::UpstreamUnavailable, "upstream manifest does not match its digest"));
+            }
+        }
+        let media_type = media_type
+            .filter(|t| t != "application/octet-stream" && t != "text/plain")
+            .or_else(|| media::sniff_manifest_type(&body))
+            .unwrap_or_else(|| media::OCI_MANIFEST.to_owned());
+        let store = self.store.clone();
+        let (b2, mt2) = (body.clone(), media_type.clone());
+        tokio::task::spawn_blocking(move || store.put_small(&digest, &b2, Some(mt2), private))
+            .await
+            .map_err(|e| internal("manifest store task", e))?
+            .map_err(|e| internal("manifest store", e))?;
+        Ok(Manifest { digest, media_type, body: Bytes::from(body) })
+    }
+
+    /// Size of a blob, for `HEAD`, without downloading it.
+    pub async fn blob_head(&self, reg: &Registry, name: &Name, digest: &Digest, auth: &ClientAuth) -> Result<BlobHead, ApiError> {
+        if let Some(m) = self.store.meta(digest) {
+            return Ok(BlobHead { size: Some(m.size) });
+        }
+        if let Some(t) = self.arriving_transfer(digest) {
+            if t.size.is_some() {
+                return Ok(BlobHead { size: t.size });
+            }
+        }
+        let req = Request { method: Method::HEAD, repo: name.as_str(), path: format!("/v2/{name}/blobs/{digest}"), accept: None, range: None };
+        let resp = self.send(reg, &req, auth).await?;
+        if !resp.inner.status().is_success() {
+            return Err(status_error(&resp.inner, ErrorCode::BlobUnknown, &format!("blob {digest}")));
+        }
+        Ok(BlobHead { size: resp.inner.content_length() })
+    }
+
+    fn arriving_transfer(&self, digest: &Digest) -> Option<Arc<Transfer>> {
+        self.arriving.lock().unwrap_or_else(|e| e.into_inner()).get(digest).cloned()
+    }
+
+    /// A blob: from the store, joining an arriving transfer, or fetched from the upstream.
+    pub async fn blob(self: &Arc<Self>, reg: &Registry, name: &Name, digest: Digest, auth: &ClientAuth) -> Result<Blob, ApiError> {
+        for _ in 0..3 {
+            if let Some(b) = self.store.open_blob(&digest) {
+                return Ok(Blob::Stored(b));
+            }
+            if let Some(t) = self.arriving_transfer(&digest) {
+                return Ok(Blob::Arriving(t));
+            }
+            let key = (digest, auth.fingerprint());
+            let (this, reg2, name2, auth2) = (self.clone(), reg.clone(), name.clone(), auth.clone());
+            let started = self
+                .blob_starts
+                .run(key, async move { this.start_fetch(&reg2, &name2, digest, &auth2).await })
+                .await
+                .unwrap_or_else(|| Err(ApiError::new(ErrorCode::Internal, "internal error")))?;
+            if let Some(t) = started {
+                return Ok(Blob::Arriving(t));
+            }
+            // None: it completed in the meantime; open it from the store.
+        }
+        Err(ApiError::new(ErrorCode::Internal, "blob vanished while opening"))
+    }
+
+    async fn start_fetch(self: &Arc<Self>, reg: &Registry, name: &Name, digest: Digest, auth: &ClientAuth) -> Result<Option<Arc<Transfer>>, ApiError> {
+        if self.store.contains(&digest) {
+            return Ok(None);
+        }
+        if let Some(t) = self.arriving_transfer(&digest) {
+            return Ok(Some(t));
+        }
+        let req = Request { method: Method::GET, repo: name.as_str(), path: format!("/v2/{name}/blobs/{digest}"), accept: None, range: None };
+        let resp = self.send(reg, &req, auth).await?;
+        if !resp.inner.status().is_success() {
+            return Err(status_error(&resp.inner, ErrorCode::BlobUnknown, &format!("blob {digest}")));
+        }
+        let size = resp.inner.content_length();
+        let writer = self.store.writer(&digest).map_err(|e| internal("partial file", e))?;
+        let file = writer.reader().map_err(|e| internal("partial file", e))?;
+        let (tx, rx) = watch::channel(Progress::default());
+        let transfer = Arc::new(Transfer { digest, size, file, progress: rx });
+        self.arriving.lock().unwrap_or_else(|e| e.into_inner()).insert(digest, transfer.clone());
+        info!(registry = %reg.key, repo = %name, digest = %digest, size, "fetching blob from upstream");
+        let this = self.clone();
+        let reg = reg.clone();
+        tokio::spawn(async move { this.stream_blob(reg, resp, writer, tx, size, digest).await });
+        Ok(Some(transfer))
+    }
+
+    /// Copies an upstream body into the partial file, then verifies and commits it.
+    async fn stream_blob(
+        self: Arc<Self>,
+        reg: Registry,
+        resp: crate::upstream::Response,
+        mut writer: BlobWriter,
+        tx: watch::Sender<Progress>,
+        size: Option<u64>,
+        digest: Digest,
+    ) {
+        let private = resp.authenticated;
+        let mut body = resp.inner;
+        let timeout = self.upstreams.timeout();
+        let copied: Result<(), String> = loop {
+            match tokio::time::timeout(timeout, body.chunk()).await {
+                Err(_) => break Err("upstream stalled".into()),
+                Ok(Err(e)) => break Err(format!("upstream read failed: {e}")),
+                Ok(Ok(None)) => break Ok(()),
+                Ok(Ok(Some(chunk))) => {
+                    if size.is_some_and(|s| writer.written() + chunk.len() as u64 > s) {
+                        break Err("upstream sent more bytes than announced".into());
+                    }
+                    // A write into the page cache: short enough to do on the runtime.
+                    if let Err(e) = writer.write(&chunk) {
+                        break Err(format!("store write failed: {e}"));
+                    }
+                    self.count_upstream(&reg, chunk.len() as u64);
+                    let written = writer.written();
+                    tx.send_modify(|p| p.written = written);
+                }
+            }
+        };
+        let outcome = match copied {
+            Ok(()) => {
+                let store = self.store.clone();
+                match tokio::task::spawn_blocking(move || writer.commit(&store, size, None, private)).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e @ CommitError::DigestMismatch { .. })) => {
+                        self.metrics.digest_mismatches.inc();
+                        Err(e.to_string())
+                    }
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(e) => Err(format!("commit task failed: {e}")),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        match &outcome {
+            Ok(()) => info!(registry = %reg.key, digest = %digest, "blob verified and stored"),
+            Err(e) => warn!(registry = %reg.key, digest = %digest, error = %e, "blob fetch failed; partial data discarded"),
+        }
+        self.arriving.lock().unwrap_or_else(|e| e.into_inner()).remove(&digest);
+        tx.send_modify(|p| p.done = Some(outcome));
+    }
+
+    /// Passes a read-only request (tags list, referrers) through to the upstream.
+    pub async fn passthrough(&self, reg: &Registry, name: &Name, path: String, auth: &ClientAuth) -> Result<(StatusCode, Option<String>, Option<HeaderValue>, Bytes), ApiError> {
+        let req = Request { method: Method::GET, repo: name.as_str(), path, accept: Some("application/json, application/vnd.oci.image.index.v1+json"), range: None };
+        let resp = self.send(reg, &req, auth).await?;
+        let status = resp.inner.status();
+        if !status.is_success() {
+            return Err(status_error(&resp.inner, ErrorCode::NameUnknown, &format!("repository {name}")));
+        }
+        let ct = content_type(&resp.inner);
+        let link = resp.inner.headers().get(http::header::LINK).cloned();
+        let body = read_limited(resp.inner, MAX_MANIFEST_BYTES, self.upstreams.timeout())
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::UpstreamUnavailable, format!("upstream: {e}")))?;
+        Ok((status, ct, link, Bytes::from(body)))
+    }
+}

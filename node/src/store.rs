@@ -1,0 +1,620 @@
+//! The content-addressed blob store: files on disk, metadata in RocksDB.
+//!
+//! Layout under the data directory:
+//! - `blobs/sha256/<2 hex>/<64 hex>`: complete blobs, each verified against its digest before it
+//!   was renamed into place, and never written again.
+//! - `partial/<64 hex>.<n>`: blobs being written. Dropped on start-up: nothing in here is served
+//!   after a restart, because nothing in here was verified.
+//! - `meta/`: RocksDB, column families `blobs` (digest -> [`BlobMeta`]) and `tags`
+//!   (registry, repository, tag -> [`TagMeta`]).
+//!
+//! Invariants:
+//! - A file exists under `blobs/` only if its sha256 equals its name (fsync before rename).
+//! - A blob with readers (a pin) is never evicted.
+//! - Bytes of complete blobs never exceed the cap, except by blobs that are pinned or that
+//!   alone exceed it.
+//!
+//! Non-goals: deduplicating partial downloads across restarts (they are dropped, not resumed).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, DB};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use shoal_protocol::Digest;
+
+const CF_BLOBS: &str = "blobs";
+const CF_TAGS: &str = "tags";
+
+/// What the store keeps about a complete blob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobMeta {
+    /// Size in bytes.
+    pub size: u64,
+    /// Media type, for manifests (served as `Content-Type`).
+    pub media_type: Option<String>,
+    /// Seconds since the epoch of the last time it was served.
+    pub last_access: u64,
+    /// True when the upstream served it only with credentials.
+    pub private: bool,
+}
+
+/// What the store keeps about a tag: the last digest the upstream gave for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagMeta {
+    /// The manifest digest.
+    pub digest: [u8; 32],
+    /// Seconds since the epoch when the upstream last confirmed it.
+    pub resolved_at: u64,
+}
+
+/// Errors opening the store.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// A directory could not be created or read.
+    #[error("store directory {path}: {source}")]
+    Io {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// RocksDB refused to open.
+    #[error("metadata database: {0}")]
+    Db(#[from] rocksdb::Error),
+}
+
+/// Errors committing a written blob.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    /// The bytes do not hash to the expected digest; they were discarded.
+    #[error("digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch {
+        /// What was asked for.
+        expected: Digest,
+        /// What arrived.
+        actual: Digest,
+    },
+    /// Fewer or more bytes than announced; they were discarded.
+    #[error("size mismatch: expected {expected} bytes, got {actual}")]
+    SizeMismatch {
+        /// What was announced.
+        expected: u64,
+        /// What arrived.
+        actual: u64,
+    },
+    /// The disk failed.
+    #[error("store i/o: {0}")]
+    Io(#[from] io::Error),
+    /// The metadata database failed.
+    #[error("metadata database: {0}")]
+    Db(#[from] rocksdb::Error),
+}
+
+/// A cheap handle to the store.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    db: DB,
+    cap: u64,
+    next_partial: AtomicU64,
+    /// Accounting and LRU order. A std mutex: held only for map updates, never across I/O
+    /// waits or an `.await`.
+    lru: Mutex<Lru>,
+    evictions: AtomicU64,
+}
+
+#[derive(Default)]
+struct Lru {
+    entries: HashMap<Digest, Entry>,
+    order: BTreeMap<u64, Digest>,
+    tick: u64,
+    total: u64,
+}
+
+struct Entry {
+    size: u64,
+    tick: u64,
+    pins: u32,
+}
+
+impl Lru {
+    fn touch(&mut self, d: &Digest) {
+        self.tick += 1;
+        let tick = self.tick;
+        if let Some(e) = self.entries.get_mut(d) {
+            self.order.remove(&e.tick);
+            e.tick = tick;
+            self.order.insert(tick, *d);
+        }
+    }
+
+    fn insert(&mut self, d: Digest, size: u64) {
+        if self.entries.contains_key(&d) {
+            self.touch(&d);
+            return;
+        }
+        self.tick += 1;
+        self.entries.insert(d, Entry { size, tick: self.tick, pins: 0 });
+        self.order.insert(self.tick, d);
+        self.total += size;
+    }
+
+    fn remove(&mut self, d: &Digest) -> Option<u64> {
+        let e = self.entries.remove(d)?;
+        self.order.remove(&e.tick);
+        self.total -= e.size;
+        Some(e.size)
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Encoding plain structs into a Vec cannot fail.
+    bincode::serde::encode_to_vec(v, bincode::config::standard()).unwrap_or_default()
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Option<T> {
+    bincode::serde::decode_from_slice(b, bincode::config::standard()).ok().map(|(v, _)| v)
+}
+
+fn tag_key(registry: &str, name: &str, tag: &str) -> Vec<u8> {
+    format!("{registry}\n{name}\n{tag}").into_bytes()
+}
+
+/// Keeps a blob from eviction while it is alive.
+pub struct Pin {
+    store: Store,
+    digest: Digest,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut lru = self.store.inner.lru.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = lru.entries.get_mut(&self.digest) {
+            e.pins = e.pins.saturating_sub(1);
+        }
+    }
+}
+
+/// A complete blob opened for reading.
+pub struct OpenBlob {
+    /// The file, positioned anywhere: read it with positional reads.
+    pub file: File,
+    /// Its metadata.
+    pub meta: BlobMeta,
+    /// Keeps it from eviction until dropped.
+    pub pin: Pin,
+}
+
+/// A blob being written. Dropped without [`BlobWriter::commit`], its bytes are discarded.
+pub struct BlobWriter {
+    file: File,
+    path: PathBuf,
+    hasher: Sha256,
+    written: u64,
+    digest: Digest,
+    committed: bool,
+}
+
+impl BlobWriter {
+    /// Appends bytes (blocking: a write into the page cache).
+    pub fn write(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.file.write_all(buf)?;
+        self.hasher.update(buf);
+        self.written += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// A second handle on the partial file, for readers that stream it while it is written.
+    pub fn reader(&self) -> io::Result<File> {
+        File::open(&self.path)
+    }
+
+    /// Verifies the digest and, if it matches, moves the blob into the store (blocking: fsync).
+    pub fn commit(
+        mut self,
+        store: &Store,
+        expected_size: Option<u64>,
+        media_type: Option<String>,
+        private: bool,
+    ) -> Result<BlobMeta, CommitError> {
+        let actual = Digest::from_bytes(std::mem::take(&mut self.hasher).finalize().into());
+        if let Some(expected) = expected_size {
+            if expected != self.written {
+                return Err(CommitError::SizeMismatch { expected, actual: self.written });
+            }
+        }
+        if actual != self.digest {
+            return Err(CommitError::DigestMismatch { expected: self.digest, actual });
+        }
+        self.file.sync_all()?;
+        let meta = BlobMeta { size: self.written, media_type, last_access: now_secs(), private };
+        store.install(&self.digest, &self.path, &meta)?;
+        self.committed = true;
+        Ok(meta)
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store under `root`, recovering from any crash: partial
+    /// blobs are dropped, records without files are removed, files without records are
+    /// re-verified and indexed.
+    pub fn open(root: &Path, cap: u64) -> Result<Store, OpenError> {
+        let io_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| OpenError::Io { path, source }
+        };
+        let blobs_dir = root.join("blobs").join("sha256");
+        let partial = root.join("partial");
+        fs::create_dir_all(&blobs_dir).map_err(io_err(&blobs_dir))?;
+        // Nothing partial survives a restart: it was never verified.
+        if partial.exists() {
+            fs::remove_dir_all(&partial).map_err(io_err(&partial))?;
+        }
+        fs::create_dir_all(&partial).map_err(io_err(&partial))?;
+
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        // Metadata is small: keep RocksDB's own memory modest.
+        opts.set_write_buffer_size(4 << 20);
+        opts.set_max_write_buffer_number(2);
+        opts.set_keep_log_file_num(2);
+        let cfs = [CF_BLOBS, CF_TAGS].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, root.join("meta"), cfs)?;
+
+        let store = Store {
+            inner: Arc::new(Inner {
+                root: root.to_path_buf(),
+                db,
+                cap,
+                next_partial: AtomicU64::new(0),
+                lru: Mutex::new(Lru::default()),
+                evictions: AtomicU64::new(0),
+            }),
+        };
+        store.recover().map_err(io_err(root))?;
+        Ok(store)
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        // Both column families are created by `open`.
+        self.inner.db.cf_handle(name).expect("column family created at open")
+    }
+
+    fn recover(&self) -> io::Result<()> {
+        let mut known: Vec<(u64, Digest, u64)> = Vec::new();
+        let mut stale = Vec::new();
+        for item in self.inner.db.iterator_cf(self.cf(CF_BLOBS), IteratorMode::Start) {
+            let (k, v) = item.map_err(io::Error::other)?;
+            let digest = <[u8; 32]>::try_from(&k[..]).ok().map(Digest::from_bytes);
+            let meta: Option<BlobMeta> = decode(&v);
+            match (digest, meta) {
+                (Some(d), Some(m)) => match fs::metadata(self.blob_path(&d)) {
+                    Ok(md) if md.len() == m.size => known.push((m.last_access, d, m.size)),
+                    _ => stale.push(k.to_vec()),
+                },
+                _ => stale.push(k.to_vec()),
+            }
+        }
+        for k in stale {
+            self.inner.db.delete_cf(self.cf(CF_BLOBS), k).map_err(io::Error::other)?;
+        }
+        let indexed: std::collections::HashSet<Digest> = known.iter().map(|(_, d, _)| *d).collect();
+        // Files without a record: a crash between the rename and the metadata write. The rename
+        // came after verification, but re-verify anyway: it is rare and cheap next to serving
+        // a wrong byte.
+        let blobs_dir = self.inner.root.join("blobs").join("sha256");
+        for shard in fs::read_dir(&blobs_dir)? {
+            let shard = shard?;
+            if !shard.file_type()?.is_dir() {
+                continue;
+            }
+            for f in fs::read_dir(shard.path())? {
+                let f = f?;
+                let name = f.file_name();
+                let parsed = name.to_str().and_then(|n| Digest::parse(&format!("sha256:{n}")).ok());
+                match parsed {
+                    Some(d) if indexed.contains(&d) => {}
+                    Some(d) if hash_file(&f.path())? == d => {
+                        let size = f.metadata()?.len();
+                        let meta = BlobMeta { size, media_type: None, last_access: now_secs(), private: false };
+                        self.inner.db.put_cf(self.cf(CF_BLOBS), d.as_bytes(), encode(&meta)).map_err(io::Error::other)?;
+                        known.push((meta.last_access, d, size));
+                    }
+                    _ => fs::remove_file(f.path())?,
+                }
+            }
+        }
+        known.sort();
+        let mut lru = self.lock();
+        for (_, d, size) in known {
+            lru.insert(d, size);
+        }
+        drop(lru);
+        self.evict()?;
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Lru> {
+        self.inner.lru.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn blob_path(&self, d: &Digest) -> PathBuf {
+        let hex = d.hex();
+        self.inner.root.join("blobs").join("sha256").join(&hex[..2]).join(hex)
+    }
+
+    /// Metadata of a complete blob, if present.
+    pub fn meta(&self, d: &Digest) -> Option<BlobMeta> {
+        if !self.lock().entries.contains_key(d) {
+            return None;
+        }
+        let v = self.inner.db.get_cf(self.cf(CF_BLOBS), d.as_bytes()).ok()??;
+        decode(&v)
+    }
+
+    /// Whether a complete blob is present.
+    pub fn contains(&self, d: &Digest) -> bool {
+        self.lock().entries.contains_key(d)
+    }
+
+    /// Opens a complete blob for reading, pinning it and marking it recently used.
+    pub fn open_blob(&self, d: &Digest) -> Option<OpenBlob> {
+        {
+            let mut lru = self.lock();
+            let e = lru.entries.get_mut(d)?;
+            e.pins += 1;
+            lru.touch(d);
+        }
+        let pin = Pin { store: self.clone(), digest: *d };
+        let meta = self.meta_unchecked(d)?;
+        let file = File::open(self.blob_path(d)).ok()?;
+        let mut updated = meta.clone();
+        updated.last_access = now_secs();
+        if updated.last_access > meta.last_access + 60 {
+            // Access times are persisted coarsely: they only order eviction after a restart.
+            let _ = self.inner.db.put_cf(self.cf(CF_BLOBS), d.as_bytes(), encode(&updated));
+        }
+        Some(OpenBlob { file, meta, pin })
+    }
+
+    fn meta_unchecked(&self, d: &Digest) -> Option<BlobMeta> {
+        let v = self.inner.db.get_cf(self.cf(CF_BLOBS), d.as_bytes()).ok()??;
+        decode(&v)
+    }
+
+    /// Reads a whole small blob (a manifest) into memory.
+    pub fn read_small(&self, d: &Digest, limit: usize) -> Option<(Vec<u8>, BlobMeta)> {
+        let mut blob = self.open_blob(d)?;
+        if blob.meta.size > limit as u64 {
+            return None;
+        }
+        let mut buf = Vec::with_capacity(blob.meta.size as usize);
+        blob.file.read_to_end(&mut buf).ok()?;
+        Some((buf, blob.meta))
+    }
+
+    /// Starts writing a blob expected to hash to `digest`.
+    pub fn writer(&self, digest: &Digest) -> io::Result<BlobWriter> {
+        let n = self.inner.next_partial.fetch_add(1, Ordering::Relaxed);
+        let path = self.inner.root.join("partial").join(format!("{}.{n}", digest.hex()));
+        let file = fs::OpenOptions::new().create_new(true).write(true).open(&path)?;
+        Ok(BlobWriter { file, path, hasher: Sha256::new(), written: 0, digest: *digest, committed: false })
+    }
+
+    /// Stores a small blob (a manifest) held in memory, after verifying it.
+    pub fn put_small(
+        &self,
+        digest: &Digest,
+        data: &[u8],
+        media_type: Option<String>,
+        private: bool,
+    ) -> Result<BlobMeta, CommitError> {
+        let mut w = self.writer(digest)?;
+        w.write(data)?;
+        w.commit(self, Some(data.len() as u64), media_type, private)
+    }
+
+    fn install(&self, d: &Digest, from: &Path, meta: &BlobMeta) -> Result<(), CommitError> {
+        let to = self.blob_path(d);
+        let dir = to.parent().expect("blob path has a parent");
+        fs::create_dir_all(dir)?;
+        fs::rename(from, &to)?;
+        File::open(dir)?.sync_all()?;
+        self.inner.db.put_cf(self.cf(CF_BLOBS), d.as_bytes(), encode(meta))?;
+        self.lock().insert(*d, meta.size);
+        self.evict()?;
+        Ok(())
+    }
+
+    /// Evicts least recently used, unpinned blobs until the total fits the cap.
+    fn evict(&self) -> io::Result<()> {
+        loop {
+            let victim = {
+                let mut lru = self.lock();
+                if lru.total <= self.inner.cap {
+                    return Ok(());
+                }
+                let victim = lru.order.values().find(|d| lru.entries.get(d).is_some_and(|e| e.pins == 0)).copied();
+                match victim {
+                    Some(d) => {
+                        lru.remove(&d);
+                        d
+                    }
+                    None => return Ok(()),
+                }
+            };
+            self.inner.db.delete_cf(self.cf(CF_BLOBS), victim.as_bytes()).map_err(io::Error::other)?;
+            match fs::remove_file(self.blob_path(&victim)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            self.inner.evictions.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(digest = %victim, "evicted");
+        }
+    }
+
+    /// Bytes of complete blobs held.
+    pub fn total_bytes(&self) -> u64 {
+        self.lock().total
+    }
+
+    /// Number of complete blobs held.
+    pub fn blob_count(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    /// Blobs evicted since start.
+    pub fn evictions(&self) -> u64 {
+        self.inner.evictions.load(Ordering::Relaxed)
+    }
+
+    /// The last known digest of a tag, and when the upstream last confirmed it.
+    pub fn tag(&self, registry: &str, name: &str, tag: &str) -> Option<(Digest, u64)> {
+        let v = self.inner.db.get_cf(self.cf(CF_TAGS), tag_key(registry, name, tag)).ok()??;
+        let m: TagMeta = decode(&v)?;
+        Some((Digest::from_bytes(m.digest), m.resolved_at))
+    }
+
+    /// Records what the upstream said a tag points at.
+    pub fn set_tag(&self, registry: &str, name: &str, tag: &str, digest: &Digest) -> Result<(), rocksdb::Error> {
+        let m = TagMeta { digest: *digest.as_bytes(), resolved_at: now_secs() };
+        self.inner.db.put_cf(self.cf(CF_TAGS), tag_key(registry, name, tag), encode(&m))
+    }
+
+    /// Forgets a tag (the upstream says it no longer exists).
+    pub fn remove_tag(&self, registry: &str, name: &str, tag: &str) -> Result<(), rocksdb::Error> {
+        self.inner.db.delete_cf(self.cf(CF_TAGS), tag_key(registry, name, tag))
+    }
+}
+
+fn hash_file(path: &Path) -> io::Result<Digest> {
+    let mut f = File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(Digest::from_bytes(h.finalize().into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(s: &Store, data: &[u8]) -> Digest {
+        let d = Digest::of(data);
+        s.put_small(&d, data, None, false).unwrap();
+        d
+    }
+
+    #[test]
+    fn put_get_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 1 << 30).unwrap();
+        let d = put(&s, b"hello");
+        assert_eq!(s.read_small(&d, 100).unwrap().0, b"hello");
+        drop(s);
+        let s = Store::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(s.read_small(&d, 100).unwrap().0, b"hello");
+        assert_eq!(s.total_bytes(), 5);
+    }
+
+    #[test]
+    fn mismatch_is_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 1 << 30).unwrap();
+        let d = Digest::of(b"right");
+        let err = s.put_small(&d, b"wrong", None, false).unwrap_err();
+        assert!(matches!(err, CommitError::DigestMismatch { .. }));
+        assert!(!s.contains(&d));
+        assert_eq!(fs::read_dir(dir.path().join("partial")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn lru_eviction_spares_pinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 10).unwrap();
+        let a = put(&s, b"aaaa");
+        let b = put(&s, b"bbbb");
+        let pinned = s.open_blob(&a).unwrap(); // a is pinned and now most recent
+        let c = put(&s, b"cccc");
+        assert!(s.contains(&a), "pinned blob evicted");
+        assert!(!s.contains(&b), "LRU blob kept");
+        assert!(s.contains(&c));
+        assert_eq!(s.evictions(), 1);
+        drop(pinned);
+        let d = put(&s, b"dddd");
+        assert!(!s.contains(&a) && s.contains(&c) && s.contains(&d));
+        assert!(s.total_bytes() <= 10);
+    }
+
+    #[test]
+    fn recovery_drops_partials_and_reindexes_orphans() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 1 << 30).unwrap();
+        let d = put(&s, b"orphan");
+        let mut w = s.writer(&Digest::of(b"partial data")).unwrap();
+        w.write(b"partial").unwrap();
+        std::mem::forget(w); // as if killed mid-write
+        // A record without its file, and a file under a wrong name.
+        let gone = put(&s, b"gone");
+        fs::remove_file(s.blob_path(&gone)).unwrap();
+        let liar = Digest::of(b"liar");
+        let liar_path = s.blob_path(&liar);
+        fs::create_dir_all(liar_path.parent().unwrap()).unwrap();
+        fs::write(&liar_path, b"not liar").unwrap();
+        s.inner.db.delete_cf(s.cf(CF_BLOBS), d.as_bytes()).unwrap();
+        drop(s);
+        let s = Store::open(dir.path(), 1 << 30).unwrap();
+        assert!(s.contains(&d), "verified orphan not re-indexed");
+        assert!(!s.contains(&gone));
+        assert!(!s.contains(&liar) && !liar_path.exists(), "unverified file kept");
+        assert_eq!(fs::read_dir(dir.path().join("partial")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn tags_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 1 << 30).unwrap();
+        let d = Digest::of(b"m");
+        s.set_tag("docker.io", "library/alpine", "latest", &d).unwrap();
+        assert_eq!(s.tag("docker.io", "library/alpine", "latest").unwrap().0, d);
+        assert!(s.tag("docker.io", "library/alpine", "edge").is_none());
+        s.remove_tag("docker.io", "library/alpine", "latest").unwrap();
+        assert!(s.tag("docker.io", "library/alpine", "latest").is_none());
+    }
+}
