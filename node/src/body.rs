@@ -45,7 +45,13 @@ fn map_window(file: &File, offset: u64, len: u64) -> io::Result<Bytes> {
     // SAFETY: the file is a complete blob under `blobs/`: it was verified, renamed into place
     // and is never written or truncated again (eviction only unlinks it, which leaves the
     // mapping valid). So the mapped bytes cannot change underneath the `Bytes`.
-    let map = unsafe { memmap2::MmapOptions::new().offset(aligned).len(skip + len as usize).populate().map(file)? };
+    let map = unsafe {
+        memmap2::MmapOptions::new()
+            .offset(aligned)
+            .len(skip + len as usize)
+            .populate()
+            .map(file)?
+    };
     Ok(Bytes::from_owner(map).slice(skip..))
 }
 
@@ -108,7 +114,9 @@ pub fn arriving(t: Arc<Transfer>, start: u64, metrics: Arc<Metrics>) -> Body {
                     let t2 = t.clone();
                     let read = tokio::task::spawn_blocking(move || {
                         let mut buf = vec![0u8; len as usize];
-                        t2.file.read_exact_at(&mut buf, offset).map(|()| Bytes::from(buf))
+                        t2.file
+                            .read_exact_at(&mut buf, offset)
+                            .map(|()| Bytes::from(buf))
                     })
                     .await;
                     return match read {
@@ -130,4 +138,3 @@ pub fn arriving(t: Arc<Transfer>, start: u64, metrics: Arc<Metrics>) -> Body {
     });
     StreamBody::new(s).boxed()
 }
-

@@ -165,7 +165,11 @@ impl Config {
 }
 
 fn invalid(key: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key, value: value.to_owned(), reason: reason.into() }
+    ConfigError::Invalid {
+        key,
+        value: value.to_owned(),
+        reason: reason.into(),
+    }
 }
 
 /// Parses a byte size: a plain number, or a number with a unit (`K`, `KB`, `KiB`, ... `T`).
@@ -190,7 +194,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "tb" => 1_000_000_000_000,
         other => return Err(format!("unknown unit {other:?}")),
     };
-    n.checked_mul(mult).ok_or_else(|| "size too large".to_string())
+    n.checked_mul(mult)
+        .ok_or_else(|| "size too large".to_string())
 }
 
 /// Checks a base URL: `http` or `https`, a host, no query. Returns it without a trailing slash.
@@ -212,7 +217,8 @@ pub fn parse_base_url(key: &'static str, s: &str) -> Result<String, ConfigError>
 pub fn valid_host(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
 }
 
 impl RunArgs {
@@ -220,8 +226,10 @@ impl RunArgs {
     pub fn resolve(&self) -> Result<Config, ConfigError> {
         let file = match &self.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
                 toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
                     path: path.clone(),
                     message: e.message().to_owned(),
@@ -229,12 +237,28 @@ impl RunArgs {
             }
             None => FileConfig::default(),
         };
-        let listen_s = self.listen.clone().or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.into());
-        let listen = listen_s
-            .parse::<SocketAddr>()
-            .map_err(|e| invalid("listen", &listen_s, format!("{e} (expected HOST:PORT, e.g. 127.0.0.1:5000)")))?;
-        let data_dir = self.data_dir.clone().or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into());
-        let upstream_s = self.upstream.clone().or(file.upstream).unwrap_or_else(|| DEFAULT_UPSTREAM.into());
+        let listen_s = self
+            .listen
+            .clone()
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let listen = listen_s.parse::<SocketAddr>().map_err(|e| {
+            invalid(
+                "listen",
+                &listen_s,
+                format!("{e} (expected HOST:PORT, e.g. 127.0.0.1:5000)"),
+            )
+        })?;
+        let data_dir = self
+            .data_dir
+            .clone()
+            .or(file.data_dir)
+            .unwrap_or_else(|| DEFAULT_DATA_DIR.into());
+        let upstream_s = self
+            .upstream
+            .clone()
+            .or(file.upstream)
+            .unwrap_or_else(|| DEFAULT_UPSTREAM.into());
         let upstream = parse_base_url("upstream", &upstream_s)?;
 
         let mut registries = BTreeMap::new();
@@ -245,9 +269,13 @@ impl RunArgs {
             registries.insert(host, parse_base_url("registry", &url)?);
         }
         for entry in &self.registries {
-            let (host, url) = entry
-                .split_once('=')
-                .ok_or_else(|| invalid("registry", entry, "expected HOST=URL, e.g. docker.io=http://127.0.0.1:5001"))?;
+            let (host, url) = entry.split_once('=').ok_or_else(|| {
+                invalid(
+                    "registry",
+                    entry,
+                    "expected HOST=URL, e.g. docker.io=http://127.0.0.1:5001",
+                )
+            })?;
             if !valid_host(host) {
                 return Err(invalid("registry", entry, "not a host name"));
             }
@@ -257,18 +285,35 @@ impl RunArgs {
         let cache_size = match (&self.cache_size, file.cache_size) {
             (Some(s), _) => parse_size(s).map_err(|r| invalid("cache_size", s, r))?,
             (None, Some(SizeValue::Bytes(n))) => n,
-            (None, Some(SizeValue::Text(s))) => parse_size(&s).map_err(|r| invalid("cache_size", &s, r))?,
+            (None, Some(SizeValue::Text(s))) => {
+                parse_size(&s).map_err(|r| invalid("cache_size", &s, r))?
+            }
             (None, None) => DEFAULT_CACHE_SIZE,
         };
-        let tag_ttl = Duration::from_secs(self.tag_ttl.or(file.tag_ttl).unwrap_or(DEFAULT_TAG_TTL_SECS));
-        let timeout = self.upstream_timeout.or(file.upstream_timeout).unwrap_or(DEFAULT_UPSTREAM_TIMEOUT_SECS);
+        let tag_ttl = Duration::from_secs(
+            self.tag_ttl
+                .or(file.tag_ttl)
+                .unwrap_or(DEFAULT_TAG_TTL_SECS),
+        );
+        let timeout = self
+            .upstream_timeout
+            .or(file.upstream_timeout)
+            .unwrap_or(DEFAULT_UPSTREAM_TIMEOUT_SECS);
         if timeout == 0 {
-            return Err(invalid("upstream_timeout", "0", "must be at least 1 second"));
+            return Err(invalid(
+                "upstream_timeout",
+                "0",
+                "must be at least 1 second",
+            ));
         }
         let auth_file = self.auth_file.clone().or(file.auth_file);
         if let Some(path) = &auth_file {
             if !path.is_file() {
-                return Err(invalid("auth_file", &path.display().to_string(), "no such file"));
+                return Err(invalid(
+                    "auth_file",
+                    &path.display().to_string(),
+                    "no such file",
+                ));
             }
         }
         Ok(Config {
@@ -308,7 +353,11 @@ mod tests {
             "listen = \"127.0.0.1:6000\"\ncache_size = \"1GiB\"\ntag_ttl = 5\n[registries]\n\"docker.io\" = \"http://127.0.0.1:5001/\"\n",
         )
         .unwrap();
-        let args = RunArgs { config: Some(path.clone()), tag_ttl: Some(7), ..Default::default() };
+        let args = RunArgs {
+            config: Some(path.clone()),
+            tag_ttl: Some(7),
+            ..Default::default()
+        };
         let c = args.resolve().unwrap();
         assert_eq!(c.listen, "127.0.0.1:6000".parse().unwrap());
         assert_eq!(c.cache_size, 1 << 30);
@@ -316,14 +365,34 @@ mod tests {
         assert_eq!(c.registries["docker.io"], "http://127.0.0.1:5001");
 
         std::fs::write(&path, "listn = \"x\"\n").unwrap();
-        let err = RunArgs { config: Some(path), ..Default::default() }.resolve().unwrap_err();
+        let err = RunArgs {
+            config: Some(path),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
         assert!(err.to_string().contains("listn"), "{err}");
 
-        let err = RunArgs { registries: vec!["docker.io".into()], ..Default::default() }.resolve().unwrap_err();
+        let err = RunArgs {
+            registries: vec!["docker.io".into()],
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
         assert!(err.to_string().contains("HOST=URL"), "{err}");
-        let err = RunArgs { upstream: Some("ftp://x".into()), ..Default::default() }.resolve().unwrap_err();
+        let err = RunArgs {
+            upstream: Some("ftp://x".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
         assert!(err.to_string().contains("scheme"), "{err}");
-        let err = RunArgs { listen: Some("nope".into()), ..Default::default() }.resolve().unwrap_err();
+        let err = RunArgs {
+            listen: Some("nope".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
         assert!(err.to_string().contains("listen"), "{err}");
     }
 }

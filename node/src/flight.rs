@@ -18,7 +18,9 @@ pub struct SingleFlight<K, V: Clone> {
 
 impl<K, V: Clone> Default for SingleFlight<K, V> {
     fn default() -> Self {
-        SingleFlight { map: Arc::new(Mutex::new(HashMap::new())) }
+        SingleFlight {
+            map: Arc::new(Mutex::new(HashMap::new())),
+        }
     }
 }
 

@@ -594,10 +594,10 @@ fn build_layer(seed: u64, platform: &str, index: usize, size: usize) -> io::Resu
     let mut rng = layer_rng(seed, platform, index);
     // Random data does not compress: the fastest level keeps generation cheap while still
     // producing a regular deflate stream.
-    let gz: GzEncoder<Vec<u8>> = GzBuilder::new()
-        .mtime(0)
-        .operating_system(255)
-        .write(Vec::with_capacity(size + size / 64 + 4096), Compression::fast());
+    let gz: GzEncoder<Vec<u8>> = GzBuilder::new().mtime(0).operating_system(255).write(
+        Vec::with_capacity(size + size / 64 + 4096),
+        Compression::fast(),
+    );
     let mut builder = tar::Builder::new(HashingWriter {
         inner: gz,
         hasher: Sha256::new(),
@@ -605,12 +605,17 @@ fn build_layer(seed: u64, platform: &str, index: usize, size: usize) -> io::Resu
     builder.mode(tar::HeaderMode::Deterministic);
 
     let dir = format!("shoal/{}/layer-{index}", platform.replace('/', "-"));
-    for d in ["shoal".to_owned(), format!("shoal/{}", platform.replace('/', "-")), dir.clone()] {
+    for d in [
+        "shoal".to_owned(),
+        format!("shoal/{}", platform.replace('/', "-")),
+        dir.clone(),
+    ] {
         let h = tar_header(&format!("{d}/"), 0, 0o755, tar::EntryType::Directory)?;
         builder.append(&h, io::empty())?;
     }
 
-    let info = format!("shoal-imagegen seed={seed} platform={platform} layer={index} size={size}\n");
+    let info =
+        format!("shoal-imagegen seed={seed} platform={platform} layer={index} size={size}\n");
     let h = tar_header(
         &format!("{dir}/INFO"),
         info.len() as u64,
@@ -843,7 +848,11 @@ mod tests {
     fn index_lists_each_platform_with_distinct_layers() {
         for format in [Format::Oci, Format::Docker] {
             let s = spec(
-                &[("linux", "amd64"), ("linux", "arm64/v8"), ("linux", "s390x")],
+                &[
+                    ("linux", "amd64"),
+                    ("linux", "arm64/v8"),
+                    ("linux", "s390x"),
+                ],
                 format,
             );
             let img = generate(&s);
@@ -881,8 +890,11 @@ mod tests {
                     serde_json::from_slice(&img.blobs[&plat.config_digest].data).unwrap();
                 assert_eq!(config["architecture"], plat.architecture.as_str());
             }
-            let mut all_layers: Vec<&String> =
-                img.platforms.iter().flat_map(|p| &p.layer_digests).collect();
+            let mut all_layers: Vec<&String> = img
+                .platforms
+                .iter()
+                .flat_map(|p| &p.layer_digests)
+                .collect();
             let n = all_layers.len();
             all_layers.sort();
             all_layers.dedup();
@@ -926,7 +938,10 @@ mod tests {
     fn oci_layout_is_valid_and_merges_tags() {
         let dir = tempfile::tempdir().unwrap();
         let single = generate(&amd64());
-        let multi = generate(&spec(&[("linux", "amd64"), ("linux", "arm64")], Format::Oci));
+        let multi = generate(&spec(
+            &[("linux", "amd64"), ("linux", "arm64")],
+            Format::Oci,
+        ));
         write_oci_layout(&single, dir.path(), "one").unwrap();
         write_oci_layout(&multi, dir.path(), "two").unwrap();
         write_oci_layout(&multi, dir.path(), "two").unwrap(); // idempotent
@@ -970,9 +985,15 @@ mod tests {
     #[test]
     fn dir_layout_has_all_objects() {
         let dir = tempfile::tempdir().unwrap();
-        let img = generate(&spec(&[("linux", "amd64"), ("linux", "arm64")], Format::Docker));
+        let img = generate(&spec(
+            &[("linux", "amd64"), ("linux", "arm64")],
+            Format::Docker,
+        ));
         write_dir_layout(&img, dir.path()).unwrap();
-        assert_eq!(fs::read(dir.path().join("manifest.json")).unwrap(), img.manifest);
+        assert_eq!(
+            fs::read(dir.path().join("manifest.json")).unwrap(),
+            img.manifest
+        );
         assert!(fs::read_to_string(dir.path().join("version"))
             .unwrap()
             .starts_with("Directory Transport Version: 1.1"));
@@ -986,7 +1007,10 @@ mod tests {
             }
         }
         // version + manifest.json + every blob
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2 + img.blobs.len());
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            2 + img.blobs.len()
+        );
     }
 
     #[test]

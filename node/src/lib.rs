@@ -9,8 +9,8 @@ pub mod config;
 pub mod flight;
 pub mod imagegen;
 pub mod metrics;
-pub mod origin;
 pub mod mirror;
+pub mod origin;
 pub mod server;
 pub mod store;
 pub mod upstream;
@@ -75,17 +75,37 @@ impl Node {
         let cap = config.cache_size;
         let store = tokio::task::spawn_blocking(move || Store::open(&data_dir, cap))
             .await
-            .map_err(|e| store::OpenError::Io { path: config.data_dir.clone(), source: std::io::Error::other(e) })??;
+            .map_err(|e| store::OpenError::Io {
+                path: config.data_dir.clone(),
+                source: std::io::Error::other(e),
+            })??;
         let upstreams = Upstreams::new(&config)?;
         let metrics = Arc::new(Metrics::new());
         let mirror = Arc::new(Mirror::new(store, upstreams, metrics, config.tag_ttl));
         let listener =
-            TcpListener::bind(config.listen).await.map_err(|source| StartError::Bind { addr: config.listen, source })?;
-        let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         let cancel = CancellationToken::new();
-        let task = Some(tokio::spawn(serve(listener, mirror.clone(), cancel.clone())));
+        let task = Some(tokio::spawn(serve(
+            listener,
+            mirror.clone(),
+            cancel.clone(),
+        )));
         info!(%addr, data_dir = %config.data_dir.display(), upstream = %config.upstream, "shoal listening");
-        Ok(Node { addr, mirror, cancel, task })
+        Ok(Node {
+            addr,
+            mirror,
+            cancel,
+            task,
+        })
     }
 
     /// The bound address (useful with port 0).

@@ -66,23 +66,59 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("shoal");
         let requests = Family::<RequestLabels, Counter>::default();
-        registry.register("http_requests", "Requests served, by route, method and status", requests.clone());
+        registry.register(
+            "http_requests",
+            "Requests served, by route, method and status",
+            requests.clone(),
+        );
         let served_bytes = Family::<SourceLabels, Counter>::default();
-        registry.register("served_bytes", "Body bytes sent to clients, by source", served_bytes.clone());
+        registry.register(
+            "served_bytes",
+            "Body bytes sent to clients, by source",
+            served_bytes.clone(),
+        );
         let upstream_bytes = Family::<UpstreamLabels, Counter>::default();
-        registry.register("upstream_fetched_bytes", "Bytes fetched from each upstream", upstream_bytes.clone());
+        registry.register(
+            "upstream_fetched_bytes",
+            "Bytes fetched from each upstream",
+            upstream_bytes.clone(),
+        );
         let upstream_requests = Family::<UpstreamLabels, Counter>::default();
-        registry.register("upstream_requests", "Requests sent to each upstream", upstream_requests.clone());
+        registry.register(
+            "upstream_requests",
+            "Requests sent to each upstream",
+            upstream_requests.clone(),
+        );
         let cache_bytes = Gauge::default();
-        registry.register("cache_bytes", "Bytes of complete blobs in the store", cache_bytes.clone());
+        registry.register(
+            "cache_bytes",
+            "Bytes of complete blobs in the store",
+            cache_bytes.clone(),
+        );
         let cache_blobs = Gauge::default();
-        registry.register("cache_blobs", "Complete blobs in the store", cache_blobs.clone());
+        registry.register(
+            "cache_blobs",
+            "Complete blobs in the store",
+            cache_blobs.clone(),
+        );
         let cache_evictions = Counter::default();
-        registry.register("cache_evictions", "Blobs evicted from the store", cache_evictions.clone());
+        registry.register(
+            "cache_evictions",
+            "Blobs evicted from the store",
+            cache_evictions.clone(),
+        );
         let digest_mismatches = Counter::default();
-        registry.register("digest_mismatches", "Upstream blobs discarded for a digest mismatch", digest_mismatches.clone());
+        registry.register(
+            "digest_mismatches",
+            "Upstream blobs discarded for a digest mismatch",
+            digest_mismatches.clone(),
+        );
         let stale_tags = Counter::default();
-        registry.register("stale_tag_serves", "Tags served stale while the upstream was unavailable", stale_tags.clone());
+        registry.register(
+            "stale_tag_serves",
+            "Tags served stale while the upstream was unavailable",
+            stale_tags.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -107,6 +143,8 @@ impl Metrics {
 
     /// Counts bytes served from a source.
     pub fn served(&self, source: &'static str, n: u64) {
-        self.served_bytes.get_or_create(&SourceLabels { source }).inc_by(n);
+        self.served_bytes
+            .get_or_create(&SourceLabels { source })
+            .inc_by(n);
     }
 }

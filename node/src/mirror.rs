@@ -39,7 +39,10 @@ pub struct ApiError {
 impl ApiError {
     /// An error without a challenge.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
-        ApiError { oci: OciError::new(code, message), challenge: None }
+        ApiError {
+            oci: OciError::new(code, message),
+            challenge: None,
+        }
     }
 }
 
@@ -71,15 +74,23 @@ fn status_error(resp: &reqwest::Response, not_found: ErrorCode, what: &str) -> A
         _ => ErrorCode::UpstreamUnavailable,
     };
     let message = match code {
-        ErrorCode::UpstreamUnavailable => format!("upstream answered {} for {what}", status.as_u16()),
+        ErrorCode::UpstreamUnavailable => {
+            format!("upstream answered {} for {what}", status.as_u16())
+        }
         ErrorCode::Unauthorized => format!("authentication required for {what}"),
         ErrorCode::Denied => format!("access to {what} denied"),
         ErrorCode::TooManyRequests => "upstream rate limit reached".into(),
         _ => format!("{what} unknown"),
     };
-    let challenge =
-        if code == ErrorCode::Unauthorized { resp.headers().get(http::header::WWW_AUTHENTICATE).cloned() } else { None };
-    ApiError { oci: OciError::new(code, message), challenge }
+    let challenge = if code == ErrorCode::Unauthorized {
+        resp.headers().get(http::header::WWW_AUTHENTICATE).cloned()
+    } else {
+        None
+    };
+    ApiError {
+        oci: OciError::new(code, message),
+        challenge,
+    }
 }
 
 /// Whether a failed tag check may fall back to the last-known-good digest.
@@ -153,18 +164,30 @@ pub struct Mirror {
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn content_type(resp: &reqwest::Response) -> Option<String> {
-    let v = resp.headers().get(http::header::CONTENT_TYPE)?.to_str().ok()?;
+    let v = resp
+        .headers()
+        .get(http::header::CONTENT_TYPE)?
+        .to_str()
+        .ok()?;
     let v = v.split(';').next()?.trim();
     (!v.is_empty()).then(|| v.to_owned())
 }
 
 impl Mirror {
     /// A mirror over a store and a set of upstreams.
-    pub fn new(store: Store, upstreams: Upstreams, metrics: Arc<Metrics>, tag_ttl: Duration) -> Mirror {
+    pub fn new(
+        store: Store,
+        upstreams: Upstreams,
+        metrics: Arc<Metrics>,
+        tag_ttl: Duration,
+    ) -> Mirror {
         Mirror {
             store,
             upstreams,
@@ -178,15 +201,30 @@ impl Mirror {
     }
 
     fn count_upstream(&self, reg: &Registry, bytes: u64) {
-        let labels = UpstreamLabels { registry: reg.key.clone() };
-        self.metrics.upstream_bytes.get_or_create(&labels).inc_by(bytes);
+        let labels = UpstreamLabels {
+            registry: reg.key.clone(),
+        };
+        self.metrics
+            .upstream_bytes
+            .get_or_create(&labels)
+            .inc_by(bytes);
     }
 
     fn count_request(&self, reg: &Registry) {
-        self.metrics.upstream_requests.get_or_create(&UpstreamLabels { registry: reg.key.clone() }).inc();
+        self.metrics
+            .upstream_requests
+            .get_or_create(&UpstreamLabels {
+                registry: reg.key.clone(),
+            })
+            .inc();
     }
 
-    async fn send(&self, reg: &Registry, req: &Request<'_>, auth: &ClientAuth) -> Result<crate::upstream::Response, ApiError> {
+    async fn send(
+        &self,
+        reg: &Registry,
+        req: &Request<'_>,
+        auth: &ClientAuth,
+    ) -> Result<crate::upstream::Response, ApiError> {
         self.count_request(reg);
         Ok(self.upstreams.send(reg, req, auth).await?)
     }
@@ -206,23 +244,47 @@ impl Mirror {
         self.manifest_by_digest(reg, name, digest, auth).await
     }
 
-    async fn resolve_tag(self: &Arc<Self>, reg: &Registry, name: &Name, tag: &str, auth: &ClientAuth) -> Result<Digest, ApiError> {
+    async fn resolve_tag(
+        self: &Arc<Self>,
+        reg: &Registry,
+        name: &Name,
+        tag: &str,
+        auth: &ClientAuth,
+    ) -> Result<Digest, ApiError> {
         let cached = self.store.tag(&reg.key, name.as_str(), tag);
         if let Some((d, at)) = cached {
             if now_secs().saturating_sub(at) < self.tag_ttl.as_secs() {
                 return Ok(d);
             }
         }
-        let key = (reg.key.clone(), name.to_string(), tag.to_owned(), auth.fingerprint());
-        let (this, reg2, name2, tag2, auth2) = (self.clone(), reg.clone(), name.clone(), tag.to_owned(), auth.clone());
+        let key = (
+            reg.key.clone(),
+            name.to_string(),
+            tag.to_owned(),
+            auth.fingerprint(),
+        );
+        let (this, reg2, name2, tag2, auth2) = (
+            self.clone(),
+            reg.clone(),
+            name.clone(),
+            tag.to_owned(),
+            auth.clone(),
+        );
         let result = self
             .tag_checks
-            .run(key, async move { this.check_tag(&reg2, &name2, &tag2, &auth2).await })
+            .run(key, async move {
+                this.check_tag(&reg2, &name2, &tag2, &auth2).await
+            })
             .await
             .unwrap_or_else(|| Err(ApiError::new(ErrorCode::Internal, "internal error")));
         match (result, cached) {
             (Ok(d), _) => Ok(d),
-            (Err(e), Some((d, at))) if matches!(e.oci.code, ErrorCode::UpstreamUnavailable | ErrorCode::TooManyRequests) => {
+            (Err(e), Some((d, at)))
+                if matches!(
+                    e.oci.code,
+                    ErrorCode::UpstreamUnavailable | ErrorCode::TooManyRequests
+                ) =>
+            {
                 warn!(registry = %reg.key, repo = %name, tag, digest = %d, age_s = now_secs().saturating_sub(at),
                     "upstream unavailable: serving last-known-good digest for tag");
                 self.metrics.stale_tags.inc();
@@ -233,10 +295,22 @@ impl Mirror {
     }
 
     /// Asks the upstream what a tag points at (HEAD: not counted against Docker Hub's limits).
-    async fn check_tag(self: &Arc<Self>, reg: &Registry, name: &Name, tag: &str, auth: &ClientAuth) -> Result<Digest, ApiError> {
+    async fn check_tag(
+        self: &Arc<Self>,
+        reg: &Registry,
+        name: &Name,
+        tag: &str,
+        auth: &ClientAuth,
+    ) -> Result<Digest, ApiError> {
         let what = format!("manifest {name}:{tag}");
         let path = format!("/v2/{name}/manifests/{tag}");
-        let head = Request { method: Method::HEAD, repo: name.as_str(), path: path.clone(), accept: Some(MANIFEST_ACCEPT), range: None };
+        let head = Request {
+            method: Method::HEAD,
+            repo: name.as_str(),
+            path: path.clone(),
+            accept: Some(MANIFEST_ACCEPT),
+            range: None,
+        };
         let resp = self.send(reg, &head, auth).await?;
         let status = resp.inner.status();
         if status == StatusCode::NOT_FOUND {
@@ -259,7 +333,10 @@ impl Mirror {
             Some(d) => d,
             None => {
                 // No digest header: fetch the manifest by tag and hash it ourselves.
-                let get = Request { method: Method::GET, ..head };
+                let get = Request {
+                    method: Method::GET,
+                    ..head
+                };
                 let resp = self.send(reg, &get, auth).await?;
                 if !resp.inner.status().is_success() {
                     return Err(status_error(&resp.inner, ErrorCode::ManifestUnknown, &what));
@@ -268,12 +345,20 @@ impl Mirror {
                 m.digest
             }
         };
-        self.store.set_tag(&reg.key, name.as_str(), tag, &digest).map_err(|e| internal("tag write", e))?;
+        self.store
+            .set_tag(&reg.key, name.as_str(), tag, &digest)
+            .map_err(|e| internal("tag write", e))?;
         info!(registry = %reg.key, repo = %name, tag, digest = %digest, "tag resolved upstream");
         Ok(digest)
     }
 
-    async fn manifest_by_digest(self: &Arc<Self>, reg: &Registry, name: &Name, digest: Digest, auth: &ClientAuth) -> Result<Manifest, ApiError> {
+    async fn manifest_by_digest(
+        self: &Arc<Self>,
+        reg: &Registry,
+        name: &Name,
+        digest: Digest,
+        auth: &ClientAuth,
+    ) -> Result<Manifest, ApiError> {
         if let Some(m) = self.stored_manifest(&digest) {
             return Ok(m);
         }
@@ -293,7 +378,11 @@ impl Mirror {
                 };
                 let resp = this.send(&reg2, &req, &auth2).await?;
                 if !resp.inner.status().is_success() {
-                    return Err(status_error(&resp.inner, ErrorCode::ManifestUnknown, &format!("manifest {digest}")));
+                    return Err(status_error(
+                        &resp.inner,
+                        ErrorCode::ManifestUnknown,
+                        &format!("manifest {digest}"),
+                    ));
                 }
                 this.read_manifest(&reg2, resp, Some(digest)).await
             })
@@ -307,11 +396,20 @@ impl Mirror {
             .media_type
             .or_else(|| media::sniff_manifest_type(&body))
             .unwrap_or_else(|| media::OCI_MANIFEST.to_owned());
-        Some(Manifest { digest: *digest, media_type, body: Bytes::from(body) })
+        Some(Manifest {
+            digest: *digest,
+            media_type,
+            body: Bytes::from(body),
+        })
     }
 
     /// Reads, verifies and stores a manifest body.
-    async fn read_manifest(&self, reg: &Registry, resp: crate::upstream::Response, expected: Option<Digest>) -> Result<Manifest, ApiError> {
+    async fn read_manifest(
+        &self,
+        reg: &Registry,
+        resp: crate::upstream::Response,
+        expected: Option<Digest>,
+    ) -> Result<Manifest, ApiError> {
         let media_type = content_type(&resp.inner);
         let header_digest = resp
             .inner
@@ -322,14 +420,22 @@ impl Mirror {
         let private = resp.authenticated;
         let body = read_limited(resp.inner, MAX_MANIFEST_BYTES, self.upstreams.timeout())
             .await
-            .map_err(|e| ApiError::new(ErrorCode::UpstreamUnavailable, format!("upstream manifest: {e}")))?;
+            .map_err(|e| {
+                ApiError::new(
+                    ErrorCode::UpstreamUnavailable,
+                    format!("upstream manifest: {e}"),
+                )
+            })?;
         self.count_upstream(reg, body.len() as u64);
         let digest = Digest::of(&body);
         if let Some(want) = expected.or(header_digest) {
             if want != digest {
                 self.metrics.digest_mismatches.inc();
                 warn!(registry = %reg.key, expected = %want, actual = %digest, "upstream manifest does not match its digest");
-                return Err(ApiError::new(ErrorCode::UpstreamUnavailable, "upstream manifest does not match its digest"));
+                return Err(ApiError::new(
+                    ErrorCode::UpstreamUnavailable,
+                    "upstream manifest does not match its digest",
+                ));
             }
         }
         let media_type = media_type
@@ -342,11 +448,21 @@ impl Mirror {
             .await
             .map_err(|e| internal("manifest store task", e))?
             .map_err(|e| internal("manifest store", e))?;
-        Ok(Manifest { digest, media_type, body: Bytes::from(body) })
+        Ok(Manifest {
+            digest,
+            media_type,
+            body: Bytes::from(body),
+        })
     }
 
     /// Size of a blob, for `HEAD`, without downloading it.
-    pub async fn blob_head(&self, reg: &Registry, name: &Name, digest: &Digest, auth: &ClientAuth) -> Result<BlobHead, ApiError> {
+    pub async fn blob_head(
+        &self,
+        reg: &Registry,
+        name: &Name,
+        digest: &Digest,
+        auth: &ClientAuth,
+    ) -> Result<BlobHead, ApiError> {
         if let Some(m) = self.store.meta(digest) {
             return Ok(BlobHead { size: Some(m.size) });
         }
@@ -355,20 +471,42 @@ impl Mirror {
                 return Ok(BlobHead { size: t.size });
             }
         }
-        let req = Request { method: Method::HEAD, repo: name.as_str(), path: format!("/v2/{name}/blobs/{digest}"), accept: None, range: None };
+        let req = Request {
+            method: Method::HEAD,
+            repo: name.as_str(),
+            path: format!("/v2/{name}/blobs/{digest}"),
+            accept: None,
+            range: None,
+        };
         let resp = self.send(reg, &req, auth).await?;
         if !resp.inner.status().is_success() {
-            return Err(status_error(&resp.inner, ErrorCode::BlobUnknown, &format!("blob {digest}")));
+            return Err(status_error(
+                &resp.inner,
+                ErrorCode::BlobUnknown,
+                &format!("blob {digest}"),
+            ));
         }
-        Ok(BlobHead { size: resp.inner.content_length() })
+        Ok(BlobHead {
+            size: resp.inner.content_length(),
+        })
     }
 
     fn arriving_transfer(&self, digest: &Digest) -> Option<Arc<Transfer>> {
-        self.arriving.lock().unwrap_or_else(|e| e.into_inner()).get(digest).cloned()
+        self.arriving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(digest)
+            .cloned()
     }
 
     /// A blob: from the store, joining an arriving transfer, or fetched from the upstream.
-    pub async fn blob(self: &Arc<Self>, reg: &Registry, name: &Name, digest: Digest, auth: &ClientAuth) -> Result<Blob, ApiError> {
+    pub async fn blob(
+        self: &Arc<Self>,
+        reg: &Registry,
+        name: &Name,
+        digest: Digest,
+        auth: &ClientAuth,
+    ) -> Result<Blob, ApiError> {
         for _ in 0..3 {
             if let Some(b) = self.store.open_blob(&digest) {
                 return Ok(Blob::Stored(b));
@@ -377,10 +515,13 @@ impl Mirror {
                 return Ok(Blob::Arriving(t));
             }
             let key = (digest, auth.fingerprint());
-            let (this, reg2, name2, auth2) = (self.clone(), reg.clone(), name.clone(), auth.clone());
+            let (this, reg2, name2, auth2) =
+                (self.clone(), reg.clone(), name.clone(), auth.clone());
             let started = self
                 .blob_starts
-                .run(key, async move { this.start_fetch(&reg2, &name2, digest, &auth2).await })
+                .run(key, async move {
+                    this.start_fetch(&reg2, &name2, digest, &auth2).await
+                })
                 .await
                 .unwrap_or_else(|| Err(ApiError::new(ErrorCode::Internal, "internal error")))?;
             if let Some(t) = started {
@@ -388,27 +529,57 @@ impl Mirror {
             }
             // None: it completed in the meantime; open it from the store.
         }
-        Err(ApiError::new(ErrorCode::Internal, "blob vanished while opening"))
+        Err(ApiError::new(
+            ErrorCode::Internal,
+            "blob vanished while opening",
+        ))
     }
 
-    async fn start_fetch(self: &Arc<Self>, reg: &Registry, name: &Name, digest: Digest, auth: &ClientAuth) -> Result<Option<Arc<Transfer>>, ApiError> {
+    async fn start_fetch(
+        self: &Arc<Self>,
+        reg: &Registry,
+        name: &Name,
+        digest: Digest,
+        auth: &ClientAuth,
+    ) -> Result<Option<Arc<Transfer>>, ApiError> {
         if self.store.contains(&digest) {
             return Ok(None);
         }
         if let Some(t) = self.arriving_transfer(&digest) {
             return Ok(Some(t));
         }
-        let req = Request { method: Method::GET, repo: name.as_str(), path: format!("/v2/{name}/blobs/{digest}"), accept: None, range: None };
+        let req = Request {
+            method: Method::GET,
+            repo: name.as_str(),
+            path: format!("/v2/{name}/blobs/{digest}"),
+            accept: None,
+            range: None,
+        };
         let resp = self.send(reg, &req, auth).await?;
         if !resp.inner.status().is_success() {
-            return Err(status_error(&resp.inner, ErrorCode::BlobUnknown, &format!("blob {digest}")));
+            return Err(status_error(
+                &resp.inner,
+                ErrorCode::BlobUnknown,
+                &format!("blob {digest}"),
+            ));
         }
         let size = resp.inner.content_length();
-        let writer = self.store.writer(&digest).map_err(|e| internal("partial file", e))?;
+        let writer = self
+            .store
+            .writer(&digest)
+            .map_err(|e| internal("partial file", e))?;
         let file = writer.reader().map_err(|e| internal("partial file", e))?;
         let (tx, rx) = watch::channel(Progress::default());
-        let transfer = Arc::new(Transfer { digest, size, file, progress: rx });
-        self.arriving.lock().unwrap_or_else(|e| e.into_inner()).insert(digest, transfer.clone());
+        let transfer = Arc::new(Transfer {
+            digest,
+            size,
+            file,
+            progress: rx,
+        });
+        self.arriving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(digest, transfer.clone());
         info!(registry = %reg.key, repo = %name, digest = %digest, size, "fetching blob from upstream");
         let this = self.clone();
         let reg = reg.clone();
@@ -451,7 +622,11 @@ impl Mirror {
         let outcome = match copied {
             Ok(()) => {
                 let store = self.store.clone();
-                match tokio::task::spawn_blocking(move || writer.commit(&store, size, None, private)).await {
+                match tokio::task::spawn_blocking(move || {
+                    writer.commit(&store, size, None, private)
+                })
+                .await
+                {
                     Ok(Ok(_)) => Ok(()),
                     Ok(Err(e @ CommitError::DigestMismatch { .. })) => {
                         self.metrics.digest_mismatches.inc();
@@ -465,19 +640,40 @@ impl Mirror {
         };
         match &outcome {
             Ok(()) => info!(registry = %reg.key, digest = %digest, "blob verified and stored"),
-            Err(e) => warn!(registry = %reg.key, digest = %digest, error = %e, "blob fetch failed; partial data discarded"),
+            Err(e) => {
+                warn!(registry = %reg.key, digest = %digest, error = %e, "blob fetch failed; partial data discarded")
+            }
         }
-        self.arriving.lock().unwrap_or_else(|e| e.into_inner()).remove(&digest);
+        self.arriving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&digest);
         tx.send_modify(|p| p.done = Some(outcome));
     }
 
     /// Passes a read-only request (tags list, referrers) through to the upstream.
-    pub async fn passthrough(&self, reg: &Registry, name: &Name, path: String, auth: &ClientAuth) -> Result<(StatusCode, Option<String>, Option<HeaderValue>, Bytes), ApiError> {
-        let req = Request { method: Method::GET, repo: name.as_str(), path, accept: Some("application/json, application/vnd.oci.image.index.v1+json"), range: None };
+    pub async fn passthrough(
+        &self,
+        reg: &Registry,
+        name: &Name,
+        path: String,
+        auth: &ClientAuth,
+    ) -> Result<(StatusCode, Option<String>, Option<HeaderValue>, Bytes), ApiError> {
+        let req = Request {
+            method: Method::GET,
+            repo: name.as_str(),
+            path,
+            accept: Some("application/json, application/vnd.oci.image.index.v1+json"),
+            range: None,
+        };
         let resp = self.send(reg, &req, auth).await?;
         let status = resp.inner.status();
         if !status.is_success() {
-            return Err(status_error(&resp.inner, ErrorCode::NameUnknown, &format!("repository {name}")));
+            return Err(status_error(
+                &resp.inner,
+                ErrorCode::NameUnknown,
+                &format!("repository {name}"),
+            ));
         }
         let ct = content_type(&resp.inner);
         let link = resp.inner.headers().get(http::header::LINK).cloned();

@@ -89,20 +89,31 @@ impl Origin {
             requests: Arc::new(AtomicU64::new(0)),
             cancel: CancellationToken::new(),
         };
-        let (state, bytes, reqs, cancel) = (o.state.clone(), o.blob_bytes.clone(), o.requests.clone(), o.cancel.clone());
+        let (state, bytes, reqs, cancel) = (
+            o.state.clone(),
+            o.blob_bytes.clone(),
+            o.requests.clone(),
+            o.cancel.clone(),
+        );
         tokio::spawn(async move {
             loop {
                 let (stream, _) = tokio::select! {
                     _ = cancel.cancelled() => return,
                     r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
                 };
-                let (state, bytes, reqs, cancel) = (state.clone(), bytes.clone(), reqs.clone(), cancel.clone());
+                let (state, bytes, reqs, cancel) =
+                    (state.clone(), bytes.clone(), reqs.clone(), cancel.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         let (state, bytes, reqs) = (state.clone(), bytes.clone(), reqs.clone());
-                        async move { Ok::<_, std::convert::Infallible>(serve(&state, &bytes, &reqs, addr, req)) }
+                        async move {
+                            Ok::<_, std::convert::Infallible>(serve(
+                                &state, &bytes, &reqs, addr, req,
+                            ))
+                        }
                     });
-                    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc);
                     tokio::select! { _ = conn => {}, _ = cancel.cancelled() => {} }
                 });
             }
@@ -133,7 +144,13 @@ impl Origin {
     }
 
     /// Adds a manifest and, if `tag` is given, points the tag at it.
-    pub fn put_manifest(&self, repo: &str, tag: Option<&str>, media_type: &str, body: impl Into<Bytes>) -> Digest {
+    pub fn put_manifest(
+        &self,
+        repo: &str,
+        tag: Option<&str>,
+        media_type: &str,
+        body: impl Into<Bytes>,
+    ) -> Digest {
         let body = body.into();
         let d = Digest::of(&body);
         let mut s = self.lock();
@@ -190,8 +207,14 @@ fn respond(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
 }
 
 fn err(status: StatusCode, code: &str) -> Response<Body> {
-    let mut r = respond(status, format!("{{\"errors\":[{{\"code\":\"{code}\",\"message\":\"origin\"}}]}}"));
-    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    let mut r = respond(
+        status,
+        format!("{{\"errors\":[{{\"code\":\"{code}\",\"message\":\"origin\"}}]}}"),
+    );
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -199,25 +222,50 @@ fn authorized(s: &State, req: &Request<Incoming>, repo: Option<&str>) -> bool {
     if repo.is_some_and(|r| s.public_repos.iter().any(|p| p == r)) {
         return true;
     }
-    let got = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let got = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     match &s.auth {
         Auth::Anonymous => true,
-        Auth::Basic(u, p) => got == format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))),
+        Auth::Basic(u, p) => {
+            got == format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+            )
+        }
         Auth::Bearer(..) => got == format!("Bearer {TOKEN}"),
     }
 }
 
-fn serve(state: &Mutex<State>, bytes: &AtomicU64, reqs: &AtomicU64, addr: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+fn serve(
+    state: &Mutex<State>,
+    bytes: &AtomicU64,
+    reqs: &AtomicU64,
+    addr: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
     reqs.fetch_add(1, Ordering::Relaxed);
     let s = state.lock().unwrap_or_else(|e| e.into_inner());
     let path = req.uri().path().to_owned();
     if path == "/token" {
         if let Auth::Bearer(u, p) = &s.auth {
-            let want = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}")));
-            let got = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+            let want = format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+            );
+            let got = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
             // Anonymous callers get a token too, but one that opens only public repositories.
             let token = if got == want { TOKEN } else { "anonymous" };
-            return respond(StatusCode::OK, format!("{{\"token\":\"{token}\",\"expires_in\":300}}"));
+            return respond(
+                StatusCode::OK,
+                format!("{{\"token\":\"{token}\",\"expires_in\":300}}"),
+            );
         }
         return err(StatusCode::NOT_FOUND, "UNSUPPORTED");
     }
@@ -230,9 +278,10 @@ fn serve(state: &Mutex<State>, bytes: &AtomicU64, reqs: &AtomicU64, addr: Socket
     };
     let repo = match &route {
         Route::Base => None,
-        Route::Manifest { name, .. } | Route::Blob { name, .. } | Route::TagsList { name } | Route::Referrers { name, .. } => {
-            Some(name.to_string())
-        }
+        Route::Manifest { name, .. }
+        | Route::Blob { name, .. }
+        | Route::TagsList { name }
+        | Route::Referrers { name, .. } => Some(name.to_string()),
     };
     if !authorized(&s, &req, repo.as_deref()) {
         let mut r = err(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
@@ -259,11 +308,20 @@ fn serve(state: &Mutex<State>, bytes: &AtomicU64, reqs: &AtomicU64, addr: Socket
             match d.and_then(|d| s.manifests.get(&d).map(|m| (d, m))) {
                 None => err(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
                 Some((d, (mt, body))) => {
-                    let mut r = respond(StatusCode::OK, if head { Bytes::new() } else { body.clone() });
+                    let mut r = respond(
+                        StatusCode::OK,
+                        if head { Bytes::new() } else { body.clone() },
+                    );
                     let h = r.headers_mut();
-                    h.insert(header::CONTENT_TYPE, mt.parse().expect("media type is a header value"));
+                    h.insert(
+                        header::CONTENT_TYPE,
+                        mt.parse().expect("media type is a header value"),
+                    );
                     h.insert(header::CONTENT_LENGTH, body.len().into());
-                    h.insert("docker-content-digest", d.to_string().parse().expect("digest is a header value"));
+                    h.insert(
+                        "docker-content-digest",
+                        d.to_string().parse().expect("digest is a header value"),
+                    );
                     r
                 }
             }
@@ -273,9 +331,16 @@ fn serve(state: &Mutex<State>, bytes: &AtomicU64, reqs: &AtomicU64, addr: Socket
                 return err(StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
             };
             let size = data.len() as u64;
-            let range = req.headers().get(header::RANGE).and_then(|v| v.to_str().ok()).and_then(|h| parse_range(h, size).ok().flatten());
+            let range = req
+                .headers()
+                .get(header::RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|h| parse_range(h, size).ok().flatten());
             let (status, slice) = match range {
-                Some(r) => (StatusCode::PARTIAL_CONTENT, data.slice(r.start as usize..=r.end as usize)),
+                Some(r) => (
+                    StatusCode::PARTIAL_CONTENT,
+                    data.slice(r.start as usize..=r.end as usize),
+                ),
                 None => (StatusCode::OK, data),
             };
             let len = slice.len();
@@ -300,11 +365,19 @@ fn serve(state: &Mutex<State>, bytes: &AtomicU64, reqs: &AtomicU64, addr: Socket
             let mut r = Response::new(body);
             *r.status_mut() = status;
             r.headers_mut().insert(header::CONTENT_LENGTH, len.into());
-            r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/octet-stream"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/octet-stream"),
+            );
             r
         }
         Route::TagsList { name } => {
-            let mut tags: Vec<&str> = s.tags.keys().filter(|(r, _)| *r == name.as_str()).map(|(_, t)| t.as_str()).collect();
+            let mut tags: Vec<&str> = s
+                .tags
+                .keys()
+                .filter(|(r, _)| *r == name.as_str())
+                .map(|(_, t)| t.as_str())
+                .collect();
             tags.sort();
             let body = serde_json::json!({ "name": name.as_str(), "tags": tags }).to_string();
             respond(StatusCode::OK, body)
@@ -312,7 +385,10 @@ fn serve(state: &Mutex<State>, bytes: &AtomicU64, reqs: &AtomicU64, addr: Socket
         Route::Referrers { .. } => {
             let body = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
             let mut r = respond(StatusCode::OK, body);
-            r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/vnd.oci.image.index.v1+json"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/vnd.oci.image.index.v1+json"),
+            );
             r
         }
     }
@@ -321,7 +397,10 @@ fn serve(state: &Mutex<State>, bytes: &AtomicU64, reqs: &AtomicU64, addr: Socket
 /// A body sent in 256 KiB pieces with a yield between them, so that readers see it arrive.
 fn chunked(data: Bytes) -> Body {
     use http_body_util::{BodyExt, StreamBody};
-    let pieces: Vec<Bytes> = (0..data.len()).step_by(256 << 10).map(|i| data.slice(i..(i + (256 << 10)).min(data.len()))).collect();
+    let pieces: Vec<Bytes> = (0..data.len())
+        .step_by(256 << 10)
+        .map(|i| data.slice(i..(i + (256 << 10)).min(data.len())))
+        .collect();
     let s = futures::stream::iter(pieces.into_iter().map(|b| Ok(hyper::body::Frame::data(b))));
     StreamBody::new(s).boxed()
 }

@@ -32,21 +32,41 @@ fn error_response(e: &ApiError, head_only: bool) -> Response<Body> {
     if let Some(c) = &e.challenge {
         r = r.header(header::WWW_AUTHENTICATE, c.clone());
     }
-    let b = if head_only { body::empty() } else { body::full(json) };
+    let b = if head_only {
+        body::empty()
+    } else {
+        body::full(json)
+    };
     r.body(b).unwrap_or_else(|_| Response::new(body::empty()))
 }
 
 fn route_error(e: RouteError) -> ApiError {
     match e {
-        RouteError::NotFound => ApiError::new(ErrorCode::Unsupported, "no such endpoint on this read-only mirror"),
-        RouteError::Name(n) => ApiError::new(ErrorCode::NameInvalid, format!("invalid repository name: {n}")),
-        RouteError::Digest(d) => ApiError::new(ErrorCode::DigestInvalid, format!("invalid digest: {d}")),
-        RouteError::Reference(r) => ApiError::new(ErrorCode::ManifestInvalid, format!("invalid reference: {r}")),
+        RouteError::NotFound => ApiError::new(
+            ErrorCode::Unsupported,
+            "no such endpoint on this read-only mirror",
+        ),
+        RouteError::Name(n) => ApiError::new(
+            ErrorCode::NameInvalid,
+            format!("invalid repository name: {n}"),
+        ),
+        RouteError::Digest(d) => {
+            ApiError::new(ErrorCode::DigestInvalid, format!("invalid digest: {d}"))
+        }
+        RouteError::Reference(r) => ApiError::new(
+            ErrorCode::ManifestInvalid,
+            format!("invalid reference: {r}"),
+        ),
     }
 }
 
 fn query_pairs(q: Option<&str>) -> Vec<(String, String)> {
-    q.map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default()
+    q.map(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .into_owned()
+            .collect()
+    })
+    .unwrap_or_default()
 }
 
 /// The query without `ns`, re-encoded, for passing through.
@@ -76,7 +96,10 @@ fn route_label(r: &Result<Route, RouteError>, path: &str) -> &'static str {
 }
 
 /// Serves one request. Never fails: errors become OCI error responses.
-pub async fn handle(mirror: Arc<Mirror>, req: Request<Incoming>) -> Result<Response<Body>, std::convert::Infallible> {
+pub async fn handle(
+    mirror: Arc<Mirror>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, std::convert::Infallible> {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
@@ -84,8 +107,21 @@ pub async fn handle(mirror: Arc<Mirror>, req: Request<Incoming>) -> Result<Respo
     let label = route_label(&route, &path);
     let resp = dispatch(&mirror, &req, route).await;
     let status = resp.status().as_u16();
-    mirror.metrics.requests.get_or_create(&RequestLabels { route: label, method: method.to_string(), status }).inc();
-    let len = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
+    mirror
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            route: label,
+            method: method.to_string(),
+            status,
+        })
+        .inc();
+    let len = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned();
     info!(
         method = %method,
         uri = %req.uri(),
@@ -97,20 +133,54 @@ pub async fn handle(mirror: Arc<Mirror>, req: Request<Incoming>) -> Result<Respo
     Ok(resp)
 }
 
-async fn dispatch(mirror: &Arc<Mirror>, req: &Request<Incoming>, route: Result<Route, RouteError>) -> Response<Body> {
+async fn dispatch(
+    mirror: &Arc<Mirror>,
+    req: &Request<Incoming>,
+    route: Result<Route, RouteError>,
+) -> Response<Body> {
     let head_only = req.method() == Method::HEAD;
+    let head_bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + req.uri().to_string().len();
+    if head_bytes > crate::MAX_HEADER_BYTES {
+        // hyper's own limit applies only when the head spans several reads; enforce it here too.
+        let mut r = error_response(
+            &ApiError::new(ErrorCode::Unsupported, "request head too large"),
+            head_only,
+        );
+        *r.status_mut() = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+        return r;
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        let e = ApiError::new(ErrorCode::Unsupported, "this mirror is read-only: only GET and HEAD");
+        let e = ApiError::new(
+            ErrorCode::Unsupported,
+            "this mirror is read-only: only GET and HEAD",
+        );
         return error_response(&e, false);
     }
     if req.uri().path() == "/metrics" {
-        mirror.metrics.cache_bytes.set(mirror.store.total_bytes() as i64);
-        mirror.metrics.cache_blobs.set(mirror.store.blob_count() as i64);
+        mirror
+            .metrics
+            .cache_bytes
+            .set(mirror.store.total_bytes() as i64);
+        mirror
+            .metrics
+            .cache_blobs
+            .set(mirror.store.blob_count() as i64);
         let ev = mirror.store.evictions();
         let seen = mirror.metrics.cache_evictions.get();
-        mirror.metrics.cache_evictions.inc_by(ev.saturating_sub(seen));
+        mirror
+            .metrics
+            .cache_evictions
+            .inc_by(ev.saturating_sub(seen));
         return Response::builder()
-            .header(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")
+            .header(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
             .body(body::full(mirror.metrics.encode()))
             .unwrap_or_else(|_| Response::new(body::empty()));
     }
@@ -119,9 +189,15 @@ async fn dispatch(mirror: &Arc<Mirror>, req: &Request<Incoming>, route: Result<R
         Err(e) => return error_response(&route_error(e), head_only),
     };
     let pairs = query_pairs(req.uri().query());
-    let ns: HashMap<&str, &str> = pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let ns: HashMap<&str, &str> = pairs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     let Some(reg) = mirror.upstreams.route(ns.get("ns").copied()) else {
-        return error_response(&ApiError::new(ErrorCode::NameInvalid, "invalid ns registry host"), head_only);
+        return error_response(
+            &ApiError::new(ErrorCode::NameInvalid, "invalid ns registry host"),
+            head_only,
+        );
     };
     let auth = ClientAuth(req.headers().get(header::AUTHORIZATION).cloned());
     let result = match route {
@@ -130,30 +206,44 @@ async fn dispatch(mirror: &Arc<Mirror>, req: &Request<Incoming>, route: Result<R
             .header("docker-distribution-api-version", API_VERSION)
             .body(body::full("{}"))
             .unwrap_or_else(|_| Response::new(body::empty()))),
-        Route::Manifest { name, reference } => mirror.manifest(&reg, &name, &reference, &auth).await.map(|m| {
-            Response::builder()
-                .header(header::CONTENT_TYPE, m.media_type)
-                .header(header::CONTENT_LENGTH, m.body.len())
-                .header("docker-content-digest", m.digest.to_string())
-                .header(header::ETAG, format!("\"{}\"", m.digest))
-                .header("docker-distribution-api-version", API_VERSION)
-                .body(if head_only { body::empty() } else { body::full(m.body) })
-                .unwrap_or_else(|_| Response::new(body::empty()))
-        }),
+        Route::Manifest { name, reference } => mirror
+            .manifest(&reg, &name, &reference, &auth)
+            .await
+            .map(|m| {
+                Response::builder()
+                    .header(header::CONTENT_TYPE, m.media_type)
+                    .header(header::CONTENT_LENGTH, m.body.len())
+                    .header("docker-content-digest", m.digest.to_string())
+                    .header(header::ETAG, format!("\"{}\"", m.digest))
+                    .header("docker-distribution-api-version", API_VERSION)
+                    .body(if head_only {
+                        body::empty()
+                    } else {
+                        body::full(m.body)
+                    })
+                    .unwrap_or_else(|_| Response::new(body::empty()))
+            }),
         Route::Blob { name, digest } => {
-            let range = req.headers().get(header::RANGE).map(|v| v.to_str().unwrap_or("\u{0}").to_owned());
+            let range = req
+                .headers()
+                .get(header::RANGE)
+                .map(|v| v.to_str().unwrap_or("\u{0}").to_owned());
             if head_only {
-                mirror.blob_head(&reg, &name, &digest, &auth).await.map(|h| {
-                    let mut r = Response::builder()
-                        .header(header::CONTENT_TYPE, "application/octet-stream")
-                        .header(header::ACCEPT_RANGES, "bytes")
-                        .header("docker-content-digest", digest.to_string())
-                        .header("docker-distribution-api-version", API_VERSION);
-                    if let Some(s) = h.size {
-                        r = r.header(header::CONTENT_LENGTH, s);
-                    }
-                    r.body(body::empty()).unwrap_or_else(|_| Response::new(body::empty()))
-                })
+                mirror
+                    .blob_head(&reg, &name, &digest, &auth)
+                    .await
+                    .map(|h| {
+                        let mut r = Response::builder()
+                            .header(header::CONTENT_TYPE, "application/octet-stream")
+                            .header(header::ACCEPT_RANGES, "bytes")
+                            .header("docker-content-digest", digest.to_string())
+                            .header("docker-distribution-api-version", API_VERSION);
+                        if let Some(s) = h.size {
+                            r = r.header(header::CONTENT_LENGTH, s);
+                        }
+                        r.body(body::empty())
+                            .unwrap_or_else(|_| Response::new(body::empty()))
+                    })
             } else {
                 serve_blob(mirror, &reg, &name, digest, range, &auth).await
             }
@@ -181,13 +271,21 @@ async fn passthrough(
     let (status, ct, link, body) = mirror.passthrough(reg, name, path, auth).await?;
     let mut r = Response::builder()
         .status(status)
-        .header(header::CONTENT_TYPE, ct.unwrap_or_else(|| "application/json".into()))
+        .header(
+            header::CONTENT_TYPE,
+            ct.unwrap_or_else(|| "application/json".into()),
+        )
         .header(header::CONTENT_LENGTH, body.len())
         .header("docker-distribution-api-version", API_VERSION);
     if let Some(l) = link {
         r = r.header(header::LINK, l);
     }
-    Ok(r.body(if head_only { body::empty() } else { body::full(body) }).unwrap_or_else(|_| Response::new(body::empty())))
+    Ok(r.body(if head_only {
+        body::empty()
+    } else {
+        body::full(body)
+    })
+    .unwrap_or_else(|_| Response::new(body::empty())))
 }
 
 fn range_error(e: RangeError) -> ApiError {
@@ -207,10 +305,18 @@ async fn serve_blob(
         // Ranges are served from verified bytes only: wait for an arriving blob to complete.
         if let Blob::Arriving(t) = &blob {
             let mut rx = t.progress.clone();
-            let done = rx.wait_for(|p| p.done.is_some()).await.map(|p| p.done.clone());
+            let done = rx
+                .wait_for(|p| p.done.is_some())
+                .await
+                .map(|p| p.done.clone());
             match done {
                 Ok(Some(Ok(()))) => blob = mirror.blob(reg, name, digest, auth).await?,
-                _ => return Err(ApiError::new(ErrorCode::UpstreamUnavailable, "blob fetch from upstream failed")),
+                _ => {
+                    return Err(ApiError::new(
+                        ErrorCode::UpstreamUnavailable,
+                        "blob fetch from upstream failed",
+                    ))
+                }
             }
         }
     }
@@ -232,7 +338,13 @@ async fn serve_blob(
                     .status(StatusCode::PARTIAL_CONTENT)
                     .header(header::CONTENT_RANGE, r.content_range(size))
                     .header(header::CONTENT_LENGTH, r.len())
-                    .body(body::stored(b.file, r.start, r.end + 1, b.pin, mirror.metrics.clone())),
+                    .body(body::stored(
+                        b.file,
+                        r.start,
+                        r.end + 1,
+                        b.pin,
+                        mirror.metrics.clone(),
+                    )),
                 None => builder
                     .header(header::CONTENT_LENGTH, size)
                     .body(body::stored(b.file, 0, size, b.pin, mirror.metrics.clone())),
@@ -248,4 +360,3 @@ async fn serve_blob(
     };
     Ok(resp.unwrap_or_else(|_| Response::new(body::empty())))
 }
-

@@ -145,7 +145,14 @@ impl Lru {
             return;
         }
         self.tick += 1;
-        self.entries.insert(d, Entry { size, tick: self.tick, pins: 0 });
+        self.entries.insert(
+            d,
+            Entry {
+                size,
+                tick: self.tick,
+                pins: 0,
+            },
+        );
         self.order.insert(self.tick, d);
         self.total += size;
     }
@@ -159,7 +166,10 @@ impl Lru {
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -168,7 +178,9 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Option<T> {
-    bincode::serde::decode_from_slice(b, bincode::config::standard()).ok().map(|(v, _)| v)
+    bincode::serde::decode_from_slice(b, bincode::config::standard())
+        .ok()
+        .map(|(v, _)| v)
 }
 
 fn tag_key(registry: &str, name: &str, tag: &str) -> Vec<u8> {
@@ -183,7 +195,12 @@ pub struct Pin {
 
 impl Drop for Pin {
     fn drop(&mut self) {
-        let mut lru = self.store.inner.lru.lock().unwrap_or_else(|e| e.into_inner());
+        let mut lru = self
+            .store
+            .inner
+            .lru
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(e) = lru.entries.get_mut(&self.digest) {
             e.pins = e.pins.saturating_sub(1);
         }
@@ -240,14 +257,25 @@ impl BlobWriter {
         let actual = Digest::from_bytes(std::mem::take(&mut self.hasher).finalize().into());
         if let Some(expected) = expected_size {
             if expected != self.written {
-                return Err(CommitError::SizeMismatch { expected, actual: self.written });
+                return Err(CommitError::SizeMismatch {
+                    expected,
+                    actual: self.written,
+                });
             }
         }
         if actual != self.digest {
-            return Err(CommitError::DigestMismatch { expected: self.digest, actual });
+            return Err(CommitError::DigestMismatch {
+                expected: self.digest,
+                actual,
+            });
         }
         self.file.sync_all()?;
-        let meta = BlobMeta { size: self.written, media_type, last_access: now_secs(), private };
+        let meta = BlobMeta {
+            size: self.written,
+            media_type,
+            last_access: now_secs(),
+            private,
+        };
         store.install(&self.digest, &self.path, &meta)?;
         self.committed = true;
         Ok(meta)
@@ -306,13 +334,20 @@ impl Store {
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
         // Both column families are created by `open`.
-        self.inner.db.cf_handle(name).expect("column family created at open")
+        self.inner
+            .db
+            .cf_handle(name)
+            .expect("column family created at open")
     }
 
     fn recover(&self) -> io::Result<()> {
         let mut known: Vec<(u64, Digest, u64)> = Vec::new();
         let mut stale = Vec::new();
-        for item in self.inner.db.iterator_cf(self.cf(CF_BLOBS), IteratorMode::Start) {
+        for item in self
+            .inner
+            .db
+            .iterator_cf(self.cf(CF_BLOBS), IteratorMode::Start)
+        {
             let (k, v) = item.map_err(io::Error::other)?;
             let digest = <[u8; 32]>::try_from(&k[..]).ok().map(Digest::from_bytes);
             let meta: Option<BlobMeta> = decode(&v);
@@ -325,7 +360,10 @@ impl Store {
             }
         }
         for k in stale {
-            self.inner.db.delete_cf(self.cf(CF_BLOBS), k).map_err(io::Error::other)?;
+            self.inner
+                .db
+                .delete_cf(self.cf(CF_BLOBS), k)
+                .map_err(io::Error::other)?;
         }
         let indexed: std::collections::HashSet<Digest> = known.iter().map(|(_, d, _)| *d).collect();
         // Files without a record: a crash between the rename and the metadata write. The rename
@@ -340,13 +378,23 @@ impl Store {
             for f in fs::read_dir(shard.path())? {
                 let f = f?;
                 let name = f.file_name();
-                let parsed = name.to_str().and_then(|n| Digest::parse(&format!("sha256:{n}")).ok());
+                let parsed = name
+                    .to_str()
+                    .and_then(|n| Digest::parse(&format!("sha256:{n}")).ok());
                 match parsed {
                     Some(d) if indexed.contains(&d) => {}
                     Some(d) if hash_file(&f.path())? == d => {
                         let size = f.metadata()?.len();
-                        let meta = BlobMeta { size, media_type: None, last_access: now_secs(), private: false };
-                        self.inner.db.put_cf(self.cf(CF_BLOBS), d.as_bytes(), encode(&meta)).map_err(io::Error::other)?;
+                        let meta = BlobMeta {
+                            size,
+                            media_type: None,
+                            last_access: now_secs(),
+                            private: false,
+                        };
+                        self.inner
+                            .db
+                            .put_cf(self.cf(CF_BLOBS), d.as_bytes(), encode(&meta))
+                            .map_err(io::Error::other)?;
                         known.push((meta.last_access, d, size));
                     }
                     _ => fs::remove_file(f.path())?,
@@ -369,7 +417,12 @@ impl Store {
 
     fn blob_path(&self, d: &Digest) -> PathBuf {
         let hex = d.hex();
-        self.inner.root.join("blobs").join("sha256").join(&hex[..2]).join(hex)
+        self.inner
+            .root
+            .join("blobs")
+            .join("sha256")
+            .join(&hex[..2])
+            .join(hex)
     }
 
     /// Metadata of a complete blob, if present.
@@ -377,7 +430,11 @@ impl Store {
         if !self.lock().entries.contains_key(d) {
             return None;
         }
-        let v = self.inner.db.get_cf(self.cf(CF_BLOBS), d.as_bytes()).ok()??;
+        let v = self
+            .inner
+            .db
+            .get_cf(self.cf(CF_BLOBS), d.as_bytes())
+            .ok()??;
         decode(&v)
     }
 
@@ -394,20 +451,30 @@ impl Store {
             e.pins += 1;
             lru.touch(d);
         }
-        let pin = Pin { store: self.clone(), digest: *d };
+        let pin = Pin {
+            store: self.clone(),
+            digest: *d,
+        };
         let meta = self.meta_unchecked(d)?;
         let file = File::open(self.blob_path(d)).ok()?;
         let mut updated = meta.clone();
         updated.last_access = now_secs();
         if updated.last_access > meta.last_access + 60 {
             // Access times are persisted coarsely: they only order eviction after a restart.
-            let _ = self.inner.db.put_cf(self.cf(CF_BLOBS), d.as_bytes(), encode(&updated));
+            let _ = self
+                .inner
+                .db
+                .put_cf(self.cf(CF_BLOBS), d.as_bytes(), encode(&updated));
         }
         Some(OpenBlob { file, meta, pin })
     }
 
     fn meta_unchecked(&self, d: &Digest) -> Option<BlobMeta> {
-        let v = self.inner.db.get_cf(self.cf(CF_BLOBS), d.as_bytes()).ok()??;
+        let v = self
+            .inner
+            .db
+            .get_cf(self.cf(CF_BLOBS), d.as_bytes())
+            .ok()??;
         decode(&v)
     }
 
@@ -425,9 +492,23 @@ impl Store {
     /// Starts writing a blob expected to hash to `digest`.
     pub fn writer(&self, digest: &Digest) -> io::Result<BlobWriter> {
         let n = self.inner.next_partial.fetch_add(1, Ordering::Relaxed);
-        let path = self.inner.root.join("partial").join(format!("{}.{n}", digest.hex()));
-        let file = fs::OpenOptions::new().create_new(true).write(true).open(&path)?;
-        Ok(BlobWriter { file, path, hasher: Sha256::new(), written: 0, digest: *digest, committed: false })
+        let path = self
+            .inner
+            .root
+            .join("partial")
+            .join(format!("{}.{n}", digest.hex()));
+        let file = fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .open(&path)?;
+        Ok(BlobWriter {
+            file,
+            path,
+            hasher: Sha256::new(),
+            written: 0,
+            digest: *digest,
+            committed: false,
+        })
     }
 
     /// Stores a small blob (a manifest) held in memory, after verifying it.
@@ -449,7 +530,9 @@ impl Store {
         fs::create_dir_all(dir)?;
         fs::rename(from, &to)?;
         File::open(dir)?.sync_all()?;
-        self.inner.db.put_cf(self.cf(CF_BLOBS), d.as_bytes(), encode(meta))?;
+        self.inner
+            .db
+            .put_cf(self.cf(CF_BLOBS), d.as_bytes(), encode(meta))?;
         self.lock().insert(*d, meta.size);
         self.evict()?;
         Ok(())
@@ -463,7 +546,11 @@ impl Store {
                 if lru.total <= self.inner.cap {
                     return Ok(());
                 }
-                let victim = lru.order.values().find(|d| lru.entries.get(d).is_some_and(|e| e.pins == 0)).copied();
+                let victim = lru
+                    .order
+                    .values()
+                    .find(|d| lru.entries.get(d).is_some_and(|e| e.pins == 0))
+                    .copied();
                 match victim {
                     Some(d) => {
                         lru.remove(&d);
@@ -472,7 +559,10 @@ impl Store {
                     None => return Ok(()),
                 }
             };
-            self.inner.db.delete_cf(self.cf(CF_BLOBS), victim.as_bytes()).map_err(io::Error::other)?;
+            self.inner
+                .db
+                .delete_cf(self.cf(CF_BLOBS), victim.as_bytes())
+                .map_err(io::Error::other)?;
             match fs::remove_file(self.blob_path(&victim)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -500,20 +590,37 @@ impl Store {
 
     /// The last known digest of a tag, and when the upstream last confirmed it.
     pub fn tag(&self, registry: &str, name: &str, tag: &str) -> Option<(Digest, u64)> {
-        let v = self.inner.db.get_cf(self.cf(CF_TAGS), tag_key(registry, name, tag)).ok()??;
+        let v = self
+            .inner
+            .db
+            .get_cf(self.cf(CF_TAGS), tag_key(registry, name, tag))
+            .ok()??;
         let m: TagMeta = decode(&v)?;
         Some((Digest::from_bytes(m.digest), m.resolved_at))
     }
 
     /// Records what the upstream said a tag points at.
-    pub fn set_tag(&self, registry: &str, name: &str, tag: &str, digest: &Digest) -> Result<(), rocksdb::Error> {
-        let m = TagMeta { digest: *digest.as_bytes(), resolved_at: now_secs() };
-        self.inner.db.put_cf(self.cf(CF_TAGS), tag_key(registry, name, tag), encode(&m))
+    pub fn set_tag(
+        &self,
+        registry: &str,
+        name: &str,
+        tag: &str,
+        digest: &Digest,
+    ) -> Result<(), rocksdb::Error> {
+        let m = TagMeta {
+            digest: *digest.as_bytes(),
+            resolved_at: now_secs(),
+        };
+        self.inner
+            .db
+            .put_cf(self.cf(CF_TAGS), tag_key(registry, name, tag), encode(&m))
     }
 
     /// Forgets a tag (the upstream says it no longer exists).
     pub fn remove_tag(&self, registry: &str, name: &str, tag: &str) -> Result<(), rocksdb::Error> {
-        self.inner.db.delete_cf(self.cf(CF_TAGS), tag_key(registry, name, tag))
+        self.inner
+            .db
+            .delete_cf(self.cf(CF_TAGS), tag_key(registry, name, tag))
     }
 }
 
@@ -590,7 +697,7 @@ mod tests {
         let mut w = s.writer(&Digest::of(b"partial data")).unwrap();
         w.write(b"partial").unwrap();
         std::mem::forget(w); // as if killed mid-write
-        // A record without its file, and a file under a wrong name.
+                             // A record without its file, and a file under a wrong name.
         let gone = put(&s, b"gone");
         fs::remove_file(s.blob_path(&gone)).unwrap();
         let liar = Digest::of(b"liar");
@@ -602,7 +709,10 @@ mod tests {
         let s = Store::open(dir.path(), 1 << 30).unwrap();
         assert!(s.contains(&d), "verified orphan not re-indexed");
         assert!(!s.contains(&gone));
-        assert!(!s.contains(&liar) && !liar_path.exists(), "unverified file kept");
+        assert!(
+            !s.contains(&liar) && !liar_path.exists(),
+            "unverified file kept"
+        );
         assert_eq!(fs::read_dir(dir.path().join("partial")).unwrap().count(), 0);
     }
 
@@ -611,10 +721,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path(), 1 << 30).unwrap();
         let d = Digest::of(b"m");
-        s.set_tag("docker.io", "library/alpine", "latest", &d).unwrap();
+        s.set_tag("docker.io", "library/alpine", "latest", &d)
+            .unwrap();
         assert_eq!(s.tag("docker.io", "library/alpine", "latest").unwrap().0, d);
         assert!(s.tag("docker.io", "library/alpine", "edge").is_none());
-        s.remove_tag("docker.io", "library/alpine", "latest").unwrap();
+        s.remove_tag("docker.io", "library/alpine", "latest")
+            .unwrap();
         assert!(s.tag("docker.io", "library/alpine", "latest").is_none());
     }
 }

@@ -80,7 +80,10 @@ struct Credentials {
 impl Credentials {
     fn basic_header(&self) -> String {
         let raw = format!("{}:{}", self.user, self.pass);
-        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw))
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(raw)
+        )
     }
 
     fn fingerprint(&self) -> String {
@@ -89,11 +92,18 @@ impl Credentials {
     }
 
     fn from_basic_header(v: &str) -> Option<Credentials> {
-        let b64 = v.strip_prefix("Basic ").or_else(|| v.strip_prefix("basic "))?;
-        let raw = base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok()?;
+        let b64 = v
+            .strip_prefix("Basic ")
+            .or_else(|| v.strip_prefix("basic "))?;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .ok()?;
         let raw = String::from_utf8(raw).ok()?;
         let (user, pass) = raw.split_once(':')?;
-        Some(Credentials { user: user.to_owned(), pass: pass.to_owned() })
+        Some(Credentials {
+            user: user.to_owned(),
+            pass: pass.to_owned(),
+        })
     }
 }
 
@@ -113,16 +123,25 @@ struct AuthEntry {
 fn load_auth_file(path: &Path) -> Result<HashMap<String, Credentials>, AuthFileError> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| AuthFileError::Read(shown.clone(), e))?;
-    let cfg: DockerConfig = serde_json::from_str(&text).map_err(|e| AuthFileError::Parse(shown.clone(), e.to_string()))?;
+    let cfg: DockerConfig = serde_json::from_str(&text)
+        .map_err(|e| AuthFileError::Parse(shown.clone(), e.to_string()))?;
     let mut out = HashMap::new();
     for (key, entry) in cfg.auths {
         let creds = match (entry.auth, entry.username, entry.password) {
-            (Some(a), _, _) => Credentials::from_basic_header(&format!("Basic {a}")).ok_or_else(|| {
-                AuthFileError::Parse(shown.clone(), format!("entry {key:?}: auth is not base64 of user:password"))
-            })?,
+            (Some(a), _, _) => {
+                Credentials::from_basic_header(&format!("Basic {a}")).ok_or_else(|| {
+                    AuthFileError::Parse(
+                        shown.clone(),
+                        format!("entry {key:?}: auth is not base64 of user:password"),
+                    )
+                })?
+            }
             (None, Some(user), Some(pass)) => Credentials { user, pass },
             _ => {
-                return Err(AuthFileError::Parse(shown.clone(), format!("entry {key:?}: needs auth or username+password")))
+                return Err(AuthFileError::Parse(
+                    shown.clone(),
+                    format!("entry {key:?}: needs auth or username+password"),
+                ))
             }
         };
         // Keys may be URLs (`https://index.docker.io/v1/`): index by bare host too.
@@ -235,14 +254,20 @@ impl Upstreams {
     /// Routes a request by its `ns` query parameter. `None` for a malformed host.
     pub fn route(&self, ns: Option<&str>) -> Option<Registry> {
         match ns {
-            None => Some(Registry { key: DEFAULT_KEY.into(), base: self.default_base.clone() }),
+            None => Some(Registry {
+                key: DEFAULT_KEY.into(),
+                base: self.default_base.clone(),
+            }),
             Some(host) if valid_host(host) => {
                 let base = match self.mapped.get(host) {
                     Some(url) => url.clone(),
                     None if host == "docker.io" => crate::config::DEFAULT_UPSTREAM.to_owned(),
                     None => format!("https://{host}"),
                 };
-                Some(Registry { key: host.to_owned(), base })
+                Some(Registry {
+                    key: host.to_owned(),
+                    base,
+                })
             }
             Some(_) => None,
         }
@@ -252,29 +277,51 @@ impl Upstreams {
         if let Some(c) = self.creds.get(&reg.key) {
             return Some(c);
         }
-        let host = reg.base.trim_start_matches("https://").trim_start_matches("http://");
+        let host = reg
+            .base
+            .trim_start_matches("https://")
+            .trim_start_matches("http://");
         let host = host.split('/').next().unwrap_or_default();
         if let Some(c) = self.creds.get(host) {
             return Some(c);
         }
         if host == "registry-1.docker.io" || reg.key == "docker.io" {
-            return self.creds.get("docker.io").or_else(|| self.creds.get("index.docker.io"));
+            return self
+                .creds
+                .get("docker.io")
+                .or_else(|| self.creds.get("index.docker.io"));
         }
         None
     }
 
     /// Sends a request, doing the token flow if challenged.
-    pub async fn send(&self, reg: &Registry, req: &Request<'_>, client: &ClientAuth) -> Result<Response, UpstreamError> {
+    pub async fn send(
+        &self,
+        reg: &Registry,
+        req: &Request<'_>,
+        client: &ClientAuth,
+    ) -> Result<Response, UpstreamError> {
         let client_header = client.0.as_ref().and_then(|v| v.to_str().ok());
         let client_basic = client_header.and_then(Credentials::from_basic_header);
-        let client_bearer = client_header.filter(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer "));
-        let creds = client_basic.as_ref().or_else(|| if client_bearer.is_some() { None } else { self.configured_creds(reg) });
+        let client_bearer =
+            client_header.filter(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer "));
+        let creds = client_basic.as_ref().or_else(|| {
+            if client_bearer.is_some() {
+                None
+            } else {
+                self.configured_creds(reg)
+            }
+        });
         let identity = match (client_bearer, creds) {
             (Some(_), _) => String::new(),
             (None, Some(c)) => c.fingerprint(),
             (None, None) => "anon".into(),
         };
-        let key = TokenKey { registry: reg.key.clone(), repo: req.repo.to_owned(), identity };
+        let key = TokenKey {
+            registry: reg.key.clone(),
+            repo: req.repo.to_owned(),
+            identity,
+        };
 
         // First attempt: a forwarded bearer, a cached token, or nothing.
         let first_auth = match client_bearer {
@@ -283,8 +330,12 @@ impl Upstreams {
         };
         let resp = self.send_once(reg, req, first_auth.as_deref()).await?;
         if resp.status() != StatusCode::UNAUTHORIZED || client_bearer.is_some() {
-            let authenticated = first_auth.is_some() && (client_bearer.is_some() || creds.is_some());
-            return Ok(Response { inner: resp, authenticated });
+            let authenticated =
+                first_auth.is_some() && (client_bearer.is_some() || creds.is_some());
+            return Ok(Response {
+                inner: resp,
+                authenticated,
+            });
         }
         let challenge = resp
             .headers()
@@ -292,29 +343,53 @@ impl Upstreams {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| Challenge::parse(v).ok());
         let Some(challenge) = challenge else {
-            return Ok(Response { inner: resp, authenticated: false });
+            return Ok(Response {
+                inner: resp,
+                authenticated: false,
+            });
         };
         let auth = match challenge.scheme {
             Scheme::Basic => match creds {
                 Some(c) => c.basic_header(),
-                None => return Ok(Response { inner: resp, authenticated: false }),
+                None => {
+                    return Ok(Response {
+                        inner: resp,
+                        authenticated: false,
+                    })
+                }
             },
             Scheme::Bearer => {
                 let token = self.fetch_token(reg, req.repo, &challenge, creds).await?;
                 self.store_token(key, &token);
                 format!("Bearer {}", token.0)
             }
-            Scheme::Other(_) => return Ok(Response { inner: resp, authenticated: false }),
+            Scheme::Other(_) => {
+                return Ok(Response {
+                    inner: resp,
+                    authenticated: false,
+                })
+            }
         };
         let resp = self.send_once(reg, req, Some(&auth)).await?;
-        Ok(Response { inner: resp, authenticated: creds.is_some() })
+        Ok(Response {
+            inner: resp,
+            authenticated: creds.is_some(),
+        })
     }
 
-    async fn send_once(&self, reg: &Registry, req: &Request<'_>, auth: Option<&str>) -> Result<reqwest::Response, UpstreamError> {
+    async fn send_once(
+        &self,
+        reg: &Registry,
+        req: &Request<'_>,
+        auth: Option<&str>,
+    ) -> Result<reqwest::Response, UpstreamError> {
         let url = format!("{}{}", reg.base, req.path);
         let mut headers = HeaderMap::new();
         if let Some(a) = req.accept {
-            headers.insert(http::header::ACCEPT, HeaderValue::from_str(a).unwrap_or(HeaderValue::from_static("*/*")));
+            headers.insert(
+                http::header::ACCEPT,
+                HeaderValue::from_str(a).unwrap_or(HeaderValue::from_static("*/*")),
+            );
         }
         if let Some(r) = &req.range {
             if let Ok(v) = HeaderValue::from_str(r) {
@@ -326,18 +401,32 @@ impl Upstreams {
                 headers.insert(http::header::AUTHORIZATION, v);
             }
         }
-        let fut = self.client.request(req.method.clone(), &url).headers(headers).send();
+        let fut = self
+            .client
+            .request(req.method.clone(), &url)
+            .headers(headers)
+            .send();
         match tokio::time::timeout(self.timeout, fut).await {
-            Err(_) => Err(UpstreamError::Timeout { registry: reg.key.clone() }),
-            Ok(Err(e)) if e.is_timeout() => Err(UpstreamError::Timeout { registry: reg.key.clone() }),
-            Ok(Err(source)) => Err(UpstreamError::Unreachable { registry: reg.key.clone(), source }),
+            Err(_) => Err(UpstreamError::Timeout {
+                registry: reg.key.clone(),
+            }),
+            Ok(Err(e)) if e.is_timeout() => Err(UpstreamError::Timeout {
+                registry: reg.key.clone(),
+            }),
+            Ok(Err(source)) => Err(UpstreamError::Unreachable {
+                registry: reg.key.clone(),
+                source,
+            }),
             Ok(Ok(r)) => Ok(r),
         }
     }
 
     fn cached_token(&self, key: &TokenKey) -> Option<String> {
         let tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
-        tokens.get(key).filter(|(_, exp)| *exp > Instant::now()).map(|(t, _)| t.clone())
+        tokens
+            .get(key)
+            .filter(|(_, exp)| *exp > Instant::now())
+            .map(|(t, _)| t.clone())
     }
 
     fn store_token(&self, key: TokenKey, token: &(String, Duration)) {
@@ -345,7 +434,10 @@ impl Upstreams {
         let now = Instant::now();
         tokens.retain(|_, (_, exp)| *exp > now);
         // Renew a little early so a token never expires in flight.
-        let life = token.1.saturating_sub(Duration::from_secs(5)).max(Duration::from_secs(1));
+        let life = token
+            .1
+            .saturating_sub(Duration::from_secs(5))
+            .max(Duration::from_secs(1));
         tokens.insert(key, (token.0.clone(), now + life));
     }
 
@@ -356,8 +448,13 @@ impl Upstreams {
         ch: &Challenge,
         creds: Option<&Credentials>,
     ) -> Result<(String, Duration), UpstreamError> {
-        let err = |reason: String| UpstreamError::Token { registry: reg.key.clone(), reason };
-        let realm = ch.param("realm").ok_or_else(|| err("challenge without realm".into()))?;
+        let err = |reason: String| UpstreamError::Token {
+            registry: reg.key.clone(),
+            reason,
+        };
+        let realm = ch
+            .param("realm")
+            .ok_or_else(|| err("challenge without realm".into()))?;
         let mut url = reqwest::Url::parse(realm).map_err(|e| err(format!("bad realm: {e}")))?;
         if url.scheme() != "http" && url.scheme() != "https" {
             return Err(err("realm is not http(s)".into()));
@@ -367,7 +464,10 @@ impl Upstreams {
             if let Some(s) = ch.param("service") {
                 q.append_pair("service", s);
             }
-            let scope = ch.param("scope").map(str::to_owned).unwrap_or_else(|| format!("repository:{repo}:pull"));
+            let scope = ch
+                .param("scope")
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("repository:{repo}:pull"));
             q.append_pair("scope", &scope);
         }
         let mut rb = self.client.get(url);
@@ -375,8 +475,17 @@ impl Upstreams {
             rb = rb.header(http::header::AUTHORIZATION, c.basic_header());
         }
         let resp = match tokio::time::timeout(self.timeout, rb.send()).await {
-            Err(_) => return Err(UpstreamError::Timeout { registry: reg.key.clone() }),
-            Ok(Err(source)) => return Err(UpstreamError::Unreachable { registry: reg.key.clone(), source }),
+            Err(_) => {
+                return Err(UpstreamError::Timeout {
+                    registry: reg.key.clone(),
+                })
+            }
+            Ok(Err(source)) => {
+                return Err(UpstreamError::Unreachable {
+                    registry: reg.key.clone(),
+                    source,
+                })
+            }
             Ok(Ok(r)) => r,
         };
         let status = resp.status();
@@ -387,15 +496,29 @@ impl Upstreams {
         if !status.is_success() {
             return Err(err(format!("status {status}")));
         }
-        let body = read_limited(resp, MAX_TOKEN_RESPONSE, self.timeout).await.map_err(err)?;
-        let t: TokenResponse = serde_json::from_slice(&body).map_err(|e| err(format!("bad token JSON: {e}")))?;
-        let token = t.token.or(t.access_token).filter(|t| !t.is_empty()).ok_or_else(|| err("no token in response".into()))?;
-        Ok((token, Duration::from_secs(t.expires_in.unwrap_or(60).clamp(1, 3600))))
+        let body = read_limited(resp, MAX_TOKEN_RESPONSE, self.timeout)
+            .await
+            .map_err(err)?;
+        let t: TokenResponse =
+            serde_json::from_slice(&body).map_err(|e| err(format!("bad token JSON: {e}")))?;
+        let token = t
+            .token
+            .or(t.access_token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| err("no token in response".into()))?;
+        Ok((
+            token,
+            Duration::from_secs(t.expires_in.unwrap_or(60).clamp(1, 3600)),
+        ))
     }
 }
 
 /// Reads a whole response body of at most `limit` bytes, each read bounded by `timeout`.
-pub async fn read_limited(mut resp: reqwest::Response, limit: usize, timeout: Duration) -> Result<Vec<u8>, String> {
+pub async fn read_limited(
+    mut resp: reqwest::Response,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Vec<u8>, String> {
     if resp.content_length().is_some_and(|n| n > limit as u64) {
         return Err(format!("body larger than {limit} bytes"));
     }
@@ -422,11 +545,19 @@ mod tests {
     #[test]
     fn routing() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = Config::new("127.0.0.1:0".parse().unwrap(), dir.path(), "http://127.0.0.1:1");
-        c.registries.insert("docker.io".into(), "http://127.0.0.1:2".into());
+        let mut c = Config::new(
+            "127.0.0.1:0".parse().unwrap(),
+            dir.path(),
+            "http://127.0.0.1:1",
+        );
+        c.registries
+            .insert("docker.io".into(), "http://127.0.0.1:2".into());
         let u = Upstreams::new(&c).unwrap();
         assert_eq!(u.route(None).unwrap().base, "http://127.0.0.1:1");
-        assert_eq!(u.route(Some("docker.io")).unwrap().base, "http://127.0.0.1:2");
+        assert_eq!(
+            u.route(Some("docker.io")).unwrap().base,
+            "http://127.0.0.1:2"
+        );
         assert_eq!(u.route(Some("quay.io")).unwrap().base, "https://quay.io");
         assert!(u.route(Some("evil/../x")).is_none());
         assert!(u.route(Some("a b")).is_none());

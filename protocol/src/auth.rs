@@ -133,7 +133,10 @@ mod tests {
         assert_eq!(c.scheme, Scheme::Bearer);
         assert_eq!(c.param("realm"), Some("https://auth.docker.io/token"));
         assert_eq!(c.param("service"), Some("registry.docker.io"));
-        assert_eq!(c.param("scope"), Some("repository:library/alpine:pull,push"));
+        assert_eq!(
+            c.param("scope"),
+            Some("repository:library/alpine:pull,push")
+        );
     }
 
     #[test]

@@ -54,7 +54,11 @@ impl Digest {
             let shown: String = algo.chars().take(32).collect();
             return Err(DigestError::UnsupportedAlgorithm(shown));
         }
-        if hex_part.len() != 64 || !hex_part.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        if hex_part.len() != 64
+            || !hex_part
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
             return Err(DigestError::BadHex);
         }
         let mut out = [0u8; 32];
@@ -98,7 +102,10 @@ mod tests {
     #[test]
     fn rejects_bad_forms() {
         assert_eq!(Digest::parse("abc"), Err(DigestError::MissingAlgorithm));
-        assert!(matches!(Digest::parse("md5:00"), Err(DigestError::UnsupportedAlgorithm(_))));
+        assert!(matches!(
+            Digest::parse("md5:00"),
+            Err(DigestError::UnsupportedAlgorithm(_))
+        ));
         assert_eq!(Digest::parse("sha256:00"), Err(DigestError::BadHex));
         let upper = format!("sha256:{}", "A".repeat(64));
         assert_eq!(Digest::parse(&upper), Err(DigestError::BadHex));

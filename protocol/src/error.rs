@@ -109,7 +109,10 @@ struct Entry<'a> {
 impl OciError {
     /// An error with a message.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> OciError {
-        OciError { code, message: message.into() }
+        OciError {
+            code,
+            message: message.into(),
+        }
     }
 
     /// The HTTP status.
@@ -119,7 +122,12 @@ impl OciError {
 
     /// `{"errors":[{"code":...,"message":...}]}`
     pub fn to_json(&self) -> String {
-        let body = Body { errors: [Entry { code: self.code.as_str(), message: &self.message }] };
+        let body = Body {
+            errors: [Entry {
+                code: self.code.as_str(),
+                message: &self.message,
+            }],
+        };
         // Serializing two strings cannot fail.
         serde_json::to_string(&body).unwrap_or_else(|_| String::from("{\"errors\":[]}"))
     }
@@ -132,7 +140,10 @@ mod tests {
     #[test]
     fn golden_json() {
         let e = OciError::new(ErrorCode::BlobUnknown, "blob \"x\" unknown");
-        assert_eq!(e.to_json(), r#"{"errors":[{"code":"BLOB_UNKNOWN","message":"blob \"x\" unknown"}]}"#);
+        assert_eq!(
+            e.to_json(),
+            r#"{"errors":[{"code":"BLOB_UNKNOWN","message":"blob \"x\" unknown"}]}"#
+        );
         assert_eq!(e.status(), 404);
     }
 

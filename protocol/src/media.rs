@@ -9,7 +9,8 @@ pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 /// OCI image index.
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 /// Docker schema 1 (signed), still sent by very old registries.
-pub const DOCKER_MANIFEST_V1_SIGNED: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
+pub const DOCKER_MANIFEST_V1_SIGNED: &str =
+    "application/vnd.docker.distribution.manifest.v1+prettyjws";
 
 /// The `Accept` header Shoal sends upstream when resolving a manifest: every kind it passes
 /// through, so the upstream never converts a manifest on our behalf.

@@ -49,7 +49,11 @@ pub enum RangeError {
 pub fn parse_range(header: &str, size: u64) -> Result<Option<ByteRange>, RangeError> {
     let header = header.trim();
     let Some(spec) = header.strip_prefix("bytes=") else {
-        return if header.contains('=') { Ok(None) } else { Err(RangeError::Malformed) };
+        return if header.contains('=') {
+            Ok(None)
+        } else {
+            Err(RangeError::Malformed)
+        };
     };
     if spec.contains(',') {
         return Err(RangeError::Multiple);
@@ -67,17 +71,27 @@ pub fn parse_range(header: &str, size: u64) -> Result<Option<ByteRange>, RangeEr
         if n == 0 || size == 0 {
             return Err(RangeError::Unsatisfiable { size });
         }
-        ByteRange { start: size.saturating_sub(n), end: size - 1 }
+        ByteRange {
+            start: size.saturating_sub(n),
+            end: size - 1,
+        }
     } else {
         let start = num(first)?;
-        let end = if last.is_empty() { u64::MAX } else { num(last)? };
+        let end = if last.is_empty() {
+            u64::MAX
+        } else {
+            num(last)?
+        };
         if end < start {
             return Err(RangeError::Malformed);
         }
         if start >= size {
             return Err(RangeError::Unsatisfiable { size });
         }
-        ByteRange { start, end: end.min(size - 1) }
+        ByteRange {
+            start,
+            end: end.min(size - 1),
+        }
     };
     Ok(Some(range))
 }
@@ -89,20 +103,44 @@ mod tests {
 
     #[test]
     fn forms() {
-        assert_eq!(parse_range("bytes=0-9", 100), Ok(Some(ByteRange { start: 0, end: 9 })));
-        assert_eq!(parse_range("bytes=90-", 100), Ok(Some(ByteRange { start: 90, end: 99 })));
-        assert_eq!(parse_range("bytes=90-1000", 100), Ok(Some(ByteRange { start: 90, end: 99 })));
-        assert_eq!(parse_range("bytes=-10", 100), Ok(Some(ByteRange { start: 90, end: 99 })));
-        assert_eq!(parse_range("bytes=-1000", 100), Ok(Some(ByteRange { start: 0, end: 99 })));
-        assert_eq!(parse_range("bytes=100-", 100), Err(RangeError::Unsatisfiable { size: 100 }));
-        assert_eq!(parse_range("bytes=-0", 100), Err(RangeError::Unsatisfiable { size: 100 }));
+        assert_eq!(
+            parse_range("bytes=0-9", 100),
+            Ok(Some(ByteRange { start: 0, end: 9 }))
+        );
+        assert_eq!(
+            parse_range("bytes=90-", 100),
+            Ok(Some(ByteRange { start: 90, end: 99 }))
+        );
+        assert_eq!(
+            parse_range("bytes=90-1000", 100),
+            Ok(Some(ByteRange { start: 90, end: 99 }))
+        );
+        assert_eq!(
+            parse_range("bytes=-10", 100),
+            Ok(Some(ByteRange { start: 90, end: 99 }))
+        );
+        assert_eq!(
+            parse_range("bytes=-1000", 100),
+            Ok(Some(ByteRange { start: 0, end: 99 }))
+        );
+        assert_eq!(
+            parse_range("bytes=100-", 100),
+            Err(RangeError::Unsatisfiable { size: 100 })
+        );
+        assert_eq!(
+            parse_range("bytes=-0", 100),
+            Err(RangeError::Unsatisfiable { size: 100 })
+        );
         assert_eq!(parse_range("bytes=5-1", 100), Err(RangeError::Malformed));
         assert_eq!(parse_range("bytes=0-1,5-6", 100), Err(RangeError::Multiple));
         assert_eq!(parse_range("bytes=a-b", 100), Err(RangeError::Malformed));
         assert_eq!(parse_range("bytes=+1-2", 100), Err(RangeError::Malformed));
         assert_eq!(parse_range("garbage", 100), Err(RangeError::Malformed));
         assert_eq!(parse_range("items=0-1", 100), Ok(None));
-        assert_eq!(parse_range("bytes=0-99999999999999999999999", 100), Err(RangeError::Malformed));
+        assert_eq!(
+            parse_range("bytes=0-99999999999999999999999", 100),
+            Err(RangeError::Malformed)
+        );
     }
 
     proptest! {

@@ -129,7 +129,9 @@ pub fn valid_tag(s: &str) -> bool {
     !b.is_empty()
         && b.len() <= MAX_TAG_LEN
         && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-        && b[1..].iter().all(|&x| x.is_ascii_alphanumeric() || matches!(x, b'.' | b'_' | b'-'))
+        && b[1..]
+            .iter()
+            .all(|&x| x.is_ascii_alphanumeric() || matches!(x, b'.' | b'_' | b'-'))
 }
 
 impl Reference {
@@ -165,7 +167,10 @@ mod tests {
         for ok in ["alpine", "library/alpine", "a/b/c", "a.b_c__d---e/f0", "x1"] {
             assert!(Name::parse(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "A", "a//b", "/a", "a/", "..", "a/../b", "a..b", "a___b", "-a", "a-", "a b", "a%2fb"] {
+        for bad in [
+            "", "A", "a//b", "/a", "a/", "..", "a/../b", "a..b", "a___b", "-a", "a-", "a b",
+            "a%2fb",
+        ] {
             assert!(Name::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(Name::parse(&"a".repeat(256)), Err(NameError::TooLong));
@@ -173,8 +178,14 @@ mod tests {
 
     #[test]
     fn references() {
-        assert_eq!(Reference::parse("latest"), Ok(Reference::Tag("latest".into())));
-        assert_eq!(Reference::parse("v1.2_3-x"), Ok(Reference::Tag("v1.2_3-x".into())));
+        assert_eq!(
+            Reference::parse("latest"),
+            Ok(Reference::Tag("latest".into()))
+        );
+        assert_eq!(
+            Reference::parse("v1.2_3-x"),
+            Ok(Reference::Tag("v1.2_3-x".into()))
+        );
         assert!(Reference::parse(".hidden").is_err());
         assert!(Reference::parse(&"a".repeat(129)).is_err());
         assert!(Reference::parse("sha256:zz").is_err());

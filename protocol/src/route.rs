@@ -47,22 +47,33 @@ impl Route {
         }
         let rest = path.strip_prefix("/v2/").ok_or(RouteError::NotFound)?;
         if let Some(name) = rest.strip_suffix("/tags/list") {
-            return Ok(Route::TagsList { name: Name::parse(name)? });
+            return Ok(Route::TagsList {
+                name: Name::parse(name)?,
+            });
         }
         let (head, last) = rest.rsplit_once('/').ok_or(RouteError::NotFound)?;
         let (name, kind) = head.rsplit_once('/').ok_or(RouteError::NotFound)?;
         match kind {
             "manifests" => {
                 let name = Name::parse(name)?;
-                Ok(Route::Manifest { name, reference: Reference::parse(last)? })
+                Ok(Route::Manifest {
+                    name,
+                    reference: Reference::parse(last)?,
+                })
             }
             "blobs" => {
                 let name = Name::parse(name)?;
-                Ok(Route::Blob { name, digest: Digest::parse(last)? })
+                Ok(Route::Blob {
+                    name,
+                    digest: Digest::parse(last)?,
+                })
             }
             "referrers" => {
                 let name = Name::parse(name)?;
-                Ok(Route::Referrers { name, digest: Digest::parse(last)? })
+                Ok(Route::Referrers {
+                    name,
+                    digest: Digest::parse(last)?,
+                })
             }
             _ => Err(RouteError::NotFound),
         }
@@ -80,21 +91,38 @@ mod tests {
         assert_eq!(Route::parse("/v2/"), Ok(Route::Base));
         assert_eq!(
             Route::parse("/v2/a/b/c/manifests/latest"),
-            Ok(Route::Manifest { name: Name::parse("a/b/c").unwrap(), reference: Reference::Tag("latest".into()) })
+            Ok(Route::Manifest {
+                name: Name::parse("a/b/c").unwrap(),
+                reference: Reference::Tag("latest".into())
+            })
         );
         assert_eq!(
             Route::parse(&format!("/v2/library/alpine/blobs/{d}")),
-            Ok(Route::Blob { name: Name::parse("library/alpine").unwrap(), digest: d })
+            Ok(Route::Blob {
+                name: Name::parse("library/alpine").unwrap(),
+                digest: d
+            })
         );
-        assert_eq!(Route::parse("/v2/x/tags/list"), Ok(Route::TagsList { name: Name::parse("x").unwrap() }));
+        assert_eq!(
+            Route::parse("/v2/x/tags/list"),
+            Ok(Route::TagsList {
+                name: Name::parse("x").unwrap()
+            })
+        );
         assert_eq!(
             Route::parse(&format!("/v2/x/referrers/{d}")),
-            Ok(Route::Referrers { name: Name::parse("x").unwrap(), digest: d })
+            Ok(Route::Referrers {
+                name: Name::parse("x").unwrap(),
+                digest: d
+            })
         );
         // A repository may itself be called "blobs" or "manifests".
         assert_eq!(
             Route::parse("/v2/blobs/manifests/v1"),
-            Ok(Route::Manifest { name: Name::parse("blobs").unwrap(), reference: Reference::Tag("v1".into()) })
+            Ok(Route::Manifest {
+                name: Name::parse("blobs").unwrap(),
+                reference: Reference::Tag("v1".into())
+            })
         );
     }
 
@@ -103,10 +131,23 @@ mod tests {
         assert_eq!(Route::parse("/v3/x"), Err(RouteError::NotFound));
         assert_eq!(Route::parse("/v2/x"), Err(RouteError::NotFound));
         assert_eq!(Route::parse("/v2/x/uploads/y"), Err(RouteError::NotFound));
-        assert!(matches!(Route::parse("/v2/../etc/blobs/sha256:00"), Err(RouteError::Name(_))));
-        assert!(matches!(Route::parse("/v2/x/blobs/sha256:../../x"), Err(RouteError::Digest(_))));
-        assert!(matches!(Route::parse("/v2/x/manifests/-bad"), Err(RouteError::Reference(_))));
-        assert!(matches!(Route::parse("/v2//manifests/latest"), Err(RouteError::Name(_))));
+        assert!(matches!(
+            Route::parse("/v2/../etc/blobs/sha256:00"),
+            Err(RouteError::Name(_))
+        ));
+        assert!(Route::parse("/v2/x/blobs/sha256:../../x").is_err());
+        assert!(matches!(
+            Route::parse("/v2/x/blobs/sha256:..%2f"),
+            Err(RouteError::Digest(_))
+        ));
+        assert!(matches!(
+            Route::parse("/v2/x/manifests/-bad"),
+            Err(RouteError::Reference(_))
+        ));
+        assert!(matches!(
+            Route::parse("/v2//manifests/latest"),
+            Err(RouteError::Name(_))
+        ));
     }
 
     proptest! {

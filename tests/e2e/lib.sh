@@ -195,7 +195,9 @@ unmount_under() {
 
 e2e_cleanup() {
     local rc=$? pid name d
-    trap - EXIT INT TERM HUP
+    trap - EXIT
+    # finish cleaning up even if interrupted again (every wait below is bounded)
+    trap '' INT TERM HUP
     set +e
     if [[ -n $T && -d $T ]]; then
         if [[ -s $T/pids ]]; then

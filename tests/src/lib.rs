@@ -24,11 +24,20 @@ impl Pair {
     pub async fn start(tune: impl FnOnce(&mut Config)) -> Pair {
         let origin = Origin::start().await.expect("origin starts");
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = Config::new("127.0.0.1:0".parse().expect("addr"), dir.path(), &origin.url());
+        let mut config = Config::new(
+            "127.0.0.1:0".parse().expect("addr"),
+            dir.path(),
+            &origin.url(),
+        );
         config.upstream_timeout = Duration::from_secs(5);
         tune(&mut config);
         let node = Node::start(config).await.expect("node starts");
-        Pair { origin, node, dir, http: reqwest::Client::new() }
+        Pair {
+            origin,
+            node,
+            dir,
+            http: reqwest::Client::new(),
+        }
     }
 
     /// A URL on the node.

@@ -10,7 +10,12 @@ use shoal_tests::{pseudo_random, shoal_bin};
 
 fn spawn(dir: &std::path::Path, upstream: &str, port: u16) -> Child {
     Command::new(shoal_bin())
-        .args(["run", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .args([
+            "run",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
         .arg(dir)
         .args(["--upstream", upstream])
         .env("SHOAL_LOG", "warn")
@@ -21,7 +26,11 @@ fn spawn(dir: &std::path::Path, upstream: &str, port: u16) -> Child {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 async fn wait_ready(port: u16) {
@@ -60,7 +69,16 @@ async fn kill9_mid_pull_leaves_a_store_that_serves_only_verified_content() {
     // The first blob completes; the others are killed mid-transfer, at different points.
     let http = reqwest::Client::new();
     let url = |d: &Digest| format!("http://127.0.0.1:{port}/v2/x/blobs/{d}");
-    assert_eq!(http.get(url(&blobs[0].0)).send().await.unwrap().bytes().await.unwrap(), blobs[0].1);
+    assert_eq!(
+        http.get(url(&blobs[0].0))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+        blobs[0].1
+    );
     let mut resp = http.get(url(&blobs[1].0)).send().await.unwrap();
     let mut got = 0usize;
     while got < (4 << 20) {
@@ -89,11 +107,20 @@ async fn kill9_mid_pull_leaves_a_store_that_serves_only_verified_content() {
             // Never served partially: either an error status, or an aborted body.
             if r.status() == 200 {
                 let body = r.bytes().await;
-                assert!(body.is_err() || Digest::of(&body.unwrap()) == *d, "unverified bytes served for blob {i}");
+                assert!(
+                    body.is_err() || Digest::of(&body.unwrap()) == *d,
+                    "unverified bytes served for blob {i}"
+                );
             }
         }
     }
-    assert_eq!(std::fs::read_dir(dir.path().join("partial")).unwrap().count(), 0, "partials dropped");
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("partial"))
+            .unwrap()
+            .count(),
+        0,
+        "partials dropped"
+    );
     kill9(&mut child);
 }
 
@@ -107,8 +134,14 @@ fn bad_configuration_fails_with_one_line_and_non_zero_exit() {
         (vec!["--registry".into(), "docker.io".into()], "HOST=URL"),
         (vec!["--upstream".into(), "ftp://x".into()], "scheme"),
         (vec!["--cache-size".into(), "ten".into()], "cache_size"),
-        (vec!["--config".into(), bad_toml.display().to_string()], "cache_sise"),
-        (vec!["--auth-file".into(), "/nonexistent/auth.json".into()], "auth_file"),
+        (
+            vec!["--config".into(), bad_toml.display().to_string()],
+            "cache_sise",
+        ),
+        (
+            vec!["--auth-file".into(), "/nonexistent/auth.json".into()],
+            "auth_file",
+        ),
     ];
     for (args, needle) in cases {
         let out = Command::new(shoal_bin())
@@ -120,7 +153,11 @@ fn bad_configuration_fails_with_one_line_and_non_zero_exit() {
             .expect("shoal runs");
         assert!(!out.status.success(), "{args:?} must fail");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(err.trim().lines().count(), 1, "{args:?}: one line, got {err}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{args:?}: one line, got {err}"
+        );
         assert!(err.contains(needle), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }

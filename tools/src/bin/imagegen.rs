@@ -76,16 +76,14 @@ const MAX_TOTAL: u128 = 4 << 30;
 
 fn parse_size(s: &str) -> Result<usize, String> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     if num.is_empty() {
-        return Err(format!("invalid size {s:?} (expected e.g. 1048576, 512K, 64MiB)"));
+        return Err(format!(
+            "invalid size {s:?} (expected e.g. 1048576, 512K, 64MiB)"
+        ));
     }
-    let n: u128 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}"))?;
+    let n: u128 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
     let mult: u128 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
