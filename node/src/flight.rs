@@ -10,10 +10,12 @@ use std::sync::{Arc, Mutex};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
 
+type Flight<V> = Shared<BoxFuture<'static, Option<V>>>;
+
 /// A map from key to in-flight work.
 pub struct SingleFlight<K, V: Clone> {
     /// A std mutex: held only to look up or insert, never across an `.await`.
-    map: Arc<Mutex<HashMap<K, Shared<BoxFuture<'static, Option<V>>>>>>,
+    map: Arc<Mutex<HashMap<K, Flight<V>>>>,
 }
 
 impl<K, V: Clone> Default for SingleFlight<K, V> {

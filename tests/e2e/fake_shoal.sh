@@ -16,7 +16,7 @@ if [[ ${1:-} != run ]]; then
     exit 2
 fi
 shift
-listen= data= upstream= authfile=
+listen='' data='' upstream='' authfile=''
 while (($#)); do
     case $1 in
         --help | -h)

@@ -73,7 +73,7 @@ for t in "${tests[@]}"; do
     timeout -k 60 "$PER_TEST_TIMEOUT" bash "$script" 2>&1 | tee "$out"
     rc=${PIPESTATUS[0]}
     set -e
-    summary=$(grep -E "^$t: [0-9]+ passed, [0-9]+ failed, [0-9]+ skipped$" "$out" | tail -n1 || true)
+    summary=$(grep -aE "^$t: [0-9]+ passed, [0-9]+ failed, [0-9]+ skipped$" "$out" | tail -n1 || true)
     if [[ -n $summary ]]; then
         read -r p f s < <(sed -E 's/^[^:]+: ([0-9]+) passed, ([0-9]+) failed, ([0-9]+) skipped$/\1 \2 \3/' <<<"$summary")
         total_pass=$((total_pass + p))

@@ -76,7 +76,7 @@ run_case "shoal --auth-file: skopeo --all pulls private/e2e-secret-multi:v1" \
 
 with_creds_ctr() {
     need_shoal
-    start_containerd
+    start_containerd containerd
     ctr_verify "$SAUTH" private/e2e-secret:v1 "$SECRET"
 }
 run_case "shoal --auth-file: ctr pull docker.io/private/e2e-secret:v1 (?ns=docker.io)" with_creds_ctr
@@ -92,12 +92,12 @@ expect_401() {
     if [[ $code != 401 ]]; then
         printf '  exchange: GET %s\n' "$url" >&2
         sed 's/^/  < /' "$hdrs" >&2
-        head -c 600 "$body" | sed 's/^/  < /' >&2
+        head -c 600 "$body" | tr -c '[:print:]\n' '.' | sed 's/^/  < /' >&2
         echo >&2
         die "GET $url -> HTTP $code (want 401)"
     fi
     jq -e '.errors[0].code == "UNAUTHORIZED"' "$body" >/dev/null 2>&1 ||
-        die "401 body is not an UNAUTHORIZED OCI error: $(head -c 300 "$body")"
+        die "401 body is not an UNAUTHORIZED OCI error: $(head -c 300 "$body" | tr -c '[:print:]' '.')"
     if grep -qi '^www-authenticate:' "$hdrs"; then
         log "shoal 401 challenge: $(grep -i '^www-authenticate:' "$hdrs" | tr -d '\r')"
     else
@@ -129,12 +129,17 @@ no_leak() {
     need_shoal
     # after the authenticated pull above, the content is in shoal's store: it must still not be
     # served to a client without credentials or with wrong ones
-    expect_401 "http://$SANON/v2/private/e2e-secret/manifests/v1" -H 'Accept: application/vnd.oci.image.manifest.v1+json'
-    expect_401 "http://$SANON/v2/private/e2e-secret/manifests/$(jget "$SECRET" .manifest_digest)" \
-        -H 'Accept: application/vnd.oci.image.manifest.v1+json'
-    expect_401 "http://$SANON/v2/private/e2e-secret/blobs/$(jq -r '.manifests[0].layers[0]' "$SECRET")"
-    expect_401 "http://$SANON/v2/private/e2e-secret/manifests/v1" -u "$USER_NAME:wrong" \
-        -H 'Accept: application/vnd.oci.image.manifest.v1+json'
+    local leaks=() m l
+    m='application/vnd.oci.image.manifest.v1+json'
+    l=$(jq -r '.manifests[0].layers[0]' "$SECRET")
+    (expect_401 "http://$SANON/v2/private/e2e-secret/manifests/v1" -H "Accept: $m") || leaks+=("anonymous manifest by tag")
+    (expect_401 "http://$SANON/v2/private/e2e-secret/manifests/$(jget "$SECRET" .manifest_digest)" -H "Accept: $m") ||
+        leaks+=("anonymous manifest by digest")
+    (expect_401 "http://$SANON/v2/private/e2e-secret/blobs/$l") || leaks+=("anonymous blob")
+    (expect_401 "http://$SANON/v2/private/e2e-secret/manifests/v1" -u "$USER_NAME:wrong" -H "Accept: $m") ||
+        leaks+=("wrong-password manifest by tag")
+    (expect_401 "http://$SANON/v2/private/e2e-secret/blobs/$l" -u "$USER_NAME:wrong") || leaks+=("wrong-password blob")
+    ((${#leaks[@]} == 0)) || die "private content served from the cache to: $(IFS=,; echo "${leaks[*]}")"
 }
 run_case "shoal without credentials: cached private content is not served to anonymous / wrong-password clients" no_leak
 
