@@ -39,6 +39,23 @@ pub struct Cli {
 pub enum Command {
     /// Serve the OCI Distribution API as a pull-through mirror.
     Run(RunArgs),
+    /// Offline demo: an embedded origin registry and several nodes on loopback, all pulling
+    /// one generated image at once; prints where each node's bytes came from.
+    Demo(DemoArgs),
+}
+
+/// Flags of `shoal demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Nodes to start.
+    #[arg(long, default_value_t = 4)]
+    pub nodes: usize,
+    /// Layers in the generated image.
+    #[arg(long, default_value_t = 3)]
+    pub layers: usize,
+    /// Size of each layer, e.g. `16MiB`.
+    #[arg(long, default_value = "16MiB")]
+    pub layer_size: String,
 }
 
 /// Flags of `shoal run`; each may also come from the environment or the config file.

@@ -6,6 +6,7 @@
 
 pub mod body;
 pub mod config;
+pub mod demo;
 pub mod flight;
 pub mod imagegen;
 pub mod metrics;

@@ -10,9 +10,13 @@ use tracing_subscriber::EnvFilter;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("SHOAL_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(EnvFilter::try_from_env("SHOAL_LOG").unwrap_or_else(|_| {
+            EnvFilter::new(if matches!(cli.command, Command::Demo(_)) {
+                "warn"
+            } else {
+                "info"
+            })
+        }))
         .with_target(false)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -27,6 +31,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run(args) => runtime.block_on(run(args)),
+        Command::Demo(args) => runtime.block_on(demo(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -43,6 +48,18 @@ async fn run(args: shoal_node::config::RunArgs) -> anyhow::Result<()> {
     wait_for_signal().await;
     node.shutdown().await;
     Ok(())
+}
+
+async fn demo(args: shoal_node::config::DemoArgs) -> anyhow::Result<()> {
+    let layer_size = shoal_node::config::parse_size(&args.layer_size)
+        .map_err(|e| anyhow::anyhow!("invalid --layer-size {:?}: {e}", args.layer_size))?;
+    anyhow::ensure!(layer_size <= 1 << 30, "--layer-size must be at most 1GiB");
+    let opts = shoal_node::demo::DemoOptions {
+        nodes: args.nodes,
+        layers: args.layers,
+        layer_size: layer_size as usize,
+    };
+    shoal_node::demo::run(opts).await
 }
 
 async fn wait_for_signal() {

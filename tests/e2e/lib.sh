@@ -458,32 +458,42 @@ image_is_index() { [[ $(jget "$1" .media_type) == *index* || $(jget "$1" .media_
 # GET /v2/ = 200 and set VAR=127.0.0.1:PORT, VAR_PID, VAR_LOG. Reuses the port of a previous
 # start of the same VAR (restart on the same address). In E2E_DIRECT mode: VAR=UPSTREAM.
 start_shoal() {
-    local var=$1 data=$2 up=$3 port pid logf portvar=${1}_PORT n
+    local var=$1 data=$2 up=$3 port portvar=${1}_PORT
     shift 3
     if [[ $E2E_DIRECT == 1 ]]; then
         printf -v "$var" '%s' "$up"
         printf -v "${var}_PID" '%s' ""
         return 0
     fi
-    [[ -x $SHOAL_BIN ]] || die "shoal binary not found at $SHOAL_BIN (cargo build -p shoal-node)"
     port=${!portvar:-}
     [[ -n $port ]] || port=$(free_port)
     mkdir -p "$data"
+    start_shoal_raw "$var" "$port" -- --listen "127.0.0.1:$port" --data-dir "$data" \
+        --upstream "http://$up" --registry "docker.io=http://$up" "$@"
+}
+
+# start_shoal_raw VAR PORT [NAME=VALUE...] -- [RUN ARGS...]: start `shoal run RUN ARGS` with the
+# given extra environment, expect it on 127.0.0.1:PORT; sets VAR, VAR_PORT, VAR_PID, VAR_LOG.
+start_shoal_raw() {
+    local var=$1 port=$2 envs=() pid logf n
+    shift 2
+    while (($#)) && [[ $1 != -- ]]; do envs+=("$1"); shift; done
+    [[ ${1:-} == -- ]] && shift
+    [[ -x $SHOAL_BIN ]] || die "shoal binary not found at $SHOAL_BIN (cargo build -p shoal-node)"
     n=$(find "$T" -maxdepth 1 -name "shoal-$var.*.log" | wc -l)
     logf=$T/shoal-$var.$n.log
-    RUST_LOG=${RUST_LOG:-info} "$SHOAL_BIN" run --listen "127.0.0.1:$port" --data-dir "$data" \
-        --upstream "http://$up" --registry "docker.io=http://$up" "$@" >"$logf" 2>&1 &
+    env RUST_LOG="${RUST_LOG:-info}" ${envs[@]+"${envs[@]}"} "$SHOAL_BIN" run "$@" >"$logf" 2>&1 &
     pid=$!
     register_pid "$pid" "shoal-$var"
     local deadline=$((SECONDS + 60))
     until http_is 200 "http://127.0.0.1:$port/v2/"; do
         if ! pid_alive "$pid"; then
             show_log "$logf"
-            die "shoal exited during start-up (args: run --listen 127.0.0.1:$port --data-dir $data --upstream http://$up $*)"
+            die "shoal exited during start-up (${envs[*]:+env ${envs[*]} }shoal run $*)"
         fi
         if ((SECONDS >= deadline)); then
             show_log "$logf"
-            die "shoal did not answer GET /v2/ with 200 within 60 s"
+            die "shoal did not answer GET http://127.0.0.1:$port/v2/ with 200 within 60 s (${envs[*]:+env ${envs[*]} }shoal run $*)"
         fi
         sleep 0.2
     done
@@ -491,7 +501,7 @@ start_shoal() {
     printf -v "${var}_PORT" '%s' "$port"
     printf -v "${var}_PID" '%s' "$pid"
     printf -v "${var}_LOG" '%s' "$logf"
-    log "shoal $var on 127.0.0.1:$port (pid $pid, data $data, upstream $up $*)"
+    log "shoal $var on 127.0.0.1:$port (pid $pid: ${envs[*]:+${envs[*]} }shoal run $*)"
 }
 
 # stop_shoal VAR [SIGNAL=TERM]
@@ -785,6 +795,19 @@ docker_verify() {
     layers=$(dk image inspect --format '{{join .RootFS.Layers ","}}' "$image")
     [[ $layers == "$(image_diff_ids "$json" linux/amd64)" ]] ||
         die "docker diff_ids of $image [$layers] != generated [$(image_diff_ids "$json" linux/amd64)]"
+}
+
+# metric_value ADDR NAME [LABEL_SUBSTRING]: sum of the samples of metric NAME (exact name, any
+# labels containing LABEL_SUBSTRING) from http://ADDR/metrics; dies if /metrics does not answer.
+metric_value() {
+    local addr=$1 name=$2 label=${3:-} f
+    f=$(mktemp "$T/metrics.XXXXXX")
+    [[ $(curl -sS -o "$f" -w '%{http_code}' --max-time 10 "http://$addr/metrics" || true) == 200 ]] ||
+        die "GET http://$addr/metrics failed"
+    awk -v n="$name" -v l="$label" '
+        $1 == n || index($1, n "{") == 1 { if (l == "" || index($1, l) > 0) sum += $NF }
+        END { printf "%d\n", sum }' "$f"
+    rm -f "$f"
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Pull through shoal once (warming its cache), stop the upstream registry, and pull again by tag
-# and by digest: shoal must serve everything from its store, byte-exact.
+# and by digest: shoal must serve everything from its store, byte-exact. The tag TTL is 1 s and
+# the offline pulls start after it has run out, so tags are served as last-known-good (stale).
 source "$(dirname "$0")/lib.sh"
 e2e_init test_offline
 
@@ -11,7 +12,8 @@ push_image "$REG" library/e2e-offline-multi v1 --seed 202 --layers 2 --layer-siz
     --platform linux/amd64 --platform linux/arm64
 MULTI=$PUSH_JSON
 
-start_shoal SHOAL "$T/shoal-data" "$REG"
+TTL=1
+start_shoal SHOAL "$T/shoal-data" "$REG" --tag-ttl "$TTL"
 
 # --- warm the cache (registry up) ---------------------------------------------------------------
 run_case "online: skopeo copy e2e-offline:v1 via shoal" \
@@ -34,6 +36,7 @@ registry_down() {
     local code
     code=$(http_code "http://$REG/v2/")
     [[ $code == 000 ]] || die "registry still answers ($code) after being stopped"
+    sleep $((TTL + 1)) # every cached tag is now past its TTL
 }
 run_case "upstream registry stopped" registry_down
 
@@ -87,5 +90,14 @@ not_cached() {
     pid_alive "$SHOAL_PID" || die "shoal died"
 }
 run_case "offline: uncached repo gives an error status, shoal stays up" not_cached
+
+stale_counted() {
+    need_shoal
+    local n
+    n=$(metric_value "$SHOAL" shoal_stale_tag_serves_total)
+    ((n > 0)) || die "shoal_stale_tag_serves_total is $n after offline pulls by tag past the TTL"
+    log "shoal_stale_tag_serves_total = $n"
+}
+run_case "offline: /metrics counts the stale tag serves" stale_counted
 
 e2e_finish

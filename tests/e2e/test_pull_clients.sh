@@ -85,4 +85,13 @@ check_metrics() {
 }
 run_case "shoal still up, /metrics answers 200" check_metrics
 
+ns_routed() {
+    need_shoal
+    local n
+    load_env containerd || skip_case "containerd did not run"
+    n=$(metric_value "$SHOAL" shoal_upstream_requests_total 'registry="docker.io"')
+    ((n > 0)) || die "no upstream request counted for registry=\"docker.io\" although ctr sent ?ns=docker.io"
+}
+run_case "ctr's ?ns=docker.io requests went to the docker.io registry mapping" ns_routed
+
 e2e_finish
