@@ -23,6 +23,8 @@
 #   E2E_KEEP=1      keep the temp dir
 #   E2E_TMPBASE     where temp dirs go (default /tmp)
 #   E2E_VERBOSE=1   more output
+#   E2E_SKIP=REGEX  report cases whose description matches REGEX as SKIP without running them
+#                   (for a known failure, e.g. E2E_SKIP='cached private content')
 #
 # Needs (Debian packages): docker-registry skopeo containerd podman docker.io python3-jwt
 # python3-cryptography jq curl (+ coreutils, util-linux).
@@ -86,6 +88,11 @@ skip_case() {
 run_case() {
     local desc=$1 rc reason
     shift
+    if [[ -n ${E2E_SKIP:-} && $desc =~ $E2E_SKIP ]]; then
+        CASE_RC=77
+        skip "$desc" "matches E2E_SKIP"
+        return 0
+    fi
     rm -f "$T/.case-reason"
     vlog "case: $desc"
     set +e
@@ -207,6 +214,17 @@ e2e_cleanup() {
                 stop_tree "$pid" 20
             done
         fi
+        # Stragglers: client commands cut short by the signal (podman, ctr, skopeo, curl) are not
+        # registered, but every one of them names a path under this run's unique temp dirs.
+        local paths=("$T") p
+        if [[ -f $T/extra-dirs ]]; then mapfile -t -O 1 paths <"$T/extra-dirs"; fi
+        for d in "${paths[@]}"; do
+            for p in $(pgrep -f -- "$d" 2>/dev/null); do
+                [[ $p == "$$" || $p == "$BASHPID" ]] && continue
+                vlog "stopping straggler $p: $(ps -o args= -p "$p" 2>/dev/null | cut -c1-120)"
+                stop_tree "$p" 10
+            done
+        done
         unmount_under "$T"
         if [[ -f $T/extra-dirs ]]; then
             while read -r d; do

@@ -73,20 +73,21 @@ for t in "${tests[@]}"; do
     timeout -k 60 "$PER_TEST_TIMEOUT" bash "$script" 2>&1 | tee "$out"
     rc=${PIPESTATUS[0]}
     set -e
+    # count the PASS/FAIL/SKIP lines themselves: they are there even if the script was cut short
+    p=$(grep -acE "^PASS $t: " "$out" || true)
+    f=$(grep -acE "^FAIL $t: " "$out" || true)
+    s=$(grep -acE "^SKIP $t: " "$out" || true)
+    total_pass=$((total_pass + p))
+    total_fail=$((total_fail + f))
+    total_skip=$((total_skip + s))
     summary=$(grep -aE "^$t: [0-9]+ passed, [0-9]+ failed, [0-9]+ skipped$" "$out" | tail -n1 || true)
-    if [[ -n $summary ]]; then
-        read -r p f s < <(sed -E 's/^[^:]+: ([0-9]+) passed, ([0-9]+) failed, ([0-9]+) skipped$/\1 \2 \3/' <<<"$summary")
-        total_pass=$((total_pass + p))
-        total_fail=$((total_fail + f))
-        total_skip=$((total_skip + s))
-    fi
     if ((rc != 0)); then
         if [[ -z $summary || $f == 0 ]]; then
-            # died before reporting a failure (set-up error, timeout, ...): count it as one
+            # died without reporting (set-up error, timeout, ...): count that as one failure
             if ((rc == 124 || rc == 137)); then
                 echo "FAIL $t: timed out after ${PER_TEST_TIMEOUT}s"
             else
-                echo "FAIL $t: script exited with status $rc"
+                echo "FAIL $t: script exited with status $rc${summary:+ after its summary}"
             fi
             total_fail=$((total_fail + 1))
         fi
