@@ -5,6 +5,7 @@
 //! I/O. Nothing in this crate reads the time, opens a file or spawns a task.
 
 pub mod auth;
+pub mod chunk;
 pub mod digest;
 pub mod error;
 pub mod media;
