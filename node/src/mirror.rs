@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode};
@@ -93,6 +93,12 @@ fn status_error(resp: &reqwest::Response, not_found: ErrorCode, what: &str) -> A
     }
 }
 
+/// How long a confirmed (repository, digest, credential) access to private content is trusted
+/// before the upstream is asked again.
+pub const AUTH_TTL: Duration = Duration::from_secs(60);
+/// Most remembered access confirmations; expired ones are dropped first when it is reached.
+const MAX_AUTH_ENTRIES: usize = 100_000;
+
 /// Whether a failed tag check may fall back to the last-known-good digest.
 fn upstream_down(status: StatusCode) -> bool {
     status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS
@@ -128,6 +134,8 @@ pub struct Transfer {
     pub file: File,
     /// Progress, updated as bytes arrive.
     pub progress: watch::Receiver<Progress>,
+    /// Fetched with credentials: other clients must show theirs before they may read it.
+    pub private: bool,
 }
 
 /// A blob to serve.
@@ -146,6 +154,7 @@ pub struct BlobHead {
 }
 
 type FlightKey = (Digest, String);
+type AccessKey = (String, String, Digest, String);
 
 /// The mirror: store, upstreams, and the in-flight work.
 pub struct Mirror {
@@ -161,6 +170,9 @@ pub struct Mirror {
     blob_starts: SingleFlight<FlightKey, Result<Option<Arc<Transfer>>, ApiError>>,
     manifest_fetches: SingleFlight<FlightKey, Result<Manifest, ApiError>>,
     tag_checks: SingleFlight<(String, String, String, String), Result<Digest, ApiError>>,
+    /// When each (registry, repository, digest, identity) was last confirmed readable upstream.
+    /// A std mutex: map operations only.
+    access: Mutex<HashMap<AccessKey, Instant>>,
 }
 
 fn now_secs() -> u64 {
@@ -197,6 +209,7 @@ impl Mirror {
             blob_starts: SingleFlight::default(),
             manifest_fetches: SingleFlight::default(),
             tag_checks: SingleFlight::default(),
+            access: Mutex::new(HashMap::new()),
         }
     }
 
@@ -227,6 +240,104 @@ impl Mirror {
     ) -> Result<crate::upstream::Response, ApiError> {
         self.count_request(reg);
         Ok(self.upstreams.send(reg, req, auth).await?)
+    }
+
+    fn access_key(
+        &self,
+        reg: &Registry,
+        name: &Name,
+        digest: &Digest,
+        auth: &ClientAuth,
+    ) -> AccessKey {
+        (
+            reg.key.clone(),
+            name.to_string(),
+            *digest,
+            self.upstreams.identity(reg, auth),
+        )
+    }
+
+    /// Remembers that the upstream let this identity read this content.
+    fn record_access(&self, reg: &Registry, name: &Name, digest: &Digest, auth: &ClientAuth) {
+        let key = self.access_key(reg, name, digest, auth);
+        let mut m = self.access.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= MAX_AUTH_ENTRIES {
+            m.retain(|_, t| t.elapsed() < AUTH_TTL);
+            if m.len() >= MAX_AUTH_ENTRIES {
+                m.clear();
+            }
+        }
+        m.insert(key, Instant::now());
+    }
+
+    /// Private content (fetched with credentials) is served only to a request whose own
+    /// identity the upstream accepts for that repository and digest: checked with a HEAD,
+    /// remembered for [`AUTH_TTL`]. While the upstream is unreachable, an identity confirmed
+    /// before keeps its access; any other is refused.
+    async fn authorize(
+        &self,
+        reg: &Registry,
+        name: &Name,
+        digest: &Digest,
+        manifest: bool,
+        private: bool,
+        auth: &ClientAuth,
+    ) -> Result<(), ApiError> {
+        if !private {
+            return Ok(());
+        }
+        let key = self.access_key(reg, name, digest, auth);
+        let last = self
+            .access
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .copied();
+        if last.is_some_and(|t| t.elapsed() < AUTH_TTL) {
+            return Ok(());
+        }
+        let (kind, accept, unknown) = if manifest {
+            (
+                "manifests",
+                Some(MANIFEST_ACCEPT),
+                ErrorCode::ManifestUnknown,
+            )
+        } else {
+            ("blobs", None, ErrorCode::BlobUnknown)
+        };
+        let req = Request {
+            method: Method::HEAD,
+            repo: name.as_str(),
+            path: format!("/v2/{name}/{kind}/{digest}"),
+            accept,
+            range: None,
+        };
+        self.count_request(reg);
+        let outcome = self.upstreams.send(reg, &req, auth).await;
+        let down = match outcome {
+            Ok(resp) if resp.inner.status().is_success() => {
+                self.record_access(reg, name, digest, auth);
+                return Ok(());
+            }
+            Ok(resp) if !upstream_down(resp.inner.status()) => {
+                info!(registry = %reg.key, repo = %name, digest = %digest, status = resp.inner.status().as_u16(), "access to private content refused");
+                return Err(status_error(
+                    &resp.inner,
+                    unknown,
+                    &format!("{name}@{digest}"),
+                ));
+            }
+            Ok(resp) => format!("status {}", resp.inner.status().as_u16()),
+            Err(e) => e.to_string(),
+        };
+        if last.is_some() {
+            warn!(registry = %reg.key, repo = %name, digest = %digest, reason = %down, "upstream unavailable: serving private content on an earlier confirmation");
+            return Ok(());
+        }
+        Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "cannot confirm access to private content while the upstream is unavailable",
+        ))
     }
 
     /// A manifest by tag or digest.
@@ -359,16 +470,15 @@ impl Mirror {
         digest: Digest,
         auth: &ClientAuth,
     ) -> Result<Manifest, ApiError> {
-        if let Some(m) = self.stored_manifest(&digest) {
+        if let Some((m, private)) = self.stored_manifest(&digest) {
+            self.authorize(reg, name, &digest, true, private, auth)
+                .await?;
             return Ok(m);
         }
         let key = (digest, auth.fingerprint());
         let (this, reg2, name2, auth2) = (self.clone(), reg.clone(), name.clone(), auth.clone());
         self.manifest_fetches
             .run(key, async move {
-                if let Some(m) = this.stored_manifest(&digest) {
-                    return Ok(m);
-                }
                 let req = Request {
                     method: Method::GET,
                     repo: name2.as_str(),
@@ -384,23 +494,28 @@ impl Mirror {
                         &format!("manifest {digest}"),
                     ));
                 }
-                this.read_manifest(&reg2, resp, Some(digest)).await
+                let m = this.read_manifest(&reg2, resp, Some(digest)).await?;
+                this.record_access(&reg2, &name2, &digest, &auth2);
+                Ok(m)
             })
             .await
             .unwrap_or_else(|| Err(ApiError::new(ErrorCode::Internal, "internal error")))
     }
 
-    fn stored_manifest(&self, digest: &Digest) -> Option<Manifest> {
+    fn stored_manifest(&self, digest: &Digest) -> Option<(Manifest, bool)> {
         let (body, meta) = self.store.read_small(digest, MAX_MANIFEST_BYTES)?;
         let media_type = meta
             .media_type
             .or_else(|| media::sniff_manifest_type(&body))
             .unwrap_or_else(|| media::OCI_MANIFEST.to_owned());
-        Some(Manifest {
-            digest: *digest,
-            media_type,
-            body: Bytes::from(body),
-        })
+        Some((
+            Manifest {
+                digest: *digest,
+                media_type,
+                body: Bytes::from(body),
+            },
+            meta.private,
+        ))
     }
 
     /// Reads, verifies and stores a manifest body.
@@ -464,10 +579,14 @@ impl Mirror {
         auth: &ClientAuth,
     ) -> Result<BlobHead, ApiError> {
         if let Some(m) = self.store.meta(digest) {
+            self.authorize(reg, name, digest, false, m.private, auth)
+                .await?;
             return Ok(BlobHead { size: Some(m.size) });
         }
         if let Some(t) = self.arriving_transfer(digest) {
             if t.size.is_some() {
+                self.authorize(reg, name, digest, false, t.private, auth)
+                    .await?;
                 return Ok(BlobHead { size: t.size });
             }
         }
@@ -509,9 +628,13 @@ impl Mirror {
     ) -> Result<Blob, ApiError> {
         for _ in 0..3 {
             if let Some(b) = self.store.open_blob(&digest) {
+                self.authorize(reg, name, &digest, false, b.meta.private, auth)
+                    .await?;
                 return Ok(Blob::Stored(b));
             }
             if let Some(t) = self.arriving_transfer(&digest) {
+                self.authorize(reg, name, &digest, false, t.private, auth)
+                    .await?;
                 return Ok(Blob::Arriving(t));
             }
             let key = (digest, auth.fingerprint());
@@ -525,6 +648,9 @@ impl Mirror {
                 .await
                 .unwrap_or_else(|| Err(ApiError::new(ErrorCode::Internal, "internal error")))?;
             if let Some(t) = started {
+                // The flight was this identity's own upstream request, or one it joined.
+                self.authorize(reg, name, &digest, false, t.private, auth)
+                    .await?;
                 return Ok(Blob::Arriving(t));
             }
             // None: it completed in the meantime; open it from the store.
@@ -564,6 +690,8 @@ impl Mirror {
             ));
         }
         let size = resp.inner.content_length();
+        let private = resp.authenticated;
+        self.record_access(reg, name, &digest, auth);
         let writer = self
             .store
             .writer(&digest)
@@ -575,6 +703,7 @@ impl Mirror {
             size,
             file,
             progress: rx,
+            private,
         });
         self.arriving
             .lock()

@@ -294,6 +294,16 @@ impl Upstreams {
         None
     }
 
+    /// Who a request acts as upstream: the client's own credentials, else the ones configured
+    /// for the registry, else anonymous. Keys the authorization cache.
+    pub fn identity(&self, reg: &Registry, client: &ClientAuth) -> String {
+        match (&client.0, self.configured_creds(reg)) {
+            (Some(_), _) => format!("client:{}", client.fingerprint()),
+            (None, Some(c)) => format!("node:{}", c.fingerprint()),
+            (None, None) => "anon".into(),
+        }
+    }
+
     /// Sends a request, doing the token flow if challenged.
     pub async fn send(
         &self,

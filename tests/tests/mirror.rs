@@ -747,3 +747,62 @@ async fn cache_cap_evicts_least_recently_used() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn cached_private_content_is_served_only_to_authorised_clients() {
+    let p = Pair::start(|_| {}).await;
+    p.origin.set_auth(Auth::Bearer("u".into(), "p".into()), &[]);
+    let blob = p.origin.put_blob(&b"private layer"[..]);
+    let m = p.origin.put_manifest(
+        "priv/app",
+        Some("v1"),
+        OCI_MANIFEST,
+        r#"{"schemaVersion":2,"p":1}"#,
+    );
+    let urls = [
+        p.url("/v2/priv/app/manifests/v1"),
+        p.url(&format!("/v2/priv/app/manifests/{m}")),
+        p.url(&format!("/v2/priv/app/blobs/{blob}")),
+        p.url(&format!("/v2/other/repo/blobs/{blob}")),
+    ];
+    // An authorised client fills the cache.
+    for u in &urls[..3] {
+        let r = p
+            .http
+            .get(u)
+            .basic_auth("u", Some("p"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{u}");
+    }
+    // Anonymous and wrong-password clients get nothing from the cache.
+    for u in &urls {
+        let r = p.http.get(u).send().await.unwrap();
+        assert_eq!(r.status(), 401, "anonymous {u}");
+        let r = p
+            .http
+            .get(u)
+            .basic_auth("u", Some("wrong"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "wrong password {u}");
+        let r = p.http.head(u).send().await.unwrap();
+        assert_eq!(r.status(), 401, "anonymous HEAD {u}");
+    }
+    // The authorised client still reads it, also with the upstream down (confirmed before).
+    p.origin.stop();
+    for u in &urls[..3] {
+        let r = p
+            .http
+            .get(u)
+            .basic_auth("u", Some("p"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{u}");
+    }
+    let r = p.http.get(&urls[2]).send().await.unwrap();
+    assert_eq!(r.status(), 401, "anonymous with upstream down");
+}
