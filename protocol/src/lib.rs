@@ -12,6 +12,8 @@ pub mod media;
 pub mod range;
 pub mod reference;
 pub mod route;
+pub mod swarm;
+pub mod wire;
 
 pub use digest::{Digest, DigestError};
 pub use error::{ErrorCode, OciError};

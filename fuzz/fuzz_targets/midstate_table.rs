@@ -1,0 +1,9 @@
+//! The midstate table decoder: never panics, decoding is canonical, and chunk verification
+//! against whatever decodes is total (see `shoal_protocol::chunk::fuzz_decode_table`).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    shoal_protocol::chunk::fuzz_decode_table(data);
+});

@@ -1,0 +1,1468 @@
+//! The swarm's decision core: which chunk to ask which peer for, when to give up on a peer, when
+//! to go to the upstream registry, and which nodes seed a blob nobody holds yet.
+//!
+//! Goal: sans-IO state machines that the daemon drives with real events and that a simulator
+//! drives with the same code at 100,000 nodes, so every decision is deterministic (seeded
+//! randomness, ordered maps only) and costs O(log n) in chunks and peers per chunk-level event.
+//! Non-goal: any I/O or clock: time is a `now: u64` of milliseconds, passed in, from any fixed
+//! origin; the caller keeps it monotonic.
+//!
+//! * [`Download`]: one node fetching one blob from peers and, as a fallback, from the upstream.
+//! * [`designated_seeders`] and [`SeedPlan`]: herd control for a blob that no peer holds yet.
+//! * [`PeerId`]: a peer's identity as bytes (a libp2p peer id's bytes, or a simulator's number).
+//!
+//! # The download policy
+//!
+//! * **Rarest first.** Wanted chunks are ordered by how many usable peers hold them (peers that
+//!   hold everything count for every chunk alike, so only partial holders are counted), then by
+//!   `index / in_order_bias` (a window: a lone downloader walks the blob roughly in order, which
+//!   suits a client streaming it; 0 turns the bias off), then by a seeded random key (so that many
+//!   nodes starting at once from one seeder ask for different chunks), then by index.
+//! * **Pipelining.** Each peer has up to `clamp(1 + rate * pipeline_target_ms / chunk_size,
+//!   min_pipeline, max_pipeline)` requests in flight, `rate` being the EWMA of its measured
+//!   throughput: faster peers get more. Ready peers are served fastest first.
+//! * **Timeouts.** A request times out after `max(timeout_floor_ms, timeout_factor * time to
+//!   send this chunk and the ones queued before it at the peer's rate)`. A timed-out request is
+//!   cancelled and re-issued, and counts against the peer: its rate is halved and it gets no new
+//!   request for a cooldown that doubles with each consecutive failure; after `max_strikes`
+//!   consecutive failures it is benched (not used, not counted as a holder) for `bench_ms`,
+//!   doubled for each further bench before it delivers again.
+//! * **Poisoned peers.** A chunk that fails verification between trusted ends
+//!   ([`FailReason::Corrupt`]) bans its sender for `ban_ms`: its other requests are cancelled and
+//!   re-issued elsewhere, so a liar costs at most the chunks it had in flight. A chunk that
+//!   disagrees with the table ([`FailReason::Ambiguous`]) blames nobody yet: the download asks
+//!   for the table to be fetched again from another provider ([`Action::RefetchTable`]), and the
+//!   node reports what it found with [`Download::ban_peer`], [`Download::chunk_invalidated`] and
+//!   [`Download::table_refetched`].
+//! * **Endgame.** Once every missing chunk is in flight, idle peers are sent duplicates of the
+//!   in-flight requests (at most `endgame_max_requests` peers per chunk, fewest requesters
+//!   first); when one copy arrives the others are cancelled. Per-peer caps still hold.
+//! * **Upstream.** A wanted chunk that no usable peer holds (none has it, or all that have it are
+//!   banned or benched) for `upstream_grace_ms` is fetched upstream, as is the lowest wanted chunk
+//!   (up to `upstream_max_in_flight` at a time) while the peers' aggregate rate is below
+//!   `slow_swarm_percent` of `upstream_rate`, once the download is `upstream_grace_ms` old. A node
+//!   that is not a designated seeder (`upstream_allowed == false`) waits `takeover_after_ms`
+//!   instead of `upstream_grace_ms` in both rules.
+//!
+//! # Driving a [`Download`]
+//!
+//! Feed every event (peer joined or left, a peer announced a chunk, a chunk arrived verified or
+//! failed, an upstream chunk arrived), then call [`Download::poll_action`] until it returns
+//! `None`, carry out the actions, and wake up at [`Download::next_wakeup`] (calling
+//! [`Download::tick`] or simply `poll_action` again). Inputs about unknown peers, indices out of
+//! range or requests no longer in flight are ignored, so the caller need not filter races.
+
+use core::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::chunk::ChunkLayout;
+use crate::wire::Bitfield;
+
+/// The longest peer id: room for any libp2p peer id (at most 44 bytes: an identity multihash of a
+/// 42-byte key, or a 34-byte sha256 multihash).
+pub const MAX_PEER_ID_LEN: usize = 48;
+
+/// A peer's identity: up to [`MAX_PEER_ID_LEN`] bytes, stored inline (so it is `Copy`), ordered as
+/// byte strings.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerId {
+    len: u8,
+    /// Bytes past `len` are always zero, so the derived equality and hash match the bytes.
+    bytes: [u8; MAX_PEER_ID_LEN],
+}
+
+impl PeerId {
+    /// A peer id from its bytes (a libp2p `PeerId::to_bytes()`, say); `None` if longer than
+    /// [`MAX_PEER_ID_LEN`].
+    pub fn from_bytes(id: &[u8]) -> Option<PeerId> {
+        if id.len() > MAX_PEER_ID_LEN {
+            return None;
+        }
+        let mut bytes = [0u8; MAX_PEER_ID_LEN];
+        bytes[..id.len()].copy_from_slice(id);
+        Some(PeerId {
+            len: id.len() as u8,
+            bytes,
+        })
+    }
+
+    /// The 8-byte big-endian id of a simulated node: ordered like the numbers.
+    pub const fn from_u64(n: u64) -> PeerId {
+        let be = n.to_be_bytes();
+        let mut bytes = [0u8; MAX_PEER_ID_LEN];
+        let mut i = 0;
+        while i < 8 {
+            bytes[i] = be[i];
+            i += 1;
+        }
+        PeerId { len: 8, bytes }
+    }
+
+    /// The id's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+
+    /// The peer's position in the Kademlia key space: `sha256(bytes)`.
+    pub fn kad_key(&self) -> [u8; 32] {
+        Sha256::digest(self.as_bytes()).into()
+    }
+}
+
+impl Ord for PeerId {
+    fn cmp(&self, other: &Self) -> core::cmp::Ordering {
+        self.as_bytes().cmp(other.as_bytes())
+    }
+}
+
+impl PartialOrd for PeerId {
+    fn partial_cmp(&self, other: &Self) -> Option<core::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl core::fmt::Debug for PeerId {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "PeerId({})", hex::encode(self.as_bytes()))
+    }
+}
+
+/// The XOR distance (Kademlia metric) between a key and a peer's position `sha256(peer id)`.
+pub fn xor_distance(key: &[u8; 32], peer: &PeerId) -> [u8; 32] {
+    let mut d = peer.kad_key();
+    for (d, k) in d.iter_mut().zip(key) {
+        *d ^= k;
+    }
+    d
+}
+
+/// The (at most) `k` candidates nearest to `digest` by XOR distance to `sha256(peer id bytes)`,
+/// nearest first; duplicates count once. Deterministic: the same set of candidates, in any order,
+/// gives the same answer. O(n log k).
+///
+/// Every node computing this over the same candidate set agrees on who seeds a blob.
+pub fn designated_seeders(
+    digest: &[u8; 32],
+    candidates: impl IntoIterator<Item = PeerId>,
+    k: usize,
+) -> Vec<PeerId> {
+    let mut nearest: BTreeSet<([u8; 32], PeerId)> = BTreeSet::new();
+    if k == 0 {
+        return Vec::new();
+    }
+    for peer in candidates {
+        let entry = (xor_distance(digest, &peer), peer);
+        if nearest.len() == k {
+            match nearest.last() {
+                Some(last) if entry < *last => {
+                    nearest.insert(entry);
+                    if nearest.len() > k {
+                        nearest.pop_last();
+                    }
+                }
+                _ => {}
+            }
+        } else {
+            nearest.insert(entry);
+        }
+    }
+    nearest.into_iter().map(|(_, p)| p).collect()
+}
+
+/// Why a [`SeedPlan`] goes to the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeedReason {
+    /// This node is a designated seeder of the blob.
+    Designated,
+    /// No provider appeared within the takeover timeout.
+    NoProvider,
+    /// Providers appeared but made no progress within the takeover timeout.
+    NoProgress,
+}
+
+/// What a [`SeedPlan`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeedState {
+    /// Wait for a provider; take over at `deadline` unless one appears or makes progress first.
+    Waiting {
+        /// When to take over.
+        deadline: u64,
+    },
+    /// Fetch the blob from the upstream (and announce it as a provider).
+    Upstream {
+        /// Why.
+        reason: SeedReason,
+    },
+}
+
+/// The default takeover timeout of [`SeedPlan`] and of [`DownloadConfig::takeover_after_ms`].
+pub const DEFAULT_TAKEOVER_AFTER_MS: u64 = 5_000;
+
+/// Herd control for a node that wants a blob no peer holds: only the designated seeders (see
+/// [`designated_seeders`]) go to the upstream at once; every other node waits for providers and
+/// takes over only if none appears, or the ones that appear make no progress, within
+/// `takeover_after_ms`. Each appearance or progress report restarts the wait.
+#[derive(Debug, Clone)]
+pub struct SeedPlan {
+    state: SeedState,
+    takeover_after_ms: u64,
+    providers_seen: bool,
+    announced: bool,
+}
+
+impl SeedPlan {
+    /// A plan started at `now`.
+    pub fn new(designated: bool, takeover_after_ms: u64, now: u64) -> SeedPlan {
+        let state = if designated {
+            SeedState::Upstream {
+                reason: SeedReason::Designated,
+            }
+        } else {
+            SeedState::Waiting {
+                deadline: now.saturating_add(takeover_after_ms),
+            }
+        };
+        SeedPlan {
+            state,
+            takeover_after_ms,
+            providers_seen: false,
+            announced: false,
+        }
+    }
+
+    /// A provider of the blob appeared (in the DHT, say): restarts the wait.
+    pub fn provider_appeared(&mut self, now: u64) {
+        self.providers_seen = true;
+        self.restart(now);
+    }
+
+    /// A provider made progress (announced more chunks, or served some): restarts the wait.
+    pub fn provider_progress(&mut self, now: u64) {
+        self.providers_seen = true;
+        self.restart(now);
+    }
+
+    fn restart(&mut self, now: u64) {
+        if let SeedState::Waiting { deadline } = &mut self.state {
+            *deadline = (*deadline).max(now.saturating_add(self.takeover_after_ms));
+        }
+    }
+
+    /// The decision at `now`: `Some(reason)` once, when the node should go to the upstream.
+    pub fn poll(&mut self, now: u64) -> Option<SeedReason> {
+        if let SeedState::Waiting { deadline } = self.state {
+            if now >= deadline {
+                self.state = SeedState::Upstream {
+                    reason: if self.providers_seen {
+                        SeedReason::NoProgress
+                    } else {
+                        SeedReason::NoProvider
+                    },
+                };
+            }
+        }
+        match self.state {
+            SeedState::Upstream { reason } if !self.announced => {
+                self.announced = true;
+                Some(reason)
+            }
+            _ => None,
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> SeedState {
+        self.state
+    }
+
+    /// When to call [`SeedPlan::poll`] next: the takeover deadline while waiting, 0 while a
+    /// decision is ready to be polled, `None` once it has been.
+    pub fn next_wakeup(&self) -> Option<u64> {
+        match self.state {
+            SeedState::Waiting { deadline } => Some(deadline),
+            SeedState::Upstream { .. } if !self.announced => Some(0),
+            SeedState::Upstream { .. } => None,
+        }
+    }
+}
+
+/// Which chunks a peer holds verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Have {
+    /// Every chunk (the peer holds the whole blob).
+    All,
+    /// The chunks whose bit is set; the bitfield has one bit per chunk.
+    Bits(Bitfield),
+}
+
+/// Why a chunk request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailReason {
+    /// The chunk failed verification between trusted ends: the sender lied. Bans it.
+    Corrupt,
+    /// The node's own deadline for the request passed (the download also times requests out by
+    /// itself; see [`Download::next_wakeup`]).
+    Timeout,
+    /// The peer answered `NotFound`, `Busy`, `Denied` or `Error`, or the stream failed.
+    Refused,
+    /// The chunk disagreed with the midstate table: the chunk or the table is wrong, and which is
+    /// not known yet. Blames nobody; asks for the table again.
+    Ambiguous,
+}
+
+/// What the driver of a [`Download`] must do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Ask `peer` for chunk `index`.
+    Request {
+        /// The peer.
+        peer: PeerId,
+        /// The chunk.
+        index: u32,
+    },
+    /// Abandon the request for chunk `index` to `peer` (reset the stream); a late answer is
+    /// harmless but no longer expected.
+    Cancel {
+        /// The peer.
+        peer: PeerId,
+        /// The chunk.
+        index: u32,
+    },
+    /// Fetch chunk `index` from the upstream registry; consecutive indices may be merged into one
+    /// `Range` request. Report with [`Download::upstream_received`] or
+    /// [`Download::upstream_failed`].
+    FetchUpstream {
+        /// The chunk.
+        index: u32,
+    },
+    /// A chunk disagreed with the midstate table: fetch the table again from a provider other
+    /// than `exclude` (and other than the current table's source), compare, and report (see
+    /// [`Download::table_refetched`]).
+    RefetchTable {
+        /// The peer whose chunk disagreed.
+        exclude: PeerId,
+    },
+    /// The peer sent corrupt data: drop it (every request to it is void) and refuse it until
+    /// `until`.
+    Ban {
+        /// The peer.
+        peer: PeerId,
+        /// The end of the ban, in the caller's milliseconds.
+        until: u64,
+    },
+    /// Every chunk has arrived. Emitted exactly once.
+    Done,
+}
+
+/// The knobs of a [`Download`]. Times in milliseconds, rates in bytes per second.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DownloadConfig {
+    /// Seeds the tie-breaking between equally rare chunks and between peers of equal rate.
+    pub seed: u64,
+    /// The fewest requests a usable peer may have in flight.
+    pub min_pipeline: u32,
+    /// The most requests any peer has in flight.
+    pub max_pipeline: u32,
+    /// How much transfer time, at a peer's measured rate, its pipeline should cover.
+    pub pipeline_target_ms: u64,
+    /// The in-order window in chunks: among equally rare chunks, lower windows first (0: no bias,
+    /// 1: strictly in order).
+    pub in_order_bias: u32,
+    /// The rate assumed for a peer before its first delivery.
+    pub initial_peer_rate: u64,
+    /// The shortest request timeout.
+    pub timeout_floor_ms: u64,
+    /// A request times out after this many times its expected transfer time (floored).
+    pub timeout_factor: u64,
+    /// After a failed request, the peer gets no new request for this long, doubled for each
+    /// further consecutive failure.
+    pub stall_cooldown_ms: u64,
+    /// Consecutive failures (timeouts, refusals) after which a peer is benched.
+    pub max_strikes: u32,
+    /// How long a benched peer is left unused and not counted as a holder; doubled for each
+    /// further bench before it delivers again (after a bench, one failure benches it again).
+    pub bench_ms: u64,
+    /// How long a peer that sent a corrupt chunk is banned.
+    pub ban_ms: u64,
+    /// In the endgame, the most peers asked for the same chunk at once.
+    pub endgame_max_requests: u32,
+    /// True for a designated seeder: go upstream after `upstream_grace_ms`; otherwise only after
+    /// `takeover_after_ms`.
+    pub upstream_allowed: bool,
+    /// How long a chunk may stay wanted with no usable holder before a designated seeder fetches
+    /// it upstream; also how long the peers get before their rate is judged.
+    pub upstream_grace_ms: u64,
+    /// The same for a node that is not a designated seeder (`u64::MAX`: never go upstream).
+    pub takeover_after_ms: u64,
+    /// The upstream's assumed rate.
+    pub upstream_rate: u64,
+    /// The peers are too slow when their aggregate rate is below this percentage of
+    /// `upstream_rate`: the upstream then takes chunks too.
+    pub slow_swarm_percent: u32,
+    /// The most chunks in flight upstream because of slow peers (chunks no peer holds are not
+    /// capped).
+    pub upstream_max_in_flight: u32,
+    /// After an upstream failure, how long to wait before the next upstream fetch.
+    pub upstream_retry_ms: u64,
+}
+
+impl Default for DownloadConfig {
+    fn default() -> Self {
+        DownloadConfig {
+            seed: 0,
+            min_pipeline: 2,
+            max_pipeline: 4,
+            pipeline_target_ms: 1_000,
+            in_order_bias: 8,
+            initial_peer_rate: 8 << 20,
+            timeout_floor_ms: 5_000,
+            timeout_factor: 4,
+            stall_cooldown_ms: 1_000,
+            max_strikes: 3,
+            bench_ms: 30_000,
+            ban_ms: 600_000,
+            endgame_max_requests: 3,
+            upstream_allowed: true,
+            upstream_grace_ms: 2_000,
+            takeover_after_ms: DEFAULT_TAKEOVER_AFTER_MS,
+            upstream_rate: 50 << 20,
+            slow_swarm_percent: 10,
+            upstream_max_in_flight: 16,
+            upstream_retry_ms: 1_000,
+        }
+    }
+}
+
+/// splitmix64: a tiny seeded generator (deterministic, no thread RNG).
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A per-peer tie-breaker that depends only on the seed and the id, not on arrival order.
+fn peer_tiebreak(seed: u64, peer: &PeerId) -> u64 {
+    // FNV-1a over the bytes, then mixed with the seed.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in peer.as_bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let mut state = h ^ seed;
+    splitmix64(&mut state)
+}
+
+/// Where a chunk is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// Missing and not requested.
+    Wanted,
+    /// Requested from one or more peers.
+    Peers,
+    /// Being fetched upstream.
+    Upstream,
+    /// Arrived.
+    Done,
+}
+
+#[derive(Debug, Clone)]
+struct Chunk {
+    slot: Slot,
+    /// Usable partial holders (peers holding everything are counted in `complete_holders`).
+    avail: u32,
+    tiebreak: u64,
+    /// Peers with a request in flight for this chunk.
+    requesters: Vec<PeerId>,
+    /// While wanted with no usable holder: since when (the entry in `unavailable`).
+    unavailable_since: Option<u64>,
+}
+
+/// How many of the best wanted chunks are probed for a partial peer before its own holdings are
+/// searched instead.
+const PROBES: usize = 64;
+
+/// A ready peer's rank: fastest first, then by a seeded tie-breaker.
+type ReadyKey = (Reverse<u64>, u64, PeerId);
+
+#[derive(Debug, Clone)]
+struct Peer {
+    have: Have,
+    /// True while the peer's holdings count as availability (present and not excluded).
+    counted: bool,
+    in_flight: u32,
+    /// EWMA of measured throughput in bytes per second; 0 until the first sample.
+    rate: u64,
+    last_delivery: u64,
+    strikes: u32,
+    /// Benches since the last delivery.
+    benches: u32,
+    cooldown_until: u64,
+    tiebreak: u64,
+    ready_key: Option<ReadyKey>,
+    starved: bool,
+}
+
+impl Peer {
+    fn has(&self, index: u32) -> bool {
+        match &self.have {
+            Have::All => true,
+            Have::Bits(bits) => bits.get(index),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    sent: u64,
+    deadline: u64,
+}
+
+/// One node downloading one blob from peers and, as a fallback, from the upstream. See the module
+/// documentation for the policy and how to drive it.
+#[derive(Debug, Clone)]
+pub struct Download {
+    layout: ChunkLayout,
+    config: DownloadConfig,
+    start: u64,
+    /// The latest `now` seen.
+    now: u64,
+    chunks: Vec<Chunk>,
+    remaining: u32,
+    done_emitted: bool,
+    peers: BTreeMap<PeerId, Peer>,
+    /// Bans and benches: their end, and whether it is a ban. Kept across `remove_peer`.
+    excluded: BTreeMap<PeerId, (u64, bool)>,
+    /// Counted peers holding every chunk.
+    complete_holders: u32,
+    /// Sum of the rates of counted peers.
+    aggregate_rate: u64,
+    /// Wanted chunks by priority: (partial holders, window, tiebreak, index).
+    wanted: BTreeSet<(u32, u32, u64, u32)>,
+    wanted_by_index: BTreeSet<u32>,
+    /// Wanted chunks with no usable holder: (since, index).
+    unavailable: BTreeSet<(u64, u32)>,
+    /// Chunks requested from peers: (requesters, index).
+    endgame: BTreeSet<(u32, u32)>,
+    upstream: BTreeSet<u32>,
+    upstream_retry_at: u64,
+    requests: BTreeMap<(PeerId, u32), InFlight>,
+    deadlines: BTreeSet<(u64, PeerId, u32)>,
+    /// Cooldown and exclusion ends.
+    peer_timers: BTreeSet<(u64, PeerId)>,
+    ready: BTreeSet<ReadyKey>,
+    starved: BTreeSet<PeerId>,
+    table_refetch_pending: bool,
+    queue: VecDeque<Action>,
+}
+
+impl Download {
+    /// A download of a blob of this layout, started at `now`, with every chunk wanted.
+    pub fn new(layout: ChunkLayout, config: DownloadConfig, now: u64) -> Download {
+        let mut rng = config.seed;
+        let count = layout.count();
+        let mut download = Download {
+            layout,
+            start: now,
+            now,
+            chunks: Vec::with_capacity(count as usize),
+            remaining: count,
+            done_emitted: false,
+            peers: BTreeMap::new(),
+            excluded: BTreeMap::new(),
+            complete_holders: 0,
+            aggregate_rate: 0,
+            wanted: BTreeSet::new(),
+            wanted_by_index: BTreeSet::new(),
+            unavailable: BTreeSet::new(),
+            endgame: BTreeSet::new(),
+            upstream: BTreeSet::new(),
+            upstream_retry_at: 0,
+            requests: BTreeMap::new(),
+            deadlines: BTreeSet::new(),
+            peer_timers: BTreeSet::new(),
+            ready: BTreeSet::new(),
+            starved: BTreeSet::new(),
+            table_refetch_pending: false,
+            queue: VecDeque::new(),
+            config,
+        };
+        for _ in 0..count {
+            download.chunks.push(Chunk {
+                // Moved to `Wanted` below, which files it in every index.
+                slot: Slot::Upstream,
+                avail: 0,
+                tiebreak: splitmix64(&mut rng),
+                requesters: Vec::new(),
+                unavailable_since: None,
+            });
+        }
+        for index in 0..count {
+            download.set_slot(index, Slot::Wanted, now);
+        }
+        download
+    }
+
+    /// The blob's layout.
+    pub fn layout(&self) -> ChunkLayout {
+        self.layout
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DownloadConfig {
+        &self.config
+    }
+
+    /// True once every chunk has arrived.
+    pub fn is_complete(&self) -> bool {
+        self.remaining == 0
+    }
+
+    /// How many chunks have not arrived.
+    pub fn remaining(&self) -> u32 {
+        self.remaining
+    }
+
+    /// True once chunk `index` has arrived.
+    pub fn has_chunk(&self, index: u32) -> bool {
+        self.chunk(index).is_some_and(|c| c.slot == Slot::Done)
+    }
+
+    /// The number of requests in flight to `peer`.
+    pub fn in_flight(&self, peer: &PeerId) -> u32 {
+        self.peers.get(peer).map_or(0, |p| p.in_flight)
+    }
+
+    /// The chunks being fetched upstream.
+    pub fn upstream_in_flight(&self) -> usize {
+        self.upstream.len()
+    }
+
+    /// A peer's measured rate in bytes per second, once it has delivered something.
+    pub fn peer_rate(&self, peer: &PeerId) -> Option<u64> {
+        self.peers
+            .get(peer)
+            .and_then(|p| (p.rate > 0).then_some(p.rate))
+    }
+
+    /// The most requests `peer` may have in flight now.
+    pub fn peer_capacity(&self, peer: &PeerId) -> u32 {
+        self.peers.get(peer).map_or(0, |p| self.capacity(p))
+    }
+
+    /// True while `peer` is banned or benched.
+    pub fn is_excluded(&self, peer: &PeerId) -> bool {
+        self.excluded.contains_key(peer)
+    }
+
+    /// True while `peer` is banned (for corrupt data, or by [`Download::ban_peer`]).
+    pub fn is_banned(&self, peer: &PeerId) -> bool {
+        self.excluded.get(peer).is_some_and(|&(_, ban)| ban)
+    }
+
+    fn chunk(&self, index: u32) -> Option<&Chunk> {
+        self.chunks.get(index as usize)
+    }
+
+    fn window(&self, index: u32) -> u32 {
+        match self.config.in_order_bias {
+            0 => 0,
+            w => index / w,
+        }
+    }
+
+    fn wanted_key(&self, index: u32) -> (u32, u32, u64, u32) {
+        let c = &self.chunks[index as usize];
+        (c.avail, self.window(index), c.tiebreak, index)
+    }
+
+    fn usable_holders(&self, index: u32) -> u32 {
+        self.chunks[index as usize].avail + self.complete_holders
+    }
+
+    fn upstream_delay(&self) -> u64 {
+        if self.config.upstream_allowed {
+            self.config.upstream_grace_ms
+        } else {
+            self.config.takeover_after_ms
+        }
+    }
+
+    // ----- chunk bookkeeping -----
+
+    /// Moves chunk `index` to `slot`, keeping every index consistent.
+    fn set_slot(&mut self, index: u32, slot: Slot, now: u64) {
+        let old = self.chunks[index as usize].slot;
+        if old == slot {
+            return;
+        }
+        match old {
+            Slot::Wanted => {
+                let key = self.wanted_key(index);
+                self.wanted.remove(&key);
+                self.wanted_by_index.remove(&index);
+            }
+            Slot::Peers => {
+                let n = self.chunks[index as usize].requesters.len() as u32;
+                self.endgame.remove(&(n, index));
+            }
+            Slot::Upstream => {
+                self.upstream.remove(&index);
+            }
+            Slot::Done => {
+                self.remaining += 1;
+            }
+        }
+        self.chunks[index as usize].slot = slot;
+        match slot {
+            Slot::Wanted => {
+                let key = self.wanted_key(index);
+                self.wanted.insert(key);
+                self.wanted_by_index.insert(index);
+                // Starved peers may hold it.
+                self.unstarve_all(now);
+            }
+            Slot::Peers => {
+                let n = self.chunks[index as usize].requesters.len() as u32;
+                self.endgame.insert((n, index));
+                if self.wanted.is_empty() {
+                    // The endgame begins: idle peers may duplicate requests.
+                    self.unstarve_all(now);
+                }
+            }
+            Slot::Upstream => {
+                self.upstream.insert(index);
+            }
+            Slot::Done => {
+                self.remaining -= 1;
+            }
+        }
+        self.update_unavailable(index, now);
+    }
+
+    /// Keeps `unavailable` in step with chunk `index`'s slot and holders.
+    fn update_unavailable(&mut self, index: u32, now: u64) {
+        let should =
+            self.chunks[index as usize].slot == Slot::Wanted && self.usable_holders(index) == 0;
+        let c = &mut self.chunks[index as usize];
+        match (should, c.unavailable_since) {
+            (true, None) => {
+                c.unavailable_since = Some(now);
+                self.unavailable.insert((now, index));
+            }
+            (false, Some(since)) => {
+                c.unavailable_since = None;
+                self.unavailable.remove(&(since, index));
+            }
+            _ => {}
+        }
+    }
+
+    /// Adds `delta` (±1) to chunk `index`'s partial holders.
+    fn change_avail(&mut self, index: u32, up: bool, now: u64) {
+        let wanted = self.chunks[index as usize].slot == Slot::Wanted;
+        if wanted {
+            let key = self.wanted_key(index);
+            self.wanted.remove(&key);
+        }
+        let c = &mut self.chunks[index as usize];
+        c.avail = if up {
+            c.avail + 1
+        } else {
+            c.avail.saturating_sub(1)
+        };
+        if wanted {
+            let key = self.wanted_key(index);
+            self.wanted.insert(key);
+        }
+        self.update_unavailable(index, now);
+    }
+
+    fn change_complete_holders(&mut self, up: bool, now: u64) {
+        let before = self.complete_holders;
+        self.complete_holders = if up {
+            before + 1
+        } else {
+            before.saturating_sub(1)
+        };
+        if (before == 0) != (self.complete_holders == 0) {
+            // Availability of every wanted chunk without partial holders flips.
+            let wanted: Vec<u32> = self.wanted_by_index.iter().copied().collect();
+            for index in wanted {
+                self.update_unavailable(index, now);
+            }
+        }
+    }
+
+    // ----- peer bookkeeping -----
+
+    /// Starts or stops counting a peer's holdings and rate.
+    fn set_counted(&mut self, peer: PeerId, counted: bool, now: u64) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if p.counted == counted {
+            return;
+        }
+        p.counted = counted;
+        let rate = p.rate;
+        if counted {
+            self.aggregate_rate = self.aggregate_rate.saturating_add(rate);
+        } else {
+            self.aggregate_rate = self.aggregate_rate.saturating_sub(rate);
+        }
+        match &p.have {
+            Have::All => self.change_complete_holders(counted, now),
+            Have::Bits(bits) => {
+                let ones: Vec<u32> = bits.iter_ones().collect();
+                for index in ones {
+                    self.change_avail(index, counted, now);
+                }
+            }
+        }
+    }
+
+    fn capacity(&self, p: &Peer) -> u32 {
+        let rate = if p.rate == 0 {
+            self.config.initial_peer_rate
+        } else {
+            p.rate
+        };
+        let per_target = u128::from(rate) * u128::from(self.config.pipeline_target_ms)
+            / 1000
+            / u128::from(self.layout.chunk_size());
+        let depth = u32::try_from(per_target.saturating_add(1)).unwrap_or(u32::MAX);
+        let max = self.config.max_pipeline.max(1);
+        depth.clamp(self.config.min_pipeline.clamp(1, max), max)
+    }
+
+    /// Recomputes whether a peer is in the ready set, and its rank there.
+    fn refresh(&mut self, peer: PeerId, now: u64) {
+        let Some(p) = self.peers.get(&peer) else {
+            return;
+        };
+        let should = p.counted
+            && !p.starved
+            && now >= p.cooldown_until
+            && p.in_flight < self.capacity(p)
+            && self.remaining > 0;
+        let rank = if p.rate == 0 {
+            self.config.initial_peer_rate
+        } else {
+            p.rate
+        };
+        let key = (Reverse(rank), p.tiebreak, peer);
+        let old = p.ready_key;
+        if old == Some(key) && should {
+            return;
+        }
+        if let Some(old) = old {
+            self.ready.remove(&old);
+        }
+        let new = should.then_some(key);
+        if let Some(key) = new {
+            self.ready.insert(key);
+        }
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.ready_key = new;
+        }
+    }
+
+    fn starve(&mut self, peer: PeerId, now: u64) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.starved = true;
+            self.starved.insert(peer);
+        }
+        self.refresh(peer, now);
+    }
+
+    fn unstarve(&mut self, peer: PeerId, now: u64) {
+        if self.starved.remove(&peer) {
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.starved = false;
+            }
+            self.refresh(peer, now);
+        }
+    }
+
+    fn unstarve_all(&mut self, now: u64) {
+        for peer in core::mem::take(&mut self.starved) {
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.starved = false;
+            }
+            self.refresh(peer, now);
+        }
+    }
+
+    fn set_rate(&mut self, peer: PeerId, rate: u64) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            if p.counted {
+                self.aggregate_rate = self
+                    .aggregate_rate
+                    .saturating_sub(p.rate)
+                    .saturating_add(rate);
+            }
+            p.rate = rate;
+        }
+    }
+
+    /// A failed request (timeout or refusal) counts against the peer: halves its rate, cools it
+    /// down, and benches it after `max_strikes` in a row.
+    fn strike(&mut self, peer: PeerId, now: u64) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        p.strikes += 1;
+        let strikes = p.strikes;
+        let rate = p.rate;
+        let base = if rate == 0 {
+            self.config.initial_peer_rate
+        } else {
+            rate
+        };
+        if strikes >= self.config.max_strikes {
+            // Each bench since the last delivery lasts twice as long as the one before, so peers
+            // that never deliver cannot keep a chunk from the upstream by taking turns.
+            let benches = p.benches;
+            p.benches += 1;
+            let until =
+                now.saturating_add(self.config.bench_ms.saturating_mul(1 << benches.min(16)));
+            self.set_rate(peer, (base / 2).max(1));
+            self.exclude(peer, until, false, now);
+        } else {
+            self.set_rate(peer, (base / 2).max(1));
+            let shift = (strikes - 1).min(16);
+            let until =
+                now.saturating_add(self.config.stall_cooldown_ms.saturating_mul(1 << shift));
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.cooldown_until = until;
+            }
+            self.peer_timers.insert((until, peer));
+        }
+        self.refresh(peer, now);
+    }
+
+    /// Bans or benches a peer until `until`: cancels its requests (re-wanting their chunks) and
+    /// stops counting its holdings.
+    fn exclude(&mut self, peer: PeerId, until: u64, ban: bool, now: u64) {
+        let entry = self.excluded.entry(peer).or_insert((until, ban));
+        *entry = (entry.0.max(until), entry.1 || ban);
+        let end = entry.0;
+        self.peer_timers.insert((end, peer));
+        let indices: Vec<u32> = self
+            .requests
+            .range((peer, 0)..=(peer, u32::MAX))
+            .map(|(&(_, i), _)| i)
+            .collect();
+        for index in indices {
+            self.remove_request(peer, index);
+            self.queue.push_back(Action::Cancel { peer, index });
+            self.release(index, now);
+        }
+        self.set_counted(peer, false, now);
+        self.refresh(peer, now);
+    }
+
+    // ----- requests -----
+
+    fn issue(&mut self, peer: PeerId, index: u32, now: u64) {
+        let len = self.layout.range(index).map_or(0, |(_, len)| len);
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        p.in_flight += 1;
+        let queued = u128::from(p.in_flight);
+        let rate = if p.rate == 0 {
+            self.config.initial_peer_rate
+        } else {
+            p.rate
+        };
+        let expected_ms = (u128::from(len) * queued * 1000).div_ceil(u128::from(rate.max(1)));
+        let timeout = expected_ms
+            .saturating_mul(u128::from(self.config.timeout_factor))
+            .max(u128::from(self.config.timeout_floor_ms));
+        let deadline = now.saturating_add(u64::try_from(timeout).unwrap_or(u64::MAX));
+        self.requests.insert(
+            (peer, index),
+            InFlight {
+                sent: now,
+                deadline,
+            },
+        );
+        self.deadlines.insert((deadline, peer, index));
+        let slot = self.chunks[index as usize].slot;
+        if slot == Slot::Peers {
+            let n = self.chunks[index as usize].requesters.len() as u32;
+            self.endgame.remove(&(n, index));
+            self.endgame.insert((n + 1, index));
+            self.chunks[index as usize].requesters.push(peer);
+        } else {
+            self.chunks[index as usize].requesters.push(peer);
+            self.set_slot(index, Slot::Peers, now);
+        }
+        self.refresh(peer, now);
+    }
+
+    /// Forgets the request for `index` to `peer`, if any; the chunk's slot is left alone.
+    fn remove_request(&mut self, peer: PeerId, index: u32) -> Option<InFlight> {
+        let req = self.requests.remove(&(peer, index))?;
+        self.deadlines.remove(&(req.deadline, peer, index));
+        let in_peers = self.chunks[index as usize].slot == Slot::Peers;
+        let c = &mut self.chunks[index as usize];
+        let n = c.requesters.len() as u32;
+        c.requesters.retain(|&r| r != peer);
+        if in_peers {
+            self.endgame.remove(&(n, index));
+            self.endgame.insert((n.saturating_sub(1), index));
+        }
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.in_flight = p.in_flight.saturating_sub(1);
+        }
+        Some(req)
+    }
+
+    /// A request for `index` went away without the chunk: want it again if nobody else is
+    /// fetching it, and let starved peers look again (endgame duplicates may now be possible).
+    fn release(&mut self, index: u32, now: u64) {
+        if self.chunks[index as usize].slot == Slot::Peers
+            && self.chunks[index as usize].requesters.is_empty()
+        {
+            self.set_slot(index, Slot::Wanted, now);
+        } else {
+            self.unstarve_all(now);
+        }
+    }
+
+    /// The answer to a request arrived: a `Cancel` for it still queued (not yet polled) is moot.
+    fn forget_cancel(&mut self, peer: PeerId, index: u32) {
+        if !self.queue.is_empty() {
+            self.queue.retain(|a| *a != Action::Cancel { peer, index });
+        }
+    }
+
+    /// Chunk `index` arrived (from anywhere): cancel the other requests for it.
+    fn complete(&mut self, index: u32, from: Option<PeerId>, now: u64) {
+        if self.chunks[index as usize].slot == Slot::Done {
+            return;
+        }
+        let losers: Vec<PeerId> = self.chunks[index as usize].requesters.clone();
+        for peer in losers {
+            if Some(peer) == from {
+                continue;
+            }
+            self.remove_request(peer, index);
+            self.queue.push_back(Action::Cancel { peer, index });
+            self.refresh(peer, now);
+        }
+        self.set_slot(index, Slot::Done, now);
+        if self.remaining == 0 {
+            // Nothing more to ask anyone.
+            let ready: Vec<PeerId> = self.ready.iter().map(|k| k.2).collect();
+            for peer in ready {
+                self.refresh(peer, now);
+            }
+        }
+    }
+
+    // ----- time -----
+
+    /// Processes everything due at `now`: request timeouts (cancelled, re-wanted, counted against
+    /// the peer), ends of cooldowns, bans and benches. [`Download::poll_action`] does this too.
+    pub fn tick(&mut self, now: u64) {
+        self.now = self.now.max(now);
+        while let Some(&(deadline, peer, index)) = self.deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            self.remove_request(peer, index);
+            self.queue.push_back(Action::Cancel { peer, index });
+            self.release(index, now);
+            self.strike(peer, now);
+        }
+        while let Some(&(at, peer)) = self.peer_timers.first() {
+            if at > now {
+                break;
+            }
+            self.peer_timers.pop_first();
+            if self.excluded.get(&peer).is_some_and(|&(end, _)| end <= now) {
+                self.excluded.remove(&peer);
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    // On probation: the next failure benches it again.
+                    p.strikes = self.config.max_strikes.saturating_sub(1);
+                    p.cooldown_until = 0;
+                }
+                self.set_counted(peer, true, now);
+                self.unstarve(peer, now);
+            }
+            self.refresh(peer, now);
+        }
+    }
+
+    /// The earliest time at which something is due (a request deadline, the end of a cooldown,
+    /// ban or bench, an upstream fallback), if any: call [`Download::poll_action`] then. `None`
+    /// once [`Action::Done`] has been emitted.
+    pub fn next_wakeup(&self) -> Option<u64> {
+        if self.done_emitted {
+            return None;
+        }
+        let mut next: Option<u64> = None;
+        let mut consider = |t: u64| next = Some(next.map_or(t, |n: u64| n.min(t)));
+        if let Some(&(t, _, _)) = self.deadlines.first() {
+            consider(t);
+        }
+        if let Some(&(t, _)) = self.peer_timers.first() {
+            consider(t);
+        }
+        if self.remaining > 0 {
+            let delay = self.upstream_delay();
+            if let Some(&(since, _)) = self.unavailable.first() {
+                consider(since.saturating_add(delay).max(self.upstream_retry_at));
+            }
+            let judge = self.start.saturating_add(delay).max(self.upstream_retry_at);
+            if judge > self.now && !self.wanted.is_empty() && self.swarm_is_slow() {
+                consider(judge);
+            }
+        }
+        next.filter(|&t| t != u64::MAX)
+    }
+
+    // ----- inputs -----
+
+    /// A peer joined with these holdings (or announced them again: the new set replaces the old,
+    /// requests in flight stay). A bitfield of the wrong length is refused (returns false).
+    pub fn add_peer(&mut self, peer: PeerId, have: Have, now: u64) -> bool {
+        self.tick(now);
+        let have = match have {
+            Have::Bits(bits) if bits.len() != self.layout.count() => return false,
+            Have::Bits(bits) if bits.is_full() => Have::All,
+            other => other,
+        };
+        if self.peers.contains_key(&peer) {
+            self.set_counted(peer, false, now);
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.have = have;
+            }
+        } else {
+            self.peers.insert(
+                peer,
+                Peer {
+                    have,
+                    counted: false,
+                    in_flight: 0,
+                    rate: 0,
+                    last_delivery: 0,
+                    strikes: 0,
+                    benches: 0,
+                    cooldown_until: 0,
+                    tiebreak: peer_tiebreak(self.config.seed, &peer),
+                    ready_key: None,
+                    starved: false,
+                },
+            );
+        }
+        if !self.excluded.contains_key(&peer) {
+            self.set_counted(peer, true, now);
+        }
+        self.unstarve(peer, now);
+        self.refresh(peer, now);
+        true
+    }
+
+    /// A peer announced that it now holds chunk `index` verified.
+    pub fn peer_has(&mut self, peer: PeerId, index: u32, now: u64) {
+        self.tick(now);
+        if index >= self.layout.count() {
+            return;
+        }
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let Have::Bits(bits) = &mut p.have else {
+            return;
+        };
+        if !bits.set(index) {
+            return;
+        }
+        let full = bits.is_full();
+        let counted = p.counted;
+        if counted {
+            self.change_avail(index, true, now);
+        }
+        if full {
+            // Now a complete holder: count it as one, on the fast path.
+            self.set_counted(peer, false, now);
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.have = Have::All;
+            }
+            if counted {
+                self.set_counted(peer, true, now);
+            }
+        }
+        self.unstarve(peer, now);
+    }
+
+    /// A peer left: its requests are void (no `Cancel` is emitted; the connection is gone) and
+    /// their chunks are wanted again. A ban outlives the peer's departure.
+    pub fn remove_peer(&mut self, peer: PeerId, now: u64) {
+        self.tick(now);
+        if !self.peers.contains_key(&peer) {
+            return;
+        }
+        let indices: Vec<u32> = self
+            .requests
+            .range((peer, 0)..=(peer, u32::MAX))
+            .map(|(&(_, i), _)| i)
+            .collect();
+        for index in indices {
+            self.remove_request(peer, index);
+            self.release(index, now);
+        }
+        // The connection is gone: cancels still queued for it are moot.
+        self.queue
+            .retain(|a| !matches!(*a, Action::Cancel { peer: q, .. } if q == peer));
+        self.set_counted(peer, false, now);
+        if let Some(p) = self.peers.remove(&peer) {
+            if let Some(key) = p.ready_key {
+                self.ready.remove(&key);
+            }
+        }
+        self.starved.remove(&peer);
+    }
+
+    /// Chunk `index` arrived from `peer` with `bytes_len` bytes and verified. Completes the chunk
+    /// even if the request had timed out or been cancelled; updates the peer's rate.
+    pub fn chunk_received(&mut self, peer: PeerId, index: u32, bytes_len: u64, now: u64) {
+        if index >= self.layout.count() {
+            self.tick(now);
+            return;
+        }
+        // Settle this request before timing others out: an answer at its deadline is in time.
+        let req = self.remove_request(peer, index);
+        self.forget_cancel(peer, index);
+        self.tick(now);
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.strikes = 0;
+            p.benches = 0;
+            if let Some(req) = req {
+                let start = req.sent.max(p.last_delivery);
+                let elapsed = now.saturating_sub(start).max(1);
+                let sample = u64::try_from(u128::from(bytes_len) * 1000 / u128::from(elapsed))
+                    .unwrap_or(u64::MAX)
+                    .max(1);
+                let rate = if p.rate == 0 {
+                    sample
+                } else {
+                    p.rate - p.rate / 4 + sample / 4
+                };
+                p.last_delivery = now;
+                self.set_rate(peer, rate);
+            }
+        }
+        self.complete(index, Some(peer), now);
+        self.refresh(peer, now);
+    }
+
+    /// A request for chunk `index` to `peer` failed (see [`FailReason`]).
+    pub fn chunk_failed(&mut self, peer: PeerId, index: u32, reason: FailReason, now: u64) {
+        if index >= self.layout.count() {
+            self.tick(now);
+            return;
+        }
+        let had = self.remove_request(peer, index).is_some();
+        self.forget_cancel(peer, index);
+        self.tick(now);
+        match reason {
+            FailReason::Corrupt => {
+                self.release(index, now);
+                self.ban(peer, now);
+            }
+            FailReason::Timeout | FailReason::Refused => {
+                self.release(index, now);
+                if had {
+                    self.strike(peer, now);
+                }
+            }
+            FailReason::Ambiguous => {
+                self.release(index, now);
+                if !self.table_refetch_pending {
+                    self.table_refetch_pending = true;
+                    self.queue.push_back(Action::RefetchTable { exclude: peer });
+                }
+            }
+        }
+        self.refresh(peer, now);
+    }
+
+    fn ban(&mut self, peer: PeerId, now: u64) {
+        let until = now.saturating_add(self.config.ban_ms);
+        if self
+            .excluded
+            .get(&peer)
+            .is_some_and(|&(end, ban)| ban && end >= until)
+        {
+            return;
+        }
+        self.exclude(peer, until, true, now);
+        self.queue.push_back(Action::Ban { peer, until });
+    }
+
+    /// The node proved `peer` dishonest by other means (its table lied, say): ban it as for a
+    /// corrupt chunk.
+    pub fn ban_peer(&mut self, peer: PeerId, now: u64) {
+        self.tick(now);
+        self.ban(peer, now);
+    }
+
+    /// A chunk counted as arrived turned out not to be trustworthy (it was only consistent with a
+    /// table since discredited): want it again. Ignored once [`Action::Done`] has been emitted
+    /// (by then every chunk is proven genuine).
+    pub fn chunk_invalidated(&mut self, index: u32, now: u64) {
+        self.tick(now);
+        if self.done_emitted || !self.has_chunk(index) {
+            return;
+        }
+        let was_complete = self.remaining == 0;
+        self.set_slot(index, Slot::Wanted, now);
+        if was_complete {
+            // Peers left the ready set when nothing remained.
+            let peers: Vec<PeerId> = self.peers.keys().copied().collect();
+            for peer in peers {
+                self.refresh(peer, now);
+            }
+        }
+    }
+
+    /// The table re-fetch asked for by [`Action::RefetchTable`] is settled: a later ambiguous
+    /// chunk asks for another.
+    pub fn table_refetched(&mut self, now: u64) {
+        self.tick(now);
+        self.table_refetch_pending = false;
+    }
+
+    /// Chunk `index` arrived from the upstream, verified.
+    pub fn upstream_received(&mut self, index: u32, now: u64) {
+        self.tick(now);
+        if index >= self.layout.count() {
+            return;
+        }
+        self.complete(index, None, now);
+    }
+
+    /// Fetching chunk `index` from the upstream failed: want it again, and wait
+    /// `upstream_retry_ms` before the next upstream fetch.
+    pub fn upstream_failed(&mut self, index: u32, now: u64) {
+        self.tick(now);
+        if self.chunk(index).is_some_and(|c| c.slot == Slot::Upstream) {
+            self.upstream_retry_at = now.saturating_add(self.config.upstream_retry_ms);
+            self.set_slot(index, Slot::Wanted, now);
+        }
+    }
+
+    // ----- decisions -----
+
+    /// The next thing to do at `now`, or `None` when there is nothing to do until the next input
+    /// or [`Download::next_wakeup`].
+    pub fn poll_action(&mut self, now: u64) -> Option<Action> {
+        self.tick(now);
+        if let Some(action) = self.queue.pop_front() {
+            return Some(action);
+        }
+        if self.done_emitted {
+            return None;
+        }
+        if self.remaining == 0 {
+            self.done_emitted = true;
+            return Some(Action::Done);
+        }
+        if let Some(action) = self.assign_peer(now) {
+            return Some(action);
+        }
+        self.assign_upstream(now)
+    }
+
+    /// The best chunk to ask `peer` for, if any.
+    fn pick_for(&self, peer: &PeerId) -> Option<u32> {
+        let p = self.peers.get(peer)?;
+        if !self.wanted.is_empty() {
+            let bits = match &p.have {
+                Have::All => return self.wanted.first().map(|k| k.3),
+                Have::Bits(bits) => bits,
+            };
+            // Every chunk a counted partial peer holds has a partial holder (itself): skip the
+            // chunks nobody partial holds, then probe in priority order.
+            let mut candidates = self.wanted.range((1, 0, 0, 0)..).map(|k| k.3);
+            for index in candidates.by_ref().take(PROBES) {
+                if bits.get(index) {
+                    return Some(index);
+                }
+            }
+            // Not among the first few: the peer holds few of the wanted chunks. Take the best of
+            // its own when it holds fewer chunks than are wanted, else keep probing.
+            return if (bits.count_ones() as usize) < self.wanted.len() {
+                bits.iter_ones()
+                    .filter(|&i| self.chunks[i as usize].slot == Slot::Wanted)
+                    .map(|i| self.wanted_key(i))
+                    .min()
+                    .map(|k| k.3)
+            } else {
+                candidates.find(|&i| bits.get(i))
+            };
+        }
+        // Endgame: duplicate the least-duplicated request this peer can serve.
+        self.endgame
+            .iter()
+            .take_while(|&&(n, _)| n < self.config.endgame_max_requests)
+            .map(|&(_, i)| i)
+            .find(|&i| p.has(i) && !self.chunks[i as usize].requesters.contains(peer))
+    }
+
+    fn assign_peer(&mut self, now: u64) -> Option<Action> {
+        while let Some(&(_, _, peer)) = self.ready.first() {
+            match self.pick_for(&peer) {
+                Some(index) => {
+                    self.issue(peer, index, now);
+                    return Some(Action::Request { peer, index });
+                }
+                None => self.starve(peer, now),
+            }
+        }
+        None
+    }
+
+    /// True while the peers' aggregate rate is below `slow_swarm_percent` of the upstream's.
+    fn swarm_is_slow(&self) -> bool {
+        u128::from(self.aggregate_rate) * 100
+            < u128::from(self.config.upstream_rate) * u128::from(self.config.slow_swarm_percent)
+    }
+
+    fn assign_upstream(&mut self, now: u64) -> Option<Action> {
+        if now < self.upstream_retry_at {
+            return None;
+        }
+        let delay = self.upstream_delay();
+        // Chunks no usable peer holds, once they have waited long enough.
+        if let Some(&(since, index)) = self.unavailable.first() {
+            if since.saturating_add(delay) <= now {
+                self.set_slot(index, Slot::Upstream, now);
+                return Some(Action::FetchUpstream { index });
+            }
+        }
+        // Peers too slow: the upstream takes the lowest wanted chunks too.
+        let judged = self.start.saturating_add(delay) <= now;
+        if judged
+            && self.swarm_is_slow()
+            && (self.upstream.len() as u64) < u64::from(self.config.upstream_max_in_flight)
+        {
+            if let Some(&index) = self.wanted_by_index.first() {
+                self.set_slot(index, Slot::Upstream, now);
+                return Some(Action::FetchUpstream { index });
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests;
