@@ -14,8 +14,7 @@ use futures::stream;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 
-use crate::metrics::Metrics;
-use crate::mirror::Transfer;
+use crate::mirror::{Mirror, Transfer};
 use crate::store::Pin;
 
 /// The body type of every response.
@@ -56,11 +55,12 @@ fn map_window(file: &File, offset: u64, len: u64) -> io::Result<Bytes> {
 }
 
 /// Streams `[start, end)` of a complete blob.
-pub fn stored(file: File, start: u64, end: u64, pin: Pin, metrics: Arc<Metrics>) -> Body {
+pub fn stored(file: File, start: u64, end: u64, pin: Pin, mirror: Arc<Mirror>) -> Body {
+    let digest = *pin.digest();
     let file = Arc::new(file);
     let s = stream::unfold((start, pin), move |(offset, pin)| {
         let file = file.clone();
-        let metrics = metrics.clone();
+        let mirror = mirror.clone();
         async move {
             if offset >= end {
                 return None;
@@ -69,7 +69,8 @@ pub fn stored(file: File, start: u64, end: u64, pin: Pin, metrics: Arc<Metrics>)
             let mapped = tokio::task::spawn_blocking(move || map_window(&file, offset, len)).await;
             let item = match mapped {
                 Ok(Ok(b)) => {
-                    metrics.served("cache", b.len() as u64);
+                    mirror.metrics.served("cache", b.len() as u64);
+                    mirror.pulls.served_cache(&digest, b.len() as u64);
                     Ok(Frame::data(b))
                 }
                 Ok(Err(e)) => Err(e),
@@ -86,11 +87,11 @@ pub fn stored(file: File, start: u64, end: u64, pin: Pin, metrics: Arc<Metrics>)
 /// Streams a blob that is still arriving, from `start` to its end. The last byte is held back
 /// until the whole blob has been verified; if verification fails the stream ends in an error,
 /// so the client's response is aborted short of complete.
-pub fn arriving(t: Arc<Transfer>, start: u64, metrics: Arc<Metrics>) -> Body {
+pub fn arriving(t: Arc<Transfer>, start: u64, mirror: Arc<Mirror>) -> Body {
     let rx = t.progress.clone();
     let s = stream::unfold((start, rx, false), move |(mut offset, mut rx, finished)| {
         let t = t.clone();
-        let metrics = metrics.clone();
+        let mirror = mirror.clone();
         async move {
             if finished {
                 return None;
@@ -122,7 +123,8 @@ pub fn arriving(t: Arc<Transfer>, start: u64, metrics: Arc<Metrics>) -> Body {
                     return match read {
                         Ok(Ok(b)) => {
                             offset += b.len() as u64;
-                            metrics.served("upstream", b.len() as u64);
+                            mirror.metrics.served(t.source, b.len() as u64);
+                            mirror.pulls.served_arriving(&t.digest, b.len() as u64);
                             Some((Ok(Frame::data(b)), (offset, rx, false)))
                         }
                         Ok(Err(e)) => Some((Err(e), (offset, rx, true))),

@@ -38,7 +38,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the OCI Distribution API as a pull-through mirror.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Offline demo: an embedded origin registry and several nodes on loopback, all pulling
     /// one generated image at once; prints where each node's bytes came from.
     Demo(DemoArgs),
@@ -89,6 +89,27 @@ pub struct RunArgs {
     /// Seconds to wait for an upstream response head or for each body read [default: 30].
     #[arg(long, env = "SHOAL_UPSTREAM_TIMEOUT")]
     pub upstream_timeout: Option<u64>,
+    /// Peer-to-peer address, `HOST:PORT`: the DHT on TCP and the chunk exchange on UDP, same
+    /// port. Without it the node runs alone (a plain pull-through mirror).
+    #[arg(long, env = "SHOAL_P2P_LISTEN")]
+    pub p2p_listen: Option<String>,
+    /// A peer to bootstrap from: `HOST:PORT` (a DNS name may resolve to many peers) or a
+    /// multiaddr (repeatable; comma-separated in the env).
+    #[arg(long = "peer", env = "SHOAL_PEER", value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// File holding the cluster secret: only nodes with the same secret can join the swarm or
+    /// fetch from it.
+    #[arg(long, env = "SHOAL_CLUSTER_KEY_FILE")]
+    pub cluster_key_file: Option<PathBuf>,
+    /// Discover peers on the local network with mDNS (edge sites).
+    #[arg(long, env = "SHOAL_MDNS")]
+    pub mdns: bool,
+    /// Chunk size for peer transfers, a multiple of 64 bytes [default: 4MiB].
+    #[arg(long, env = "SHOAL_CHUNK_SIZE")]
+    pub chunk_size: Option<String>,
+    /// Nodes nearest a digest that fetch it from the upstream when nobody has it [default: 2].
+    #[arg(long, env = "SHOAL_SEEDERS")]
+    pub seeders: Option<usize>,
 }
 
 /// A size in the config file: a number of bytes or a string such as `"10GiB"`.
@@ -111,6 +132,13 @@ struct FileConfig {
     tag_ttl: Option<u64>,
     auth_file: Option<PathBuf>,
     upstream_timeout: Option<u64>,
+    p2p_listen: Option<String>,
+    #[serde(default)]
+    peers: Vec<String>,
+    cluster_key_file: Option<PathBuf>,
+    mdns: Option<bool>,
+    chunk_size: Option<SizeValue>,
+    seeders: Option<usize>,
 }
 
 /// Errors in the configuration; each names what is wrong.
@@ -163,6 +191,61 @@ pub struct Config {
     pub auth_file: Option<PathBuf>,
     /// Upstream timeout.
     pub upstream_timeout: Duration,
+    /// Peer-to-peer settings; `None` runs the node alone.
+    pub p2p: Option<P2pConfig>,
+}
+
+/// Peer-to-peer settings.
+#[derive(Debug, Clone)]
+pub struct P2pConfig {
+    /// TCP (DHT) and UDP (chunk exchange) address.
+    pub listen: SocketAddr,
+    /// Bootstrap peers.
+    pub peers: Vec<String>,
+    /// The cluster secret (sha256 of the key file's contents); `None`: an open cluster.
+    pub cluster_key: Option<[u8; 32]>,
+    /// mDNS discovery.
+    pub mdns: bool,
+    /// Chunk size.
+    pub chunk_size: u32,
+    /// Designated upstream fetchers per blob.
+    pub seeders: usize,
+}
+
+/// Default chunk size for peer transfers.
+pub const DEFAULT_CHUNK_SIZE: u32 = 4 << 20;
+/// Default number of designated seeders per blob.
+pub const DEFAULT_SEEDERS: usize = 2;
+
+impl P2pConfig {
+    /// Settings for `listen` with every default.
+    pub fn new(listen: SocketAddr) -> P2pConfig {
+        P2pConfig {
+            listen,
+            peers: Vec::new(),
+            cluster_key: None,
+            mdns: false,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            seeders: DEFAULT_SEEDERS,
+        }
+    }
+}
+
+/// Reads a cluster key file: at least 16 bytes of secret, hashed to 32.
+pub fn read_cluster_key(path: &Path) -> Result<[u8; 32], ConfigError> {
+    use sha2::Digest as _;
+    let shown = path.display().to_string();
+    let bytes =
+        std::fs::read(path).map_err(|e| invalid("cluster_key_file", &shown, e.to_string()))?;
+    let trimmed = String::from_utf8_lossy(&bytes).trim().len();
+    if trimmed < 16 {
+        return Err(invalid(
+            "cluster_key_file",
+            &shown,
+            "the secret must be at least 16 bytes",
+        ));
+    }
+    Ok(sha2::Sha256::digest(String::from_utf8_lossy(&bytes).trim().as_bytes()).into())
 }
 
 impl Config {
@@ -177,6 +260,7 @@ impl Config {
             tag_ttl: Duration::from_secs(DEFAULT_TAG_TTL_SECS),
             auth_file: None,
             upstream_timeout: Duration::from_secs(DEFAULT_UPSTREAM_TIMEOUT_SECS),
+            p2p: None,
         }
     }
 }
@@ -333,6 +417,68 @@ impl RunArgs {
                 ));
             }
         }
+        let mut peers = file.peers;
+        peers.extend(self.peers.iter().cloned());
+        let key_file = self.cluster_key_file.clone().or(file.cluster_key_file);
+        let p2p_listen = self.p2p_listen.clone().or(file.p2p_listen);
+        let p2p = match p2p_listen {
+            None => {
+                if !peers.is_empty() || key_file.is_some() {
+                    return Err(invalid(
+                        "p2p_listen",
+                        "",
+                        "--peer and --cluster-key-file need --p2p-listen HOST:PORT",
+                    ));
+                }
+                None
+            }
+            Some(l) => {
+                let listen = l.parse::<SocketAddr>().map_err(|e| {
+                    invalid(
+                        "p2p_listen",
+                        &l,
+                        format!("{e} (expected HOST:PORT, e.g. 0.0.0.0:7000)"),
+                    )
+                })?;
+                let cluster_key = key_file.as_deref().map(read_cluster_key).transpose()?;
+                let chunk_size = match (&self.chunk_size, file.chunk_size) {
+                    (Some(s), _) => parse_size(s).map_err(|r| invalid("chunk_size", s, r))?,
+                    (None, Some(SizeValue::Bytes(n))) => n,
+                    (None, Some(SizeValue::Text(s))) => {
+                        parse_size(&s).map_err(|r| invalid("chunk_size", &s, r))?
+                    }
+                    (None, None) => u64::from(DEFAULT_CHUNK_SIZE),
+                };
+                if chunk_size < 64 || !chunk_size.is_multiple_of(64) || chunk_size > 64 << 20 {
+                    return Err(invalid(
+                        "chunk_size",
+                        &chunk_size.to_string(),
+                        "must be a multiple of 64 bytes, at most 64MiB",
+                    ));
+                }
+                let seeders = self.seeders.or(file.seeders).unwrap_or(DEFAULT_SEEDERS);
+                if seeders == 0 {
+                    return Err(invalid(
+                        "seeders",
+                        "0",
+                        "at least one node must be allowed to fetch from the upstream",
+                    ));
+                }
+                for p in &peers {
+                    if p.trim().is_empty() {
+                        return Err(invalid("peer", p, "empty peer address"));
+                    }
+                }
+                Some(P2pConfig {
+                    listen,
+                    peers,
+                    cluster_key,
+                    mdns: self.mdns || file.mdns.unwrap_or(false),
+                    chunk_size: chunk_size as u32,
+                    seeders,
+                })
+            }
+        };
         Ok(Config {
             listen,
             data_dir,
@@ -342,6 +488,7 @@ impl RunArgs {
             tag_ttl,
             auth_file,
             upstream_timeout: Duration::from_secs(timeout),
+            p2p,
         })
     }
 }

@@ -7,13 +7,17 @@
 pub mod body;
 pub mod config;
 pub mod demo;
+pub mod dht;
 pub mod flight;
 pub mod imagegen;
 pub mod metrics;
 pub mod mirror;
 pub mod origin;
+pub mod peer;
+pub mod pulls;
 pub mod server;
 pub mod store;
+pub mod swarm;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -50,6 +54,9 @@ pub enum StartError {
     /// The credentials file is bad.
     #[error(transparent)]
     Auth(#[from] upstream::AuthFileError),
+    /// The swarm could not start.
+    #[error("swarm: {0}")]
+    Swarm(#[from] swarm::SwarmError),
     /// The listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -74,15 +81,45 @@ impl Node {
     pub async fn start(config: Config) -> Result<Node, StartError> {
         let data_dir = config.data_dir.clone();
         let cap = config.cache_size;
-        let store = tokio::task::spawn_blocking(move || Store::open(&data_dir, cap))
-            .await
-            .map_err(|e| store::OpenError::Io {
-                path: config.data_dir.clone(),
-                source: std::io::Error::other(e),
-            })??;
+        let chunk_size = config
+            .p2p
+            .as_ref()
+            .map_or(config::DEFAULT_CHUNK_SIZE, |p| p.chunk_size);
+        let store = tokio::task::spawn_blocking(move || {
+            Store::open_with_chunk_size(&data_dir, cap, chunk_size)
+        })
+        .await
+        .map_err(|e| store::OpenError::Io {
+            path: config.data_dir.clone(),
+            source: std::io::Error::other(e),
+        })??;
         let upstreams = Upstreams::new(&config)?;
-        let metrics = Arc::new(Metrics::new());
-        let mirror = Arc::new(Mirror::new(store, upstreams, metrics, config.tag_ttl));
+        let peer_metrics = Arc::new(peer::Metrics::new());
+        let dht_metrics = dht::Metrics::new();
+        let metrics = Arc::new(Metrics::new_with(|r| {
+            peer_metrics.register(r);
+            dht_metrics.register(r);
+        }));
+        let swarm = match &config.p2p {
+            Some(p2p) => Some(Arc::new(
+                swarm::Swarm::start(
+                    p2p,
+                    &config.data_dir,
+                    store.clone(),
+                    dht_metrics,
+                    peer_metrics,
+                )
+                .await?,
+            )),
+            None => None,
+        };
+        let mirror = Arc::new(Mirror::new(
+            store,
+            upstreams,
+            metrics,
+            config.tag_ttl,
+            swarm,
+        ));
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -124,6 +161,9 @@ impl Node {
         self.cancel.cancel();
         if let Some(task) = self.task.take() {
             let _ = task.await;
+        }
+        if let Some(sw) = &self.mirror.swarm {
+            sw.shutdown().await;
         }
         info!("shoal stopped");
     }

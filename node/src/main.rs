@@ -9,16 +9,26 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("SHOAL_LOG").unwrap_or_else(|_| {
-            EnvFilter::new(if matches!(cli.command, Command::Demo(_)) {
-                "warn"
-            } else {
-                "info"
-            })
-        }))
-        .with_target(false)
-        .init();
+    let filter = EnvFilter::try_from_env("SHOAL_LOG").unwrap_or_else(|_| {
+        EnvFilter::new(if matches!(cli.command, Command::Demo(_)) {
+            "warn"
+        } else {
+            "info"
+        })
+    });
+    // SHOAL_LOG_FORMAT=json gives one JSON object per line, for log pipelines.
+    if std::env::var("SHOAL_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_target(false)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_target(false)
+            .init();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -30,7 +40,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Run(args) => runtime.block_on(run(args)),
+        Command::Run(args) => runtime.block_on(run(*args)),
         Command::Demo(args) => runtime.block_on(demo(args)),
     };
     match result {

@@ -32,6 +32,13 @@ pub struct UpstreamLabels {
     pub registry: String,
 }
 
+/// Per-peer labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    /// The peer id.
+    pub peer: String,
+}
+
 /// All of the daemon's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -53,6 +60,10 @@ pub struct Metrics {
     pub digest_mismatches: Counter,
     /// Tags served from the last-known-good digest because the upstream was unavailable.
     pub stale_tags: Counter,
+    /// Verified chunk bytes fetched from each peer.
+    pub peer_bytes: Family<PeerLabels, Counter>,
+    /// Chunks that failed verification.
+    pub chunks_rejected: Counter,
 }
 
 impl Default for Metrics {
@@ -64,7 +75,13 @@ impl Default for Metrics {
 impl Metrics {
     /// Creates and registers every metric under the `shoal_` prefix.
     pub fn new() -> Metrics {
+        Self::new_with(|_| {})
+    }
+
+    /// Like [`Metrics::new`], letting other components register theirs in the same registry.
+    pub fn new_with(extra: impl FnOnce(&mut Registry)) -> Metrics {
         let mut registry = Registry::with_prefix("shoal");
+        extra(&mut registry);
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "http_requests",
@@ -119,7 +136,21 @@ impl Metrics {
             "Tags served stale while the upstream was unavailable",
             stale_tags.clone(),
         );
+        let peer_bytes = Family::<PeerLabels, Counter>::default();
+        registry.register(
+            "peer_fetched_bytes",
+            "Verified chunk bytes fetched from each peer",
+            peer_bytes.clone(),
+        );
+        let chunks_rejected = Counter::default();
+        registry.register(
+            "chunks_rejected",
+            "Chunks from peers that failed verification",
+            chunks_rejected.clone(),
+        );
         Metrics {
+            peer_bytes,
+            chunks_rejected,
             registry,
             requests,
             served_bytes,

@@ -136,6 +136,8 @@ pub struct Transfer {
     pub progress: watch::Receiver<Progress>,
     /// Fetched with credentials: other clients must show theirs before they may read it.
     pub private: bool,
+    /// Where its bytes come from: `upstream` or `peer` (the metrics label).
+    pub source: &'static str,
 }
 
 /// A blob to serve.
@@ -164,6 +166,10 @@ pub struct Mirror {
     pub upstreams: Upstreams,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Where recent blobs' bytes came from.
+    pub pulls: crate::pulls::Pulls,
+    /// The swarm, when this node has peers.
+    pub swarm: Option<Arc<crate::swarm::Swarm>>,
     tag_ttl: Duration,
     /// Blobs arriving now. A std mutex: look-ups and inserts only.
     arriving: Mutex<HashMap<Digest, Arc<Transfer>>>,
@@ -199,6 +205,7 @@ impl Mirror {
         upstreams: Upstreams,
         metrics: Arc<Metrics>,
         tag_ttl: Duration,
+        swarm: Option<Arc<crate::swarm::Swarm>>,
     ) -> Mirror {
         Mirror {
             store,
@@ -210,6 +217,8 @@ impl Mirror {
             manifest_fetches: SingleFlight::default(),
             tag_checks: SingleFlight::default(),
             access: Mutex::new(HashMap::new()),
+            pulls: crate::pulls::Pulls::default(),
+            swarm,
         }
     }
 
@@ -610,6 +619,28 @@ impl Mirror {
         })
     }
 
+    pub(crate) fn insert_arriving(&self, digest: Digest, t: Arc<Transfer>) {
+        self.arriving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(digest, t);
+    }
+
+    /// Ends an arriving transfer: forgets it, accounts it, and tells its readers.
+    pub(crate) fn finish_arriving(
+        &self,
+        digest: &Digest,
+        outcome: Result<(), String>,
+        tx: &watch::Sender<Progress>,
+    ) {
+        self.arriving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(digest);
+        self.pulls.finished(digest, &outcome);
+        tx.send_modify(|p| p.done = Some(outcome));
+    }
+
     fn arriving_transfer(&self, digest: &Digest) -> Option<Arc<Transfer>> {
         self.arriving
             .lock()
@@ -674,6 +705,14 @@ impl Mirror {
         if let Some(t) = self.arriving_transfer(&digest) {
             return Ok(Some(t));
         }
+        if let Some(sw) = self.swarm.clone() {
+            if let Some(t) = self.swarm_fetch(&sw, reg, name, digest, auth).await {
+                return Ok(Some(t));
+            }
+            if let Some(t) = self.arriving_transfer(&digest) {
+                return Ok(Some(t));
+            }
+        }
         let req = Request {
             method: Method::GET,
             repo: name.as_str(),
@@ -704,12 +743,14 @@ impl Mirror {
             file,
             progress: rx,
             private,
+            source: "upstream",
         });
         self.arriving
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(digest, transfer.clone());
         info!(registry = %reg.key, repo = %name, digest = %digest, size, "fetching blob from upstream");
+        self.pulls.fetching(&digest, size);
         let this = self.clone();
         let reg = reg.clone();
         tokio::spawn(async move { this.stream_blob(reg, resp, writer, tx, size, digest).await });
@@ -743,6 +784,7 @@ impl Mirror {
                         break Err(format!("store write failed: {e}"));
                     }
                     self.count_upstream(&reg, chunk.len() as u64);
+                    self.pulls.from_upstream(&digest, chunk.len() as u64);
                     let written = writer.written();
                     tx.send_modify(|p| p.written = written);
                 }
@@ -768,16 +810,19 @@ impl Mirror {
             Err(e) => Err(e),
         };
         match &outcome {
-            Ok(()) => info!(registry = %reg.key, digest = %digest, "blob verified and stored"),
+            Ok(()) => {
+                info!(registry = %reg.key, digest = %digest, "blob verified and stored");
+                // Private blobs are never served to peers: announcing them would only waste
+                // other nodes' lookups.
+                if let (Some(sw), false) = (&self.swarm, private) {
+                    sw.provide(digest);
+                }
+            }
             Err(e) => {
                 warn!(registry = %reg.key, digest = %digest, error = %e, "blob fetch failed; partial data discarded")
             }
         }
-        self.arriving
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&digest);
-        tx.send_modify(|p| p.done = Some(outcome));
+        self.finish_arriving(&digest, outcome, &tx);
     }
 
     /// Passes a read-only request (tags list, referrers) through to the upstream.

@@ -86,6 +86,7 @@ fn forwarded_query(pairs: &[(String, String)]) -> String {
 fn route_label(r: &Result<Route, RouteError>, path: &str) -> &'static str {
     match r {
         _ if path == "/metrics" => "metrics",
+        _ if path == "/_shoal/pulls" => "pulls",
         Ok(Route::Base) => "base",
         Ok(Route::Manifest { .. }) => "manifest",
         Ok(Route::Blob { .. }) => "blob",
@@ -182,6 +183,12 @@ async fn dispatch(
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )
             .body(body::full(mirror.metrics.encode()))
+            .unwrap_or_else(|_| Response::new(body::empty()));
+    }
+    if req.uri().path() == "/_shoal/pulls" {
+        return Response::builder()
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body::full(mirror.pulls.to_json()))
             .unwrap_or_else(|_| Response::new(body::empty()));
     }
     let route = match route {
@@ -343,11 +350,11 @@ async fn serve_blob(
                         r.start,
                         r.end + 1,
                         b.pin,
-                        mirror.metrics.clone(),
+                        mirror.clone(),
                     )),
                 None => builder
                     .header(header::CONTENT_LENGTH, size)
-                    .body(body::stored(b.file, 0, size, b.pin, mirror.metrics.clone())),
+                    .body(body::stored(b.file, 0, size, b.pin, mirror.clone())),
             }
         }
         Blob::Arriving(t) => {
@@ -355,7 +362,7 @@ async fn serve_blob(
             if let Some(s) = t.size {
                 b = b.header(header::CONTENT_LENGTH, s);
             }
-            b.body(body::arriving(t, 0, mirror.metrics.clone()))
+            b.body(body::arriving(t, 0, mirror.clone()))
         }
     };
     Ok(resp.unwrap_or_else(|_| Response::new(body::empty())))

@@ -5,7 +5,8 @@
 //!   was renamed into place, and never written again.
 //! - `partial/<64 hex>.<n>`: blobs being written. Dropped on start-up: nothing in here is served
 //!   after a restart, because nothing in here was verified.
-//! - `meta/`: RocksDB, column families `blobs` (digest -> [`BlobMeta`]) and `tags`
+//! - `meta/`: RocksDB, column families `blobs` (digest -> [`BlobMeta`]), `tables` (digest -> the
+//!   blob's encoded [`MidstateTable`], for serving chunks to peers) and `tags`
 //!   (registry, repository, tag -> [`TagMeta`]).
 //!
 //! Invariants:
@@ -13,6 +14,10 @@
 //! - A blob with readers (a pin) is never evicted.
 //! - Bytes of complete blobs never exceed the cap, except by blobs that are pinned or that
 //!   alone exceed it.
+//! - A blob's midstate table is computed in the same pass that verifies the blob (the table
+//!   builder produces the digest), written in the same RocksDB batch as the blob's record, and
+//!   deleted with it. A stored table always describes its blob's bytes: it is only ever derived
+//!   from bytes that hashed to the digest.
 //!
 //! Non-goals: deduplicating partial downloads across restarts (they are dropped, not resumed).
 
@@ -24,12 +29,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, DB};
+use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
+use shoal_protocol::chunk::{LayoutError, MidstateTable, TableBuilder, DEFAULT_CHUNK_SIZE};
 use shoal_protocol::Digest;
 
 const CF_BLOBS: &str = "blobs";
+const CF_TABLES: &str = "tables";
 const CF_TAGS: &str = "tags";
 
 /// What the store keeps about a complete blob.
@@ -68,6 +75,9 @@ pub enum OpenError {
     /// RocksDB refused to open.
     #[error("metadata database: {0}")]
     Db(#[from] rocksdb::Error),
+    /// The chunk size for midstate tables is not a valid chunk size.
+    #[error("chunk size: {0}")]
+    ChunkSize(#[from] LayoutError),
 }
 
 /// Errors committing a written blob.
@@ -112,6 +122,10 @@ struct Inner {
     /// waits or an `.await`.
     lru: Mutex<Lru>,
     evictions: AtomicU64,
+    /// A fresh builder for the store's chunk size, cloned for every writer (its chunk size was
+    /// validated at open, so cloning cannot fail where building could).
+    table_builder: TableBuilder,
+    chunk_size: u32,
 }
 
 #[derive(Default)]
@@ -193,6 +207,13 @@ pub struct Pin {
     digest: Digest,
 }
 
+impl Pin {
+    /// The pinned blob.
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+}
+
 impl Drop for Pin {
     fn drop(&mut self) {
         let mut lru = self
@@ -221,17 +242,34 @@ pub struct OpenBlob {
 pub struct BlobWriter {
     file: File,
     path: PathBuf,
-    hasher: Sha256,
+    /// Hashes the blob and records its midstate table in the same pass.
+    builder: Option<TableBuilder>,
     written: u64,
     digest: Digest,
     committed: bool,
+    /// Written with [`BlobWriter::write_at`]: hashed from the file at commit.
+    out_of_order: bool,
 }
 
 impl BlobWriter {
     /// Appends bytes (blocking: a write into the page cache).
     pub fn write(&mut self, buf: &[u8]) -> io::Result<()> {
         self.file.write_all(buf)?;
-        self.hasher.update(buf);
+        if let Some(b) = self.builder.as_mut() {
+            b.update(buf);
+        }
+        self.written += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Writes bytes at an offset, for blobs assembled from chunks in any order (blocking).
+    /// The blob is then hashed from the file at [`BlobWriter::commit`]: nothing written here
+    /// is trusted before that.
+    pub fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.out_of_order = true;
+        self.builder = None;
+        self.file.write_all_at(buf, offset)?;
         self.written += buf.len() as u64;
         Ok(())
     }
@@ -246,7 +284,8 @@ impl BlobWriter {
         File::open(&self.path)
     }
 
-    /// Verifies the digest and, if it matches, moves the blob into the store (blocking: fsync).
+    /// Verifies the digest and, if it matches, moves the blob into the store with its midstate
+    /// table (blocking: fsync).
     pub fn commit(
         mut self,
         store: &Store,
@@ -254,7 +293,14 @@ impl BlobWriter {
         media_type: Option<String>,
         private: bool,
     ) -> Result<BlobMeta, CommitError> {
-        let actual = Digest::from_bytes(std::mem::take(&mut self.hasher).finalize().into());
+        let finished = self.builder.take().map(TableBuilder::finish);
+        let (actual, table) = match finished {
+            None if self.out_of_order => store.hash_with_table(&self.path)?,
+            Some(Ok((table, digest))) => (Digest::from_bytes(digest), Some(table)),
+            // More chunks than a table may hold (over 4 TiB at the default chunk size): the
+            // builder cannot give the digest, so hash the file again, and keep no table.
+            Some(Err(_)) | None => (hash_file(&self.path)?, None),
+        };
         if let Some(expected) = expected_size {
             if expected != self.written {
                 return Err(CommitError::SizeMismatch {
@@ -276,7 +322,7 @@ impl BlobWriter {
             last_access: now_secs(),
             private,
         };
-        store.install(&self.digest, &self.path, &meta)?;
+        store.install(&self.digest, &self.path, &meta, table.as_ref())?;
         self.committed = true;
         Ok(meta)
     }
@@ -293,8 +339,20 @@ impl Drop for BlobWriter {
 impl Store {
     /// Opens (creating if needed) the store under `root`, recovering from any crash: partial
     /// blobs are dropped, records without files are removed, files without records are
-    /// re-verified and indexed.
+    /// re-verified and indexed. Midstate tables use [`DEFAULT_CHUNK_SIZE`].
     pub fn open(root: &Path, cap: u64) -> Result<Store, OpenError> {
+        Store::open_with_chunk_size(root, cap, DEFAULT_CHUNK_SIZE)
+    }
+
+    /// [`Store::open`] with midstate tables of `chunk_size` bytes per chunk (a multiple of 64
+    /// from 64 bytes to 64 MiB). Tables stored under another chunk size by an earlier run are
+    /// not served; [`Store::build_table`] replaces them on demand.
+    pub fn open_with_chunk_size(
+        root: &Path,
+        cap: u64,
+        chunk_size: u32,
+    ) -> Result<Store, OpenError> {
+        let table_builder = TableBuilder::new(chunk_size)?;
         let io_err = |path: &Path| {
             let path = path.to_path_buf();
             move |source| OpenError::Io { path, source }
@@ -315,7 +373,8 @@ impl Store {
         opts.set_write_buffer_size(4 << 20);
         opts.set_max_write_buffer_number(2);
         opts.set_keep_log_file_num(2);
-        let cfs = [CF_BLOBS, CF_TAGS].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        let cfs = [CF_BLOBS, CF_TABLES, CF_TAGS]
+            .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, root.join("meta"), cfs)?;
 
         let store = Store {
@@ -326,6 +385,8 @@ impl Store {
                 next_partial: AtomicU64::new(0),
                 lru: Mutex::new(Lru::default()),
                 evictions: AtomicU64::new(0),
+                table_builder,
+                chunk_size,
             }),
         };
         store.recover().map_err(io_err(root))?;
@@ -333,7 +394,7 @@ impl Store {
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
-        // Both column families are created by `open`.
+        // Every column family is created by `open`.
         self.inner
             .db
             .cf_handle(name)
@@ -360,10 +421,10 @@ impl Store {
             }
         }
         for k in stale {
-            self.inner
-                .db
-                .delete_cf(self.cf(CF_BLOBS), k)
-                .map_err(io::Error::other)?;
+            let mut batch = WriteBatch::default();
+            batch.delete_cf(self.cf(CF_BLOBS), &k);
+            batch.delete_cf(self.cf(CF_TABLES), &k);
+            self.inner.db.write(batch).map_err(io::Error::other)?;
         }
         let indexed: std::collections::HashSet<Digest> = known.iter().map(|(_, d, _)| *d).collect();
         // Files without a record: a crash between the rename and the metadata write. The rename
@@ -381,9 +442,13 @@ impl Store {
                 let parsed = name
                     .to_str()
                     .and_then(|n| Digest::parse(&format!("sha256:{n}")).ok());
-                match parsed {
-                    Some(d) if indexed.contains(&d) => {}
-                    Some(d) if hash_file(&f.path())? == d => {
+                let hashed = match parsed {
+                    Some(d) if indexed.contains(&d) => continue,
+                    Some(d) => Some((d, self.hash_with_table(&f.path())?)),
+                    None => None,
+                };
+                match hashed {
+                    Some((d, (actual, table))) if actual == d => {
                         let size = f.metadata()?.len();
                         let meta = BlobMeta {
                             size,
@@ -391,15 +456,34 @@ impl Store {
                             last_access: now_secs(),
                             private: false,
                         };
-                        self.inner
-                            .db
-                            .put_cf(self.cf(CF_BLOBS), d.as_bytes(), encode(&meta))
+                        self.write_records(&d, &meta, table.as_ref())
                             .map_err(io::Error::other)?;
                         known.push((meta.last_access, d, size));
                     }
                     _ => fs::remove_file(f.path())?,
                 }
             }
+        }
+        // Tables whose blob record is gone (a crash between the two deletes cannot happen, as
+        // they share a batch, but tables written by a newer or buggy run might linger).
+        let live: std::collections::HashSet<Digest> = known.iter().map(|(_, d, _)| *d).collect();
+        let mut orphan_tables = Vec::new();
+        for item in self
+            .inner
+            .db
+            .iterator_cf(self.cf(CF_TABLES), IteratorMode::Start)
+        {
+            let (k, _) = item.map_err(io::Error::other)?;
+            let digest = <[u8; 32]>::try_from(&k[..]).ok().map(Digest::from_bytes);
+            if !digest.is_some_and(|d| live.contains(&d)) {
+                orphan_tables.push(k);
+            }
+        }
+        for k in orphan_tables {
+            self.inner
+                .db
+                .delete_cf(self.cf(CF_TABLES), k)
+                .map_err(io::Error::other)?;
         }
         known.sort();
         let mut lru = self.lock();
@@ -504,10 +588,11 @@ impl Store {
         Ok(BlobWriter {
             file,
             path,
-            hasher: Sha256::new(),
+            builder: Some(self.inner.table_builder.clone()),
             written: 0,
             digest: *digest,
             committed: false,
+            out_of_order: false,
         })
     }
 
@@ -524,18 +609,125 @@ impl Store {
         w.commit(self, Some(data.len() as u64), media_type, private)
     }
 
-    fn install(&self, d: &Digest, from: &Path, meta: &BlobMeta) -> Result<(), CommitError> {
+    fn install(
+        &self,
+        d: &Digest,
+        from: &Path,
+        meta: &BlobMeta,
+        table: Option<&MidstateTable>,
+    ) -> Result<(), CommitError> {
         let to = self.blob_path(d);
         let dir = to.parent().expect("blob path has a parent");
         fs::create_dir_all(dir)?;
         fs::rename(from, &to)?;
         File::open(dir)?.sync_all()?;
-        self.inner
-            .db
-            .put_cf(self.cf(CF_BLOBS), d.as_bytes(), encode(meta))?;
+        self.write_records(d, meta, table)?;
         self.lock().insert(*d, meta.size);
         self.evict()?;
         Ok(())
+    }
+
+    /// Writes a blob's record and its table (or removes a stale table) in one batch.
+    fn write_records(
+        &self,
+        d: &Digest,
+        meta: &BlobMeta,
+        table: Option<&MidstateTable>,
+    ) -> Result<(), rocksdb::Error> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_BLOBS), d.as_bytes(), encode(meta));
+        match table {
+            Some(t) => batch.put_cf(self.cf(CF_TABLES), d.as_bytes(), t.encode()),
+            None => batch.delete_cf(self.cf(CF_TABLES), d.as_bytes()),
+        }
+        self.inner.db.write(batch)
+    }
+
+    /// One pass over a file: its digest and, unless it has too many chunks, its midstate table
+    /// at the store's chunk size (blocking).
+    fn hash_with_table(&self, path: &Path) -> io::Result<(Digest, Option<MidstateTable>)> {
+        let mut f = File::open(path)?;
+        let mut builder = self.inner.table_builder.clone();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            builder.update(&buf[..n]);
+        }
+        match builder.finish() {
+            Ok((table, digest)) => Ok((Digest::from_bytes(digest), Some(table))),
+            Err(_) => Ok((hash_file(path)?, None)),
+        }
+    }
+
+    /// The chunk size of the midstate tables this store builds.
+    pub fn chunk_size(&self) -> u32 {
+        self.inner.chunk_size
+    }
+
+    /// The stored midstate table of a complete blob at the store's chunk size, if any.
+    ///
+    /// `None` when the blob is absent, or when it has no table at this chunk size (stored by a
+    /// run with another chunk size or before tables existed, or a blob of too many chunks): see
+    /// [`Store::build_table`].
+    pub fn table(&self, d: &Digest) -> Option<MidstateTable> {
+        let size = self.lock().entries.get(d)?.size;
+        let v = self
+            .inner
+            .db
+            .get_cf(self.cf(CF_TABLES), d.as_bytes())
+            .ok()??;
+        let table = MidstateTable::decode(&v).ok()?;
+        let layout = table.layout();
+        (layout.blob_size() == size && layout.chunk_size() == self.chunk_size()).then_some(table)
+    }
+
+    /// The blob's table, computed from its file and stored if it was missing (blocking: one
+    /// SHA-256 pass over the blob). `Ok(None)` when the blob is absent or has too many chunks.
+    ///
+    /// The file is re-verified in the same pass: if it no longer hashes to its digest (the disk
+    /// went bad), the blob is dropped from the store and an error is returned.
+    pub fn build_table(&self, d: &Digest) -> io::Result<Option<MidstateTable>> {
+        if let Some(t) = self.table(d) {
+            return Ok(Some(t));
+        }
+        let Some(blob) = self.open_blob(d) else {
+            return Ok(None);
+        };
+        let (actual, table) = self.hash_with_table(&self.blob_path(d))?;
+        if actual != *d {
+            drop(blob);
+            self.remove_corrupt(d)?;
+            return Err(io::Error::other(format!(
+                "stored blob {d} no longer matches its digest; dropped"
+            )));
+        }
+        if let Some(t) = &table {
+            self.inner
+                .db
+                .put_cf(self.cf(CF_TABLES), d.as_bytes(), t.encode())
+                .map_err(io::Error::other)?;
+        }
+        drop(blob);
+        Ok(table)
+    }
+
+    /// Drops a blob whose file no longer matches its digest.
+    fn remove_corrupt(&self, d: &Digest) -> io::Result<()> {
+        if self.lock().remove(d).is_none() {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(CF_BLOBS), d.as_bytes());
+        batch.delete_cf(self.cf(CF_TABLES), d.as_bytes());
+        self.inner.db.write(batch).map_err(io::Error::other)?;
+        tracing::error!(digest = %d, "stored blob is corrupt on disk; dropped");
+        match fs::remove_file(self.blob_path(d)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// Evicts least recently used, unpinned blobs until the total fits the cap.
@@ -559,10 +751,10 @@ impl Store {
                     None => return Ok(()),
                 }
             };
-            self.inner
-                .db
-                .delete_cf(self.cf(CF_BLOBS), victim.as_bytes())
-                .map_err(io::Error::other)?;
+            let mut batch = WriteBatch::default();
+            batch.delete_cf(self.cf(CF_BLOBS), victim.as_bytes());
+            batch.delete_cf(self.cf(CF_TABLES), victim.as_bytes());
+            self.inner.db.write(batch).map_err(io::Error::other)?;
             match fs::remove_file(self.blob_path(&victim)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -714,6 +906,129 @@ mod tests {
             "unverified file kept"
         );
         assert_eq!(fs::read_dir(dir.path().join("partial")).unwrap().count(), 0);
+    }
+
+    fn raw_table(s: &Store, d: &Digest) -> Option<Vec<u8>> {
+        s.inner
+            .db
+            .get_cf(s.cf(CF_TABLES), d.as_bytes())
+            .unwrap()
+            .map(|v| v.to_vec())
+    }
+
+    fn data(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    #[test]
+    fn tables_are_built_on_commit_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open_with_chunk_size(dir.path(), 1 << 30, 128).unwrap();
+        assert_eq!(s.chunk_size(), 128);
+        let blob = data(1000);
+        let d = Digest::of(&blob);
+        // Written in odd pieces, as the mirror does.
+        let mut w = s.writer(&d).unwrap();
+        for piece in blob.chunks(100) {
+            w.write(piece).unwrap();
+        }
+        w.commit(&s, Some(1000), None, false).unwrap();
+        let expected = MidstateTable::compute(&blob, 128).unwrap();
+        assert_eq!(s.table(&d).unwrap(), expected);
+        expected.verify_full(d.as_bytes(), &blob).unwrap();
+        // Single- and zero-chunk blobs have (empty) tables too.
+        let small = put(&s, b"tiny");
+        assert_eq!(s.table(&small).unwrap().states().len(), 0);
+        let empty = put(&s, b"");
+        assert_eq!(s.table(&empty).unwrap().layout().count(), 0);
+        drop(s);
+        let s = Store::open_with_chunk_size(dir.path(), 1 << 30, 128).unwrap();
+        assert_eq!(s.table(&d).unwrap(), expected);
+        assert!(s.table(&Digest::of(b"absent")).is_none());
+    }
+
+    #[test]
+    fn the_default_chunk_size_and_bad_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(s.chunk_size(), DEFAULT_CHUNK_SIZE);
+        drop(s);
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            Store::open_with_chunk_size(dir.path(), 1 << 30, 100),
+            Err(OpenError::ChunkSize(_))
+        ));
+    }
+
+    #[test]
+    fn eviction_drops_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open_with_chunk_size(dir.path(), 300, 64).unwrap();
+        let a = put(&s, &data(200));
+        assert!(raw_table(&s, &a).is_some());
+        let b = put(&s, &data(201));
+        assert!(!s.contains(&a));
+        assert!(s.table(&a).is_none() && raw_table(&s, &a).is_none());
+        assert!(s.table(&b).is_some());
+    }
+
+    #[test]
+    fn recovery_rebuilds_tables_of_orphans_and_drops_stray_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open_with_chunk_size(dir.path(), 1 << 30, 64).unwrap();
+        let blob = data(777);
+        let d = put(&s, &blob);
+        let gone = put(&s, &data(300));
+        // A crash after the rename, before the records: a file without records.
+        s.inner.db.delete_cf(s.cf(CF_BLOBS), d.as_bytes()).unwrap();
+        s.inner.db.delete_cf(s.cf(CF_TABLES), d.as_bytes()).unwrap();
+        // A table without a blob record.
+        s.inner
+            .db
+            .delete_cf(s.cf(CF_BLOBS), gone.as_bytes())
+            .unwrap();
+        fs::remove_file(s.blob_path(&gone)).unwrap();
+        drop(s);
+        let s = Store::open_with_chunk_size(dir.path(), 1 << 30, 64).unwrap();
+        assert_eq!(
+            s.table(&d).unwrap(),
+            MidstateTable::compute(&blob, 64).unwrap()
+        );
+        assert!(raw_table(&s, &gone).is_none());
+    }
+
+    #[test]
+    fn missing_or_other_size_tables_are_built_on_demand() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open_with_chunk_size(dir.path(), 1 << 30, 64).unwrap();
+        let blob = data(1000);
+        let d = put(&s, &blob);
+        // As if stored before tables existed.
+        s.inner.db.delete_cf(s.cf(CF_TABLES), d.as_bytes()).unwrap();
+        assert!(s.table(&d).is_none());
+        let built = s.build_table(&d).unwrap().unwrap();
+        assert_eq!(built, MidstateTable::compute(&blob, 64).unwrap());
+        assert_eq!(s.table(&d).unwrap(), built);
+        drop(s);
+        // Another chunk size: the old table is not served, a new one replaces it.
+        let s = Store::open_with_chunk_size(dir.path(), 1 << 30, 256).unwrap();
+        assert!(s.table(&d).is_none());
+        let built = s.build_table(&d).unwrap().unwrap();
+        assert_eq!(built.layout().chunk_size(), 256);
+        assert_eq!(s.table(&d).unwrap(), built);
+        assert!(s.build_table(&Digest::of(b"absent")).unwrap().is_none());
+    }
+
+    #[test]
+    fn building_a_table_drops_a_blob_that_went_bad_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open_with_chunk_size(dir.path(), 1 << 30, 64).unwrap();
+        let d = put(&s, &data(500));
+        s.inner.db.delete_cf(s.cf(CF_TABLES), d.as_bytes()).unwrap();
+        fs::write(s.blob_path(&d), data(499)).unwrap();
+        assert!(s.build_table(&d).is_err());
+        assert!(!s.contains(&d) && !s.blob_path(&d).exists());
+        assert_eq!(s.total_bytes(), 0);
     }
 
     #[test]

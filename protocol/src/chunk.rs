@@ -155,7 +155,8 @@ impl ChunkLayout {
     /// A layout, if `chunk_size` is a multiple of 64 in `64..=64 MiB` and the blob has at most
     /// [`MAX_CHUNKS`] chunks.
     pub fn new(blob_size: u64, chunk_size: u32) -> Result<ChunkLayout, LayoutError> {
-        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) || !chunk_size.is_multiple_of(BLOCK_SIZE)
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size)
+            || !chunk_size.is_multiple_of(BLOCK_SIZE)
         {
             return Err(LayoutError::BadChunkSize { chunk_size });
         }

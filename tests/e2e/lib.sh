@@ -856,3 +856,201 @@ fetch_manifest_digest() {
     sha256_of "$f"
     rm -f "$f"
 }
+
+# ---------------------------------------------------------------------------------------------
+# Swarm (peer-to-peer) helpers
+
+# p2p_supported: the shoal binary has the peer-to-peer flags (`shoal run --help` lists
+# --p2p-listen).
+p2p_supported() { "$SHOAL_BIN" run --help 2>/dev/null | grep -q -- '--p2p-listen'; }
+
+# free_ports N: print N distinct 127.0.0.1 ports (one a line), each free for TCP and UDP alike
+# (a node's --p2p-listen port carries the DHT on TCP and QUIC on UDP).
+free_ports() {
+    "$E2E_PYTHON" - "$1" <<'PY'
+import socket, sys
+n, held, out = int(sys.argv[1]), [], []
+for _ in range(1000):
+    if len(out) == n:
+        break
+    t = socket.socket()
+    t.bind(("127.0.0.1", 0))
+    p = t.getsockname()[1]
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        u.bind(("127.0.0.1", p))
+    except OSError:
+        t.close(); u.close(); continue
+    held += [t, u]
+    out.append(p)
+print("\n".join(map(str, out)))
+PY
+}
+
+# start_counting_proxy VAR TARGET [PROXY ARGS...]: counting_proxy.py in front of TARGET
+# (HOST:PORT). Sets VAR=127.0.0.1:PORT, VAR_PID, VAR_STATS (its stats JSON, rewritten every
+# 200 ms), VAR_LOG (one line per blob/manifest request).
+start_counting_proxy() {
+    local var=$1 target=$2 dir=$T/cproxy-$1 pid
+    shift 2
+    mkdir -p "$dir"
+    rm -f "$dir/port"
+    "$E2E_PYTHON" "$E2E_DIR/counting_proxy.py" --target "$target" --port-file "$dir/port" \
+        --stats "$dir/stats.json" "$@" >>"$dir/log" 2>&1 &
+    pid=$!
+    register_pid "$pid" "cproxy-$var"
+    wait_until 10 test -s "$dir/port" || { show_log "$dir/log"; die "counting proxy $var did not start"; }
+    printf -v "$var" '127.0.0.1:%s' "$(cat "$dir/port")"
+    printf -v "${var}_PID" '%s' "$pid"
+    printf -v "${var}_STATS" '%s' "$dir/stats.json"
+    printf -v "${var}_LOG" '%s' "$dir/log"
+    log "counting proxy $var on 127.0.0.1:$(cat "$dir/port") -> $target"
+}
+
+# proxy_stat VAR [JQ FILTER=.]: jq -r FILTER over proxy VAR's current counters (asks a live proxy
+# for a fresh write with SIGUSR1 and waits for it; a stopped proxy's last write is used).
+proxy_stat() {
+    local var=$1 filter=${2:-.} pidvar=${1}_PID statsvar=${1}_STATS seq
+    local f=${!statsvar}
+    if pid_alive "${!pidvar}"; then
+        seq=$(jq -r .seq "$f" 2>/dev/null || echo 0)
+        kill -USR1 "${!pidvar}" 2>/dev/null || true
+        local i
+        for i in $(seq 50); do
+            (($(jq -r .seq "$f" 2>/dev/null || echo 0) > seq)) && break
+            sleep 0.05
+        done
+    fi
+    jq -r "$filter" "$f"
+}
+
+# start_swarm_node VAR DATA_DIR UPSTREAM P2P_PORT [RUN ARGS...]: start_shoal with
+# --p2p-listen 127.0.0.1:P2P_PORT; also sets VAR_P2P=127.0.0.1:P2P_PORT.
+start_swarm_node() {
+    local var=$1 data=$2 up=$3 p2p=$4
+    shift 4
+    start_shoal "$var" "$data" "$up" --p2p-listen "127.0.0.1:$p2p" "$@"
+    printf -v "${var}_P2P" '127.0.0.1:%s' "$p2p"
+}
+
+# shoal_pulls ADDR: print GET http://ADDR/_shoal/pulls (JSON); dies unless HTTP 200.
+shoal_pulls() {
+    local f code
+    f=$(mktemp "$T/pulls.XXXXXX")
+    code=$(curl -sS -o "$f" -w '%{http_code}' --max-time 10 "http://$1/_shoal/pulls" || true)
+    [[ $code == 200 ]] || { rm -f "$f"; die "GET http://$1/_shoal/pulls -> HTTP ${code:-000}"; }
+    cat "$f"
+    rm -f "$f"
+}
+
+# shoal_pull_record ADDR DIGEST: the /_shoal/pulls record of DIGEST ("null" if none).
+shoal_pull_record() {
+    shoal_pulls "$1" | jq -c --arg d "$2" '[.pulls[] | select(.digest == $d)] | .[0]'
+}
+
+# pulls_summary ADDR [PEER_NAMES_FILE]: one line from /_shoal/pulls: bytes fetched from the
+# upstream and from peers (per peer), bytes served, records and their states. PEER_NAMES_FILE
+# ("PEER_ID NAME" lines) replaces peer ids by node names.
+pulls_summary() {
+    local addr=$1 names=${2:-} line id name f code
+    f=$(mktemp "$T/pulls.XXXXXX")
+    code=$(curl -sS -o "$f" -w '%{http_code}' --max-time 10 "http://$addr/_shoal/pulls" 2>/dev/null || true)
+    if [[ $code != 200 ]]; then
+        rm -f "$f"
+        echo "(GET /_shoal/pulls -> HTTP ${code:-000})"
+        return 0
+    fi
+    line=$(jq -r '
+        [.pulls[]] as $p
+        | ([$p[] | .fetched_from_peers // {} | to_entries[]] | group_by(.key)
+           | map("\(.[0].key)=\(map(.value) | add)") | join(" ")) as $peers
+        | "upstream=\([$p[].fetched_from_upstream // 0] | add // 0)"
+          + " peers=\([$p[] | .fetched_from_peers // {} | to_entries[].value] | add // 0) [\($peers)]"
+          + " served_cache=\([$p[].served_from_cache // 0] | add // 0)"
+          + " served_arriving=\([$p[].served_while_arriving // 0] | add // 0)"
+          + " records=\($p | length) states=[\([$p[].state] | group_by(.) | map("\(.[0])x\(length)") | join(","))]"' "$f" 2>&1 || echo "(unparsable /_shoal/pulls: $(head -c 200 "$f"))")
+    rm -f "$f"
+    if [[ -n $names && -s $names ]]; then
+        while read -r id name; do
+            [[ -n $id ]] && line=${line//$id/$name}
+        done <"$names"
+    fi
+    printf '%s\n' "$line"
+}
+
+# served_by_source ADDR: "cache=N upstream=N peer=N" from shoal_served_bytes_total{source=...}
+# (diagnostics: never fails).
+served_by_source() {
+    local f
+    f=$(mktemp "$T/metrics.XXXXXX")
+    if [[ $(curl -sS -o "$f" -w '%{http_code}' --max-time 10 "http://$1/metrics" 2>/dev/null || true) != 200 ]]; then
+        rm -f "$f"
+        echo "(GET /metrics failed)"
+        return 0
+    fi
+    awk '
+        index($1, "shoal_served_bytes_total{") == 1 {
+            if (match($1, /source="[^"]*"/)) s[substr($1, RSTART + 8, RLENGTH - 9)] += $NF
+        }
+        END { printf "cache=%d upstream=%d peer=%d\n", s["cache"], s["upstream"], s["peer"] }' "$f"
+    rm -f "$f"
+}
+
+# log_peer_id FILE: the libp2p peer id a shoal log states as its own (empty if none).
+log_peer_id() {
+    [[ -f $1 ]] || return 0
+    grep -iE 'local peer id|peer id|peer_id|local_peer|PeerId|listening' "$1" 2>/dev/null |
+        sed 's/\x1b\[[0-9;]*m//g' | grep -oE '(12D3KooW|Qm)[1-9A-HJ-NP-Za-km-z]{40,}' | head -n1 || true
+}
+
+# shoal_peer_id VAR: the node's own libp2p peer id, from its log (empty if not found).
+shoal_peer_id() {
+    local logvar=${1}_LOG
+    log_peer_id "${!logvar:-}"
+}
+
+# peer_names_file FILE: write "PEER_ID VAR" for every shoal log of this run ($T/shoal-VAR.N.log)
+# that states a peer id (for pulls_summary).
+peer_names_file() {
+    local f v id
+    : >"$1"
+    for f in "$T"/shoal-*.log; do
+        [[ -f $f ]] || continue
+        v=$(basename "$f")
+        v=${v#shoal-}
+        v=${v%%.*}
+        id=$(log_peer_id "$f")
+        if [[ -n $id ]]; then printf '%s %s\n' "$id" "$v" >>"$1"; fi
+    done
+}
+
+# verify_dir_copy DIR JSON [PLATFORM=linux/amd64]: a skopeo dir: copy of a single-platform
+# pull holds the platform's manifest and exactly its config and layers, each hashing to its name.
+verify_dir_copy() {
+    local out=$1 json=$2 plat=${3:-linux/amd64} f name got expected mwant seen=()
+    mwant=$(image_platform_manifest "$json" "$plat")
+    [[ -f $out/manifest.json ]] || die "no manifest.json in $out"
+    got=$(sha256_of "$out/manifest.json")
+    [[ $got == "$mwant" ]] || die "copied manifest.json digest $got != $plat manifest $mwant"
+    expected=$(image_platform_blobs "$json" "$plat" | sort)
+    for f in "$out"/*; do
+        name=$(basename "$f")
+        case $name in manifest.json | version | signature-*) continue ;; esac
+        got=$(sha256_of "$f")
+        [[ sha256:$name == "$got" ]] || die "blob $name in $out hashes to $got"
+        seen+=("sha256:$name")
+    done
+    [[ $(printf '%s\n' ${seen[@]+"${seen[@]}"} | sort) == "$expected" ]] ||
+        die "blob set in $out differs: got [${seen[*]:-}] want [${expected//$'\n'/ }]"
+}
+
+# swarm_pull SRC REF JSON OUT [TIMEOUT=180]: skopeo copy docker://SRC/REF (REF = repo:tag or
+# repo@digest) to dir:OUT, then verify_dir_copy. Prints "pulled SRC/REF in N s".
+swarm_pull() {
+    local src=$1 ref=$2 json=$3 out=$4 tmo=${5:-180} t0=$SECONDS
+    mkdir -p "$out"
+    timeout "$tmo" skopeo copy --quiet --src-tls-verify=false "docker://$src/$ref" "dir:$out" \
+        >"$out.log" 2>&1 || { show_log "$out.log" 10; die "skopeo copy docker://$src/$ref failed after $((SECONDS - t0)) s: $(tail -n1 "$out.log")"; }
+    verify_dir_copy "$out" "$json"
+    echo "pulled $src/$ref in $((SECONDS - t0)) s"
+}

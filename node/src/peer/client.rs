@@ -1,0 +1,453 @@
+//! The fetching side: connect, authenticate, ask for tables, chunks and bitfields.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use quinn::{Connection, ConnectionError, RecvStream, SendStream, TransportErrorCode, VarInt};
+use shoal_protocol::chunk::{ChunkError, ChunkLayout, ChunkVerifier, MidstateTable};
+use shoal_protocol::wire::{Bitfield, Request, Response, MAX_AUTHZ_LEN};
+use shoal_protocol::Digest;
+use tokio::time::timeout;
+
+use super::auth::{exporter, ClusterKey, Role};
+use super::frame::{self, FrameError};
+use super::metrics::Metrics;
+use super::{close, PeerConfig, SERVER_NAME};
+
+/// Why a peer operation failed. Each variant says what the scheduler should make of it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerError {
+    /// A wait (handshake, opening a stream, a read or a write) exceeded the timeout: the peer is
+    /// slow or gone. Try another peer; not proof of misbehaviour.
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+    /// The peer declined the work for now: at its connection cap, or `Busy` over its serving
+    /// budget. Ask again after `retry_after` (when given) or ask another peer.
+    #[error("refused by the peer (retry after {retry_after:?})")]
+    Refused {
+        /// How long the peer asked us to wait, if it said.
+        retry_after: Option<Duration>,
+    },
+    /// Mutual authentication failed: the peer rejected our proof, or its proof did not verify
+    /// (it does not hold the cluster key). Do not use this peer.
+    #[error("authentication failed: {0}")]
+    AuthFailed(String),
+    /// The peer does not have the blob (or no table for it at this chunk size).
+    #[error("the peer does not have it")]
+    NotFound,
+    /// The blob is private and the peer's authorizer did not approve this request's token.
+    #[error("denied by the peer")]
+    Denied,
+    /// The chunk is proven wrong: it fails between two trusted ends (the IV, the digest), or it
+    /// has the wrong length. The peer sent bad bytes: blame it.
+    #[error("chunk {index} is corrupt")]
+    Corrupt {
+        /// The chunk.
+        index: u32,
+    },
+    /// The chunk does not chain with the midstate table: the chunk or the table is wrong, and
+    /// which cannot be told. Re-fetch the table from another peer and re-check before blaming
+    /// this one.
+    #[error("chunk {index} does not chain with the table")]
+    Ambiguous {
+        /// The chunk.
+        index: u32,
+    },
+    /// The table the peer sent is unusable: undecodable, for another chunk size, for a blob of
+    /// another size than expected, or an impossible empty-blob table. Blame the peer.
+    #[error("bad midstate table: {0}")]
+    BadTable(String),
+    /// The peer broke the protocol: a malformed message, an unexpected answer, a chunk stream
+    /// that ended early. Blame the peer.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The peer answered with an error message (for the logs).
+    #[error("peer error: {0}")]
+    Remote(String),
+    /// The request itself is invalid (a bad chunk size, an index past the table's layout, an
+    /// oversized token); nothing was sent.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The connection or the stream failed (unreachable, closed, reset).
+    #[error("connection: {0}")]
+    Connection(String),
+}
+
+impl PeerError {
+    /// True when the failure is proof that the peer misbehaved (as opposed to being slow, busy,
+    /// not having the blob, or an ambiguity that may be the table's fault).
+    pub fn blames_peer(&self) -> bool {
+        matches!(
+            self,
+            PeerError::Corrupt { .. }
+                | PeerError::BadTable(_)
+                | PeerError::Protocol(_)
+                | PeerError::AuthFailed(_)
+        )
+    }
+}
+
+/// A [`PeerError`] from a failed connection.
+fn from_connection(e: &ConnectionError) -> PeerError {
+    match e {
+        ConnectionError::ApplicationClosed(c)
+            if c.error_code == VarInt::from_u32(close::AUTH_FAILED) =>
+        {
+            PeerError::AuthFailed("the peer rejected our proof".into())
+        }
+        ConnectionError::ConnectionClosed(c)
+            if c.error_code == TransportErrorCode::CONNECTION_REFUSED =>
+        {
+            PeerError::Refused { retry_after: None }
+        }
+        ConnectionError::TimedOut => PeerError::Timeout("the connection (idle timeout)"),
+        other => PeerError::Connection(other.to_string()),
+    }
+}
+
+/// A [`PeerError`] from a failed read or write while waiting for `what`.
+fn from_frame(e: FrameError, what: &'static str) -> PeerError {
+    if let Some(c) = e.connection_error() {
+        return from_connection(c);
+    }
+    match e {
+        FrameError::Timeout => PeerError::Timeout(what),
+        FrameError::Finished => PeerError::Protocol(format!("stream ended inside {what}")),
+        FrameError::Wire(w) => PeerError::Protocol(format!("{what}: {w}")),
+        other => PeerError::Connection(format!("{what}: {other}")),
+    }
+}
+
+/// Maps the answers every request may get instead of the one it wants.
+fn unexpected(response: Response, what: &str) -> PeerError {
+    match response {
+        Response::NotFound => PeerError::NotFound,
+        Response::Denied => PeerError::Denied,
+        Response::Busy { retry_after_ms } => PeerError::Refused {
+            retry_after: Some(Duration::from_millis(u64::from(retry_after_ms))),
+        },
+        Response::Error { message } => PeerError::Remote(message),
+        other => PeerError::Protocol(format!(
+            "unexpected answer (kind 0x{:02x}) to {what}",
+            other.kind()
+        )),
+    }
+}
+
+async fn open_bi(
+    conn: &Connection,
+    limit: Duration,
+) -> Result<(SendStream, RecvStream), PeerError> {
+    match timeout(limit, conn.open_bi()).await {
+        Err(_) => Err(PeerError::Timeout("a stream (the peer's stream limit)")),
+        Ok(Err(e)) => Err(from_connection(&e)),
+        Ok(Ok(s)) => Ok(s),
+    }
+}
+
+/// Connects to `addr` and runs the client's half of the mutual authentication.
+pub(crate) async fn connect(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    config: &PeerConfig,
+    metrics: Arc<Metrics>,
+) -> Result<PeerConn, PeerError> {
+    let limit = config.timeout;
+    let connecting = endpoint
+        .connect(addr, SERVER_NAME)
+        .map_err(|e| PeerError::Connection(e.to_string()))?;
+    let conn = match timeout(limit, connecting).await {
+        Err(_) => return Err(PeerError::Timeout("the handshake")),
+        Ok(Err(e)) => return Err(from_connection(&e)),
+        Ok(Ok(c)) => c,
+    };
+    match authenticate(&conn, &config.cluster_key, limit).await {
+        Ok(()) => Ok(PeerConn {
+            conn,
+            limit,
+            metrics,
+        }),
+        Err(e) => {
+            let code = if matches!(e, PeerError::AuthFailed(_)) {
+                metrics.auth_failed("outbound");
+                close::AUTH_FAILED
+            } else {
+                close::PROTOCOL
+            };
+            conn.close(VarInt::from_u32(code), b"authentication failed");
+            Err(e)
+        }
+    }
+}
+
+/// The client's half: send our proof, expect `AuthOk` and the server's proof, check it.
+pub(crate) async fn authenticate(
+    conn: &Connection,
+    key: &ClusterKey,
+    limit: Duration,
+) -> Result<(), PeerError> {
+    let exporter = exporter(conn).ok_or_else(|| PeerError::AuthFailed("no TLS exporter".into()))?;
+    let (mut send, mut recv) = open_bi(conn, limit).await?;
+    let proof = key.proof(Role::Client, &exporter);
+    frame::write_request(&mut send, &Request::Auth { proof }, limit)
+        .await
+        .map_err(|e| from_frame(e, "the auth request"))?;
+    let _ = send.finish();
+    match frame::read_response(&mut recv, limit).await {
+        Ok(Response::AuthOk) => {}
+        Ok(Response::Denied) => {
+            return Err(PeerError::AuthFailed("the peer rejected our proof".into()))
+        }
+        Ok(other) => return Err(unexpected(other, "Auth")),
+        Err(e) => return Err(from_frame(e, "the auth answer")),
+    }
+    let server_proof = match frame::read_request(&mut recv, limit).await {
+        Ok(Request::Auth { proof }) => proof,
+        Ok(_) => return Err(PeerError::Protocol("no server proof after AuthOk".into())),
+        Err(e) => return Err(from_frame(e, "the server's proof")),
+    };
+    if !key.verify(Role::Server, &exporter, &server_proof) {
+        return Err(PeerError::AuthFailed(
+            "the peer's proof does not verify: it does not hold the cluster key".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// An authenticated connection to a peer. Cheap to clone; requests on clones run concurrently
+/// (one QUIC stream each, up to the peer's per-connection stream limit).
+#[derive(Clone)]
+pub struct PeerConn {
+    conn: Connection,
+    limit: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for PeerConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerConn")
+            .field("remote", &self.conn.remote_address())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Chunk bytes that must arrive within each timeout.
+const PROGRESS_STEP: usize = 1 << 20;
+
+/// Reads from `recv` into `buf` until it holds at least `until` bytes (true) or the stream
+/// ends (false). Takes whatever segments are ready at once, so it may read past `until`: the
+/// caller checks the total.
+async fn read_until(
+    recv: &mut RecvStream,
+    buf: &mut BytesMut,
+    until: usize,
+) -> Result<bool, quinn::ReadError> {
+    let mut segments: [Bytes; 32] = Default::default();
+    while buf.len() < until {
+        let Some(n) = recv.read_chunks(&mut segments).await? else {
+            return Ok(false);
+        };
+        for s in &mut segments[..n] {
+            buf.extend_from_slice(s);
+            *s = Bytes::new();
+        }
+    }
+    Ok(true)
+}
+
+fn check_authz(authz: &[u8]) -> Result<(), PeerError> {
+    if authz.len() > MAX_AUTHZ_LEN {
+        return Err(PeerError::InvalidRequest(format!(
+            "authorization token of {} bytes exceeds {MAX_AUTHZ_LEN}",
+            authz.len()
+        )));
+    }
+    Ok(())
+}
+
+fn check_chunk_size(chunk_size: u32) -> Result<(), PeerError> {
+    ChunkLayout::new(0, chunk_size)
+        .map(|_| ())
+        .map_err(|e| PeerError::InvalidRequest(e.to_string()))
+}
+
+impl PeerConn {
+    /// The peer's address.
+    pub fn remote_address(&self) -> SocketAddr {
+        self.conn.remote_address()
+    }
+
+    /// The connection's current round-trip time estimate.
+    pub fn rtt(&self) -> Duration {
+        self.conn.rtt()
+    }
+
+    /// Closes the connection (requests in flight fail with [`PeerError::Connection`]).
+    pub fn close(&self) {
+        self.conn.close(VarInt::from_u32(close::DONE), b"done");
+    }
+
+    /// Sends one request on a new stream and reads the head of its answer.
+    async fn request(
+        &self,
+        request: &Request,
+        what: &'static str,
+    ) -> Result<(RecvStream, Response), PeerError> {
+        let (mut send, mut recv) = open_bi(&self.conn, self.limit).await?;
+        frame::write_request(&mut send, request, self.limit)
+            .await
+            .map_err(|e| from_frame(e, what))?;
+        let _ = send.finish();
+        let response = frame::read_response(&mut recv, self.limit)
+            .await
+            .map_err(|e| from_frame(e, what))?;
+        Ok((recv, response))
+    }
+
+    /// The midstate table of blob `digest` in chunks of `chunk_size`, checked for everything a
+    /// table can be checked for without the data: it decodes, it is for `chunk_size`, it
+    /// describes a blob of `expected_size` bytes when given (the descriptor's size), and an
+    /// empty blob's digest is the digest of nothing. Its midstates are checked chunk by chunk.
+    pub async fn table(
+        &self,
+        digest: &Digest,
+        chunk_size: u32,
+        expected_size: Option<u64>,
+        authz: &[u8],
+    ) -> Result<MidstateTable, PeerError> {
+        check_chunk_size(chunk_size)?;
+        check_authz(authz)?;
+        let request = Request::Table {
+            digest: *digest.as_bytes(),
+            chunk_size,
+            authz: authz.to_vec(),
+        };
+        let (_recv, response) = self.request(&request, "a table").await?;
+        let Response::Table { table } = response else {
+            return Err(unexpected(response, "Table"));
+        };
+        let table =
+            MidstateTable::decode(&table).map_err(|e| PeerError::BadTable(e.to_string()))?;
+        let layout = table.layout();
+        if layout.chunk_size() != chunk_size {
+            return Err(PeerError::BadTable(format!(
+                "chunk size {} instead of {chunk_size}",
+                layout.chunk_size()
+            )));
+        }
+        table
+            .verify_against_digest(
+                digest.as_bytes(),
+                expected_size.unwrap_or(layout.blob_size()),
+            )
+            .map_err(|e| PeerError::BadTable(e.to_string()))?;
+        Ok(table)
+    }
+
+    /// Chunk `index` of blob `digest`, cut as `table` says, verified against `table` and
+    /// `digest` before it is returned: an unverified byte never leaves this function.
+    ///
+    /// A single-chunk blob's chunk is checked from the IV to the digest, so a bad one is
+    /// [`PeerError::Corrupt`]; any other chunk that does not chain is
+    /// [`PeerError::Ambiguous`]. To know when a chunk is *final* (anchored to the digest), feed
+    /// the returned bytes to a [`ChunkVerifier`] as well.
+    pub async fn chunk(
+        &self,
+        digest: &Digest,
+        table: &MidstateTable,
+        index: u32,
+        authz: &[u8],
+    ) -> Result<Bytes, PeerError> {
+        check_authz(authz)?;
+        let layout = table.layout();
+        let Some((_, len)) = layout.range(index) else {
+            return Err(PeerError::InvalidRequest(format!(
+                "chunk {index} is past the blob's {} chunks",
+                layout.count()
+            )));
+        };
+        let request = Request::Chunk {
+            digest: *digest.as_bytes(),
+            chunk_size: layout.chunk_size(),
+            index,
+            authz: authz.to_vec(),
+        };
+        let (mut recv, response) = self.request(&request, "a chunk").await?;
+        let announced = match response {
+            Response::ChunkHeader { index: i, len } if i == index => len,
+            Response::ChunkHeader { index: i, .. } => {
+                return Err(PeerError::Protocol(format!(
+                    "chunk {i} sent for chunk {index}"
+                )))
+            }
+            other => return Err(unexpected(other, "Chunk")),
+        };
+        if announced != len {
+            // Refused before reading: the peer cannot make us buffer more than the layout says.
+            self.metrics.rejected("corrupt");
+            return Err(PeerError::Corrupt { index });
+        }
+        let len = len as usize;
+        let mut buf = BytesMut::with_capacity(len);
+        while buf.len() < len {
+            // One timer per [`PROGRESS_STEP`] bytes rather than per packet: the wait that times
+            // out is "the next step of the chunk".
+            let step = (buf.len() + PROGRESS_STEP).min(len);
+            match timeout(self.limit, read_until(&mut recv, &mut buf, step)).await {
+                Err(_) => return Err(PeerError::Timeout("chunk data")),
+                Ok(Ok(true)) if buf.len() <= len => {}
+                Ok(Ok(true)) => {
+                    return Err(PeerError::Protocol(format!(
+                        "chunk {index} runs past its announced {len} bytes"
+                    )))
+                }
+                Ok(Ok(false)) => {
+                    return Err(PeerError::Protocol(format!(
+                        "chunk {index} ended after {} of {len} bytes",
+                        buf.len()
+                    )))
+                }
+                Ok(Err(e)) => return Err(from_frame(FrameError::Read(e), "chunk data")),
+            }
+        }
+        let data = buf.freeze();
+        let (table, digest_bytes) = (table.clone(), *digest.as_bytes());
+        let checked = data.clone();
+        let verdict = tokio::task::spawn_blocking(move || {
+            ChunkVerifier::verify_chunk(&table, &digest_bytes, index, &checked)
+        })
+        .await
+        .map_err(|e| PeerError::Connection(format!("verification task failed: {e}")))?;
+        match verdict {
+            Ok(()) => {
+                self.metrics.fetched_bytes.inc_by(data.len() as u64);
+                Ok(data)
+            }
+            Err(ChunkError::Mismatch { index }) => {
+                self.metrics.rejected("ambiguous");
+                Err(PeerError::Ambiguous { index })
+            }
+            Err(ChunkError::Corrupt { index } | ChunkError::WrongLength { index, .. }) => {
+                self.metrics.rejected("corrupt");
+                Err(PeerError::Corrupt { index })
+            }
+            Err(e) => Err(PeerError::BadTable(e.to_string())),
+        }
+    }
+
+    /// Which chunks of blob `digest`, cut in chunks of `chunk_size`, the peer holds verified.
+    pub async fn have(&self, digest: &Digest, chunk_size: u32) -> Result<Bitfield, PeerError> {
+        check_chunk_size(chunk_size)?;
+        let request = Request::Have {
+            digest: *digest.as_bytes(),
+            chunk_size,
+        };
+        let (_recv, response) = self.request(&request, "a bitfield").await?;
+        match response {
+            Response::Have { bitfield } => Ok(bitfield),
+            other => Err(unexpected(other, "Have")),
+        }
+    }
+}

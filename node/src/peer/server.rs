@@ -1,0 +1,505 @@
+//! The serving side: accept, authenticate, answer `Table`, `Chunk` and `Have` from the store.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::future::{self, BoxFuture};
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use shoal_protocol::chunk::ChunkLayout;
+use shoal_protocol::wire::{Bitfield, Request, Response};
+use shoal_protocol::Digest;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::task::JoinSet;
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::auth::{exporter, ClusterKey, Role};
+use super::frame::{self, FrameError};
+use super::metrics::PeerLabels;
+use super::{close, Shared, SERVE_PIECE};
+use crate::store::BlobMeta;
+
+/// What an [`Authorizer`] is asked: may this private blob go to this request?
+#[derive(Debug, Clone, Copy)]
+pub struct AuthzRequest<'a> {
+    /// The private blob.
+    pub digest: &'a Digest,
+    /// The request's token (empty: none; `Have` requests carry none).
+    pub authz: &'a [u8],
+    /// The authenticated peer asking.
+    pub peer: SocketAddr,
+}
+
+/// Decides whether a private blob may be served to a peer's request. Public blobs are served
+/// to every authenticated peer without asking. An answer that takes longer than the endpoint's
+/// timeout counts as a refusal.
+pub trait Authorizer: Send + Sync + 'static {
+    /// True to serve the blob to this request.
+    fn authorize<'a>(&'a self, request: AuthzRequest<'a>) -> BoxFuture<'a, bool>;
+}
+
+/// The default [`Authorizer`]: private blobs are never served to peers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DenyPrivate;
+
+impl Authorizer for DenyPrivate {
+    fn authorize<'a>(&'a self, _request: AuthzRequest<'a>) -> BoxFuture<'a, bool> {
+        Box::pin(future::ready(false))
+    }
+}
+
+/// An [`Authorizer`] from a synchronous predicate.
+pub struct AllowIf<F>(pub F);
+
+impl<F> Authorizer for AllowIf<F>
+where
+    F: Fn(&AuthzRequest<'_>) -> bool + Send + Sync + 'static,
+{
+    fn authorize<'a>(&'a self, request: AuthzRequest<'a>) -> BoxFuture<'a, bool> {
+        Box::pin(future::ready((self.0)(&request)))
+    }
+}
+
+/// Accepts connections until cancelled, refusing those over the cap.
+pub(crate) async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) {
+    let mut conns = JoinSet::new();
+    loop {
+        let incoming = tokio::select! {
+            _ = cancel.cancelled() => break,
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        while conns.try_join_next().is_some() {}
+        let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
+            shared.metrics.refused_connections.inc();
+            debug!(peer = %incoming.remote_address(), "peer connection refused: at the cap");
+            incoming.refuse();
+            continue;
+        };
+        let shared = shared.clone();
+        let cancel = cancel.clone();
+        conns.spawn(async move {
+            let connecting = match incoming.accept() {
+                Ok(c) => c,
+                Err(e) => {
+                    debug!(error = %e, "peer connection failed before its handshake");
+                    return;
+                }
+            };
+            let conn = match timeout(shared.config.timeout, connecting).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    debug!(error = %e, "peer handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!("peer handshake timed out");
+                    return;
+                }
+            };
+            serve_connection(conn, shared, cancel, permit).await;
+        });
+    }
+    conns.abort_all();
+}
+
+/// Why the server refused a connection's authentication.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AcceptAuthError {
+    /// The first stream did not carry a well-formed `Auth` in time.
+    #[error("no valid auth message: {0}")]
+    Frame(#[from] FrameError),
+    /// The first stream's message was another request.
+    #[error("first request is not Auth")]
+    NotAuth,
+    /// The connection cannot export keying material.
+    #[error("no TLS exporter")]
+    NoExporter,
+    /// The proof does not verify: the peer does not hold the cluster key.
+    #[error("wrong proof")]
+    BadProof,
+    /// The first stream was not opened in time, or the connection failed.
+    #[error("no auth stream: {0}")]
+    NoStream(String),
+}
+
+/// The server's half of the mutual authentication, on the connection's first stream: checks
+/// the client's proof, then answers `AuthOk` and its own proof. On failure the caller closes
+/// the connection.
+pub(crate) async fn accept_auth(
+    conn: &Connection,
+    key: &ClusterKey,
+    limit: std::time::Duration,
+) -> Result<(), AcceptAuthError> {
+    let (mut send, mut recv) = match timeout(limit, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(AcceptAuthError::NoStream(e.to_string())),
+        Err(_) => return Err(AcceptAuthError::NoStream("timed out".into())),
+    };
+    let Request::Auth { proof } = frame::read_request(&mut recv, limit).await? else {
+        return Err(AcceptAuthError::NotAuth);
+    };
+    let exporter = exporter(conn).ok_or(AcceptAuthError::NoExporter)?;
+    if !key.verify(Role::Client, &exporter, &proof) {
+        return Err(AcceptAuthError::BadProof);
+    }
+    let mut answer = Response::AuthOk.encode();
+    answer.extend_from_slice(
+        &Request::Auth {
+            proof: key.proof(Role::Server, &exporter),
+        }
+        .encode(),
+    );
+    frame::write(&mut send, Bytes::from(answer), limit).await?;
+    let _ = send.finish();
+    Ok(())
+}
+
+/// Authenticates a connection, then serves its streams until it closes.
+async fn serve_connection(
+    conn: Connection,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+) {
+    let remote = conn.remote_address();
+    if let Err(e) = accept_auth(&conn, &shared.config.cluster_key, shared.config.timeout).await {
+        shared.metrics.auth_failed("inbound");
+        info!(peer = %remote, error = %e, "peer failed authentication; connection closed");
+        conn.close(
+            VarInt::from_u32(close::AUTH_FAILED),
+            b"authentication failed",
+        );
+        return;
+    }
+    debug!(peer = %remote, "peer authenticated");
+    shared.metrics.connections.inc();
+    // Decrements the gauge however this task ends (it may be aborted at shutdown).
+    struct Open<'a>(&'a Shared);
+    impl Drop for Open<'_> {
+        fn drop(&mut self) {
+            self.0.metrics.connections.dec();
+        }
+    }
+    let _open = Open(&shared);
+    let label = PeerLabels {
+        peer: remote.ip().to_string(),
+    };
+    let mut streams = JoinSet::new();
+    loop {
+        let (send, recv) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            s = conn.accept_bi() => match s {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(peer = %remote, error = %e, "peer connection ended");
+                    break;
+                }
+            },
+        };
+        while streams.try_join_next().is_some() {}
+        // At most `max_streams_per_connection` are open: the peer cannot open more.
+        streams.spawn(serve_stream(
+            shared.clone(),
+            send,
+            recv,
+            remote,
+            label.clone(),
+        ));
+    }
+    streams.abort_all();
+}
+
+/// How a request ended, for the log.
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("reading the blob: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Answers the one request a stream carries.
+async fn serve_stream(
+    shared: Arc<Shared>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    remote: SocketAddr,
+    label: PeerLabels,
+) {
+    let limit = shared.config.timeout;
+    let request = match frame::read_request(&mut recv, limit).await {
+        Ok(r) => r,
+        Err(e) => {
+            debug!(peer = %remote, error = %e, "bad peer request");
+            let _ = frame::write_response(&mut send, &Response::error(&e.to_string()), limit).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    // Nothing more is read from this stream.
+    let _ = recv.stop(VarInt::from_u32(close::DONE));
+    let result = match request {
+        Request::Auth { .. } => {
+            respond(&mut send, Response::error("already authenticated"), limit).await
+        }
+        Request::Table {
+            digest,
+            chunk_size,
+            authz,
+        } => {
+            let digest = Digest::from_bytes(digest);
+            serve_table(&shared, &mut send, &digest, chunk_size, &authz, remote).await
+        }
+        Request::Chunk {
+            digest,
+            chunk_size,
+            index,
+            authz,
+        } => {
+            let digest = Digest::from_bytes(digest);
+            let r = serve_chunk(
+                &shared, &mut send, &digest, chunk_size, index, &authz, remote, &label,
+            )
+            .await;
+            if r.is_err() {
+                // Mid-chunk: the header promised bytes that will not come. Reset, so the peer
+                // sees an error rather than a short stream.
+                let _ = send.reset(VarInt::from_u32(close::STREAM_ABORTED));
+            }
+            r
+        }
+        Request::Have { digest, chunk_size } => {
+            let digest = Digest::from_bytes(digest);
+            serve_have(&shared, &mut send, &digest, chunk_size, remote).await
+        }
+    };
+    match result {
+        Ok(()) => {
+            let _ = send.finish();
+        }
+        Err(e) => debug!(peer = %remote, error = %e, "peer request failed"),
+    }
+}
+
+async fn respond(
+    send: &mut SendStream,
+    response: Response,
+    limit: std::time::Duration,
+) -> Result<(), ServeError> {
+    Ok(frame::write_response(send, &response, limit).await?)
+}
+
+/// `Some(response)` when the request may not be served: `Denied` for a private blob the
+/// authorizer does not approve.
+async fn check_private(
+    shared: &Shared,
+    meta: &BlobMeta,
+    digest: &Digest,
+    authz: &[u8],
+    peer: SocketAddr,
+) -> Option<Response> {
+    if !meta.private {
+        return None;
+    }
+    let request = AuthzRequest {
+        digest,
+        authz,
+        peer,
+    };
+    let allowed = timeout(shared.config.timeout, shared.authorizer.authorize(request))
+        .await
+        .unwrap_or(false);
+    if allowed {
+        None
+    } else {
+        shared.metrics.denied.inc();
+        Some(Response::Denied)
+    }
+}
+
+/// A serving permit, or the `Busy` answer.
+fn serve_permit(shared: &Shared) -> Result<OwnedSemaphorePermit, Response> {
+    shared.serves.clone().try_acquire_owned().map_err(|_| {
+        shared.metrics.busy.inc();
+        Response::Busy {
+            retry_after_ms: u32::try_from(shared.config.busy_retry_after.as_millis())
+                .unwrap_or(u32::MAX),
+        }
+    })
+}
+
+async fn serve_table(
+    shared: &Shared,
+    send: &mut SendStream,
+    digest: &Digest,
+    chunk_size: u32,
+    authz: &[u8],
+    remote: SocketAddr,
+) -> Result<(), ServeError> {
+    let limit = shared.config.timeout;
+    let _permit = match serve_permit(shared) {
+        Ok(p) => p,
+        Err(busy) => return respond(send, busy, limit).await,
+    };
+    let Some(meta) = shared.store.meta(digest) else {
+        return respond(send, Response::NotFound, limit).await;
+    };
+    if let Some(denied) = check_private(shared, &meta, digest, authz, remote).await {
+        return respond(send, denied, limit).await;
+    }
+    // Only tables at the store's chunk size are kept; computing others on request would let a
+    // peer make this node hash whole blobs at will.
+    if chunk_size != shared.store.chunk_size() {
+        return respond(send, Response::NotFound, limit).await;
+    }
+    let table = match shared.store.table(digest) {
+        Some(t) => Some(t),
+        None => {
+            // Stored before tables existed: build it once (one pass over the blob).
+            let store = shared.store.clone();
+            let d = *digest;
+            match tokio::task::spawn_blocking(move || store.build_table(&d)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    warn!(digest = %digest, error = %e, "cannot build midstate table");
+                    None
+                }
+                Err(e) => return Err(std::io::Error::other(e).into()),
+            }
+        }
+    };
+    let Some(table) = table else {
+        return respond(send, Response::NotFound, limit).await;
+    };
+    respond(
+        send,
+        Response::Table {
+            table: table.encode(),
+        },
+        limit,
+    )
+    .await?;
+    shared.metrics.tables_served.inc();
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_chunk(
+    shared: &Shared,
+    send: &mut SendStream,
+    digest: &Digest,
+    chunk_size: u32,
+    index: u32,
+    authz: &[u8],
+    remote: SocketAddr,
+    label: &PeerLabels,
+) -> Result<(), ServeError> {
+    let limit = shared.config.timeout;
+    let _permit = match serve_permit(shared) {
+        Ok(p) => p,
+        Err(busy) => return respond(send, busy, limit).await,
+    };
+    // Pinned until dropped: not evicted while it is being sent.
+    let Some(blob) = shared.store.open_blob(digest) else {
+        return respond(send, Response::NotFound, limit).await;
+    };
+    if let Some(denied) = check_private(shared, &blob.meta, digest, authz, remote).await {
+        return respond(send, denied, limit).await;
+    }
+    let Ok(layout) = ChunkLayout::new(blob.meta.size, chunk_size) else {
+        return respond(
+            send,
+            Response::error("invalid chunk size for this blob"),
+            limit,
+        )
+        .await;
+    };
+    let Some((start, len)) = layout.range(index) else {
+        return respond(send, Response::error("chunk index out of range"), limit).await;
+    };
+    // The whole chunk, mapped (and paged in) off the async threads; its bytes then go from the
+    // page cache into QUIC packets without an intermediate copy.
+    let file = blob.file;
+    let mapped =
+        match tokio::task::spawn_blocking(move || map_range(&file, start, len as usize)).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                warn!(digest = %digest, error = %e, "cannot read a stored blob for a peer");
+                return respond(send, Response::error("cannot read the blob"), limit).await;
+            }
+            Err(e) => return Err(std::io::Error::other(e).into()),
+        };
+    respond(send, Response::ChunkHeader { index, len }, limit).await?;
+    let counter = shared.metrics.served_bytes.get_or_create(label).clone();
+    let mut offset = 0;
+    while offset < mapped.len() {
+        let piece = mapped.slice(offset..(offset + SERVE_PIECE).min(mapped.len()));
+        let n = piece.len();
+        frame::write(send, piece, limit).await?;
+        counter.inc_by(n as u64);
+        offset += n;
+    }
+    shared.metrics.chunks_served.inc();
+    drop(blob.pin);
+    Ok(())
+}
+
+/// Maps `len` bytes of a complete blob's file at `offset` (any alignment), paged in.
+#[allow(unsafe_code)]
+fn map_range(file: &std::fs::File, offset: u64, len: usize) -> std::io::Result<Bytes> {
+    const PAGE: u64 = 4096;
+    let aligned = offset - offset % PAGE;
+    let skip = (offset - aligned) as usize;
+    // A file shorter than its record (damaged behind the store's back) would fault on access.
+    if file.metadata()?.len() < offset + len as u64 {
+        return Err(std::io::Error::other("blob file shorter than its record"));
+    }
+    // SAFETY: the file is a complete blob under the store's `blobs/`: verified, renamed into
+    // place and never written or truncated again (eviction only unlinks it, which leaves the
+    // mapping valid). So the mapped bytes cannot change underneath the `Bytes` (the same
+    // argument as `crate::body`'s windows).
+    let map = unsafe {
+        memmap2::MmapOptions::new()
+            .offset(aligned)
+            .len(skip + len)
+            .populate()
+            .map(file)?
+    };
+    Ok(Bytes::from_owner(map).slice(skip..))
+}
+
+async fn serve_have(
+    shared: &Shared,
+    send: &mut SendStream,
+    digest: &Digest,
+    chunk_size: u32,
+    remote: SocketAddr,
+) -> Result<(), ServeError> {
+    let limit = shared.config.timeout;
+    let Some(meta) = shared.store.meta(digest) else {
+        return respond(send, Response::NotFound, limit).await;
+    };
+    if let Some(denied) = check_private(shared, &meta, digest, &[], remote).await {
+        return respond(send, denied, limit).await;
+    }
+    let Ok(layout) = ChunkLayout::new(meta.size, chunk_size) else {
+        return respond(
+            send,
+            Response::error("invalid chunk size for this blob"),
+            limit,
+        )
+        .await;
+    };
+    // The store holds only complete, verified blobs: every chunk.
+    let bitfield = Bitfield::full(layout.count());
+    respond(send, Response::Have { bitfield }, limit).await
+}

@@ -1,0 +1,100 @@
+//! Several in-process nodes forming a swarm over loopback: a blob fetched once from the origin
+//! reaches the others from their peers, verified chunk by chunk.
+
+use std::time::Duration;
+
+use shoal_node::config::P2pConfig;
+use shoal_node::origin::Origin;
+use shoal_node::{Config, Node};
+use shoal_tests::pseudo_random;
+
+async fn start_node(
+    origin: &Origin,
+    dir: &std::path::Path,
+    peers: Vec<String>,
+    key: [u8; 32],
+) -> Node {
+    let mut c = Config::new("127.0.0.1:0".parse().unwrap(), dir, &origin.url());
+    c.upstream_timeout = Duration::from_secs(10);
+    let mut p2p = P2pConfig::new("127.0.0.1:0".parse().unwrap());
+    p2p.peers = peers;
+    p2p.cluster_key = Some(key);
+    p2p.chunk_size = 1 << 20;
+    c.p2p = Some(p2p);
+    Node::start(c).await.expect("node starts")
+}
+
+fn p2p_addr(n: &Node) -> String {
+    n.mirror()
+        .swarm
+        .as_ref()
+        .expect("swarm on")
+        .listen_addr()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_reaches_the_swarm_from_one_upstream_fetch() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("SHOAL_LOG"))
+        .with_test_writer()
+        .try_init();
+    let origin = Origin::start().await.unwrap();
+    let data = pseudo_random(6 << 20, 77);
+    let d = origin.put_blob(data.clone());
+    let key = [7u8; 32];
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let first = start_node(&origin, dirs[0].path(), vec![], key).await;
+    let seed = p2p_addr(&first);
+    let mut nodes = vec![first];
+    for dir in &dirs[1..3] {
+        nodes.push(start_node(&origin, dir.path(), vec![seed.clone()], key).await);
+    }
+    // A node with another key: it cannot join.
+    let outsider = start_node(&origin, dirs[3].path(), vec![seed.clone()], [9u8; 32]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let http = reqwest::Client::new();
+    let get = |n: &Node| {
+        let url = format!("http://{}/v2/x/blobs/{d}", n.addr());
+        let http = http.clone();
+        async move { http.get(url).send().await.unwrap().bytes().await.unwrap() }
+    };
+    assert_eq!(get(&nodes[0]).await, data);
+    assert_eq!(origin.blob_bytes_served(), data.len() as u64);
+    tokio::time::sleep(Duration::from_millis(500)).await; // let the provider record spread
+    for n in &nodes[1..] {
+        assert_eq!(get(n).await, data);
+    }
+    assert_eq!(
+        origin.blob_bytes_served(),
+        data.len() as u64,
+        "the others must get it from peers"
+    );
+    for n in &nodes[1..] {
+        let rec = n.mirror().pulls.get(&d).expect("pull recorded");
+        let from_peers: u64 = rec.fetched_from_peers.values().sum();
+        assert_eq!(from_peers, data.len() as u64, "{rec:?}");
+        assert_eq!(rec.fetched_from_upstream, 0);
+    }
+
+    // With the origin gone, the outsider cannot fetch it from the swarm; a member still can.
+    origin.stop();
+    let r = http
+        .get(format!("http://{}/v2/x/blobs/{d}", outsider.addr()))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(
+        r.status(),
+        200,
+        "a node without the cluster key must not get the blob"
+    );
+    let late_dir = tempfile::tempdir().unwrap();
+    let late = start_node(&origin, late_dir.path(), vec![seed.clone()], key).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(get(&late).await, data);
+    for n in nodes.into_iter().chain([outsider, late]) {
+        n.shutdown().await;
+    }
+}
