@@ -107,7 +107,7 @@ pub struct RunArgs {
     /// Chunk size for peer transfers, a multiple of 64 bytes [default: 4MiB].
     #[arg(long, env = "SHOAL_CHUNK_SIZE")]
     pub chunk_size: Option<String>,
-    /// Nodes nearest a digest that fetch it from the upstream when nobody has it [default: 2].
+    /// Nodes nearest a digest that fetch it from the upstream when nobody has it [default: 1].
     #[arg(long, env = "SHOAL_SEEDERS")]
     pub seeders: Option<usize>,
 }
@@ -215,7 +215,7 @@ pub struct P2pConfig {
 /// Default chunk size for peer transfers.
 pub const DEFAULT_CHUNK_SIZE: u32 = 4 << 20;
 /// Default number of designated seeders per blob.
-pub const DEFAULT_SEEDERS: usize = 2;
+pub const DEFAULT_SEEDERS: usize = 1;
 
 impl P2pConfig {
     /// Settings for `listen` with every default.

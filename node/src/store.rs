@@ -454,7 +454,9 @@ impl Store {
                             size,
                             media_type: None,
                             last_access: now_secs(),
-                            private: false,
+                            // Whether it was private died with its record: assume it was, so
+                            // clients must show access upstream and peers are never sent it.
+                            private: true,
                         };
                         self.write_records(&d, &meta, table.as_ref())
                             .map_err(io::Error::other)?;

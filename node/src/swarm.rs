@@ -56,7 +56,7 @@ pub enum SwarmError {
 pub struct Swarm {
     dht: tokio::sync::Mutex<Option<Dht>>,
     handle: DhtHandle,
-    endpoint: Endpoint,
+    endpoint: tokio::sync::Mutex<Option<Endpoint>>,
     config: P2pConfig,
     listen: SocketAddr,
     /// Open connections by chunk address. A tokio mutex: connecting happens under it, so two
@@ -99,7 +99,7 @@ impl Swarm {
         Ok(Swarm {
             handle: dht.handle(),
             dht: tokio::sync::Mutex::new(Some(dht)),
-            endpoint,
+            endpoint: tokio::sync::Mutex::new(Some(endpoint)),
             config: config.clone(),
             listen,
             conns: tokio::sync::Mutex::new(HashMap::new()),
@@ -174,7 +174,12 @@ impl Swarm {
         if let Some(c) = conns.get(&addr) {
             return Ok(c.clone());
         }
-        let c = self.endpoint.connect(addr).await?;
+        // Held across the handshake (bounded by the endpoint's timeout): shutdown waits for it.
+        let ep = self.endpoint.lock().await;
+        let ep = ep
+            .as_ref()
+            .ok_or_else(|| PeerError::Connection("shutting down".into()))?;
+        let c = ep.connect(addr).await?;
         conns.insert(addr, c.clone());
         Ok(c)
     }
@@ -189,6 +194,9 @@ impl Swarm {
     pub async fn shutdown(&self) {
         for (_, c) in self.conns.lock().await.drain() {
             c.close();
+        }
+        if let Some(e) = self.endpoint.lock().await.take() {
+            e.shutdown().await;
         }
         if let Some(d) = self.dht.lock().await.take() {
             d.shutdown().await;

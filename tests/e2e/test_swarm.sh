@@ -120,6 +120,19 @@ report() {
 # ratio A B: A / B with 2 decimals.
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f\n", (b > 0 ? a / b : 0) }'; }
 
+# blob_gets ADDR REPO JSON: GET every blob of the image (config, layers) by digest from ADDR;
+# print "digest-prefix:HTTP-code:ok|bad" per blob (diagnostics; never fails).
+blob_gets() {
+    local d code f out=''
+    f=$(mktemp "$T/blobget.XXXXXX")
+    for d in $(image_platform_blobs "$3"); do
+        code=$(curl -sS -o "$f" -w '%{http_code}' --max-time 60 "http://$1/v2/$2/blobs/$d" 2>/dev/null || true)
+        if [[ $code == 200 && $(sha256_of "$f") == "$d" ]]; then out+="${d:7:12}:$code:ok "; else out+="${d:7:12}:${code:-000}:bad "; fi
+    done
+    rm -f "$f"
+    echo "${out% }"
+}
+
 # ensure_registry: the registry is up (restarted on its data dir if a case stopped it).
 ensure_registry() {
     load_env registry || true
@@ -196,7 +209,13 @@ late_node() {
     start_node N6 "$port" "$UPA" --cluster-key-file "$KEY" --peer "$N2_P2P"
     save_env late N6 N6_PID N6_LOG N6_P2P
     settle N6
-    out=$(swarm_pull "$N6" "library/swarm-img@$IMG_DIGEST" "$IMG" "$T/b/pull" 150) || exit 1
+    if ! out=$(swarm_pull "$N6" "library/swarm-img@$IMG_DIGEST" "$IMG" "$T/b/pull" 150); then
+        # which part failed? the manifest by digest, the blobs by digest, or both
+        info "b: pull failed; N6 manifest by digest: HTTP $(http_code "http://$N6/v2/library/swarm-img/manifests/$IMG_DIGEST" \
+            -H 'Accept: application/vnd.oci.image.manifest.v1+json'); blobs by digest: $(blob_gets "$N6" library/swarm-img "$IMG")"
+        report N6
+        exit 1 # the reason is swarm_pull's
+    fi
     info "b: $out"
     report N6
     up=$(shoal_pulls "$N6" | jq '[.pulls[].fetched_from_upstream // 0] | add // 0') || exit 1
@@ -249,6 +268,13 @@ outsiders() {
         peers=$(shoal_pulls "${!v}" | jq '[.pulls[] | .fetched_from_peers // {} | to_entries[].value] | add // 0') || exit 1
         ((peers == 0)) || why+="$v reports $peers bytes fetched from peers; "
     done
+    # the keyed control gets the same layer by digest from the swarm
+    code=$(curl -sS -o "$T/c/K9.blob" -w '%{http_code}' --max-time 60 \
+        "http://$K9/v2/library/swarm-img/blobs/$layer" 2>/dev/null || true)
+    info "c: K9 (keyed) GET layer ${layer:7:12}: HTTP ${code:-000}, $(stat -c %s "$T/c/K9.blob" 2>/dev/null || echo 0) B"
+    if [[ $code != 200 || $(sha256_of "$T/c/K9.blob") != "$layer" ]]; then
+        why+="the keyed node K9 could not GET the layer by digest from the swarm; "
+    fi
     report X7 X8 K9
     [[ -z $why ]] || die "$why"
 }
@@ -261,13 +287,19 @@ serving_peer_killed() {
     stop_nodes late N6
     stop_nodes outsiders X7 X8 K9
     ensure_registry
-    local ports rec got code victim='' v id best=-1 b trigger kpid t0 peers
+    local ports rec after got code victim='' v id best=-1 b trigger kpid t0 peers names D1_ID D2_ID
     start_counting_proxy UPD "$REG"
     mapfile -t ports < <(free_ports 3)
     start_node D1 "${ports[0]}" "$UPD" --cluster-key-file "$KEY"
     start_node D2 "${ports[1]}" "$UPD" --cluster-key-file "$KEY" --peer "$D1_P2P"
     start_node D3 "${ports[2]}" "$UPD" --cluster-key-file "$KEY" --peer "$D1_P2P" --peer "$D2_P2P"
     settle D1 D2 D3
+    wait_until 5 test -n "$(shoal_peer_id D1)" || true
+    wait_until 5 test -n "$(shoal_peer_id D2)" || true
+    # shellcheck disable=SC2034 # read through ${!id} below
+    D1_ID=$(shoal_peer_id D1)
+    # shellcheck disable=SC2034
+    D2_ID=$(shoal_peer_id D2)
     # seed the layer on D1, then D2
     t0=$SECONDS
     fetch_verify_blob "http://$D1" library/swarm-big "$BIG_LAYER"
@@ -293,27 +325,25 @@ serving_peer_killed() {
     if ((got >= BIG_LAYER_SIZE)) || ! pid_alive "$kpid"; then
         die "D3 had $got of $BIG_LAYER_SIZE B from peers (curl $(pid_alive "$kpid" && echo running || echo finished)) before the kill could happen: not mid-transfer (raise E2E_SWARM_BIG_SIZE)"
     fi
-    # the victim: the seeder that has sent D3 the most so far (D1 if peer ids are unknown)
-    peer_names_file "$PEER_NAMES"
+    # kill at once the seeder that has sent D3 the most so far (D1 if peer ids are unknown)
     for v in D1 D2; do
-        id=$(shoal_peer_id "$v")
-        [[ -n $id ]] || continue
-        b=$(jq --arg id "$id" '.fetched_from_peers[$id] // 0' <<<"$rec")
+        id=${v}_ID
+        [[ -n ${!id} ]] || continue
+        b=$(jq --arg id "${!id}" '.fetched_from_peers[$id] // 0' <<<"$rec")
         if ((b > best)); then best=$b victim=$v; fi
     done
     [[ -n $victim ]] || victim=D1
-    # sample once more right before the kill: the transfer must still be running
-    rec=$(curl -sS --max-time 2 "http://$D3/_shoal/pulls" 2>/dev/null |
-        jq -c --arg d "$BIG_LAYER" '[.pulls[] | select(.digest == $d)][0] // {}' 2>/dev/null || echo '{}')
     stop_shoal "$victim" KILL
-    got=$(jq '[.fetched_from_peers // {} | to_entries[].value] | add // 0' <<<"$rec")
-    info "d: killed -9 $victim; just before, D3 had $got of $BIG_LAYER_SIZE B from peers ($(jq -r '.state // "?"' <<<"$rec")):" \
-        "$(jq -c '.fetched_from_peers' <<<"$rec" | sed "$(awk '{ printf "s/%s/%s/g;", $1, $2 }' "$PEER_NAMES")")"
+    after=$(curl -sS --max-time 2 "http://$D3/_shoal/pulls" 2>/dev/null |
+        jq -c --arg d "$BIG_LAYER" '[.pulls[] | select(.digest == $d)][0] // {}' 2>/dev/null || echo '{}')
+    peer_names_file "$PEER_NAMES"
+    names=$(awk '{ printf "s/%s/%s/g;", $1, $2 }' "$PEER_NAMES")
+    info "d: killed -9 $victim; last sample before: D3 had $got of $BIG_LAYER_SIZE B from peers" \
+        "($(jq -r '.state // "?"' <<<"$rec")) $(jq -c '.fetched_from_peers' <<<"$rec" | sed "$names");" \
+        "first sample after: $(jq -c '.fetched_from_peers' <<<"$after" | sed "$names") ($(jq -r '.state // "?"' <<<"$after"))"
     ((got < BIG_LAYER_SIZE)) || die "D3 had the whole layer before $victim was killed: not mid-transfer (raise E2E_SWARM_BIG_SIZE)"
-    id=$(shoal_peer_id "$victim")
-    if [[ -n $id ]]; then
-        b=$(jq --arg id "$id" '.fetched_from_peers[$id] // 0' <<<"$rec")
-        ((b > 0)) || die "$victim had sent D3 nothing before the kill: it was not serving (D3 fetched from the other seeder only)"
+    if ((best == 0)); then
+        die "$victim had sent D3 nothing before the kill: it was not serving (D3 fetched from the other seeder only)"
     fi
     wait "$kpid" || true
     code=$(cat "$T/d/code")
