@@ -122,6 +122,9 @@ struct Inner {
     /// waits or an `.await`.
     lru: Mutex<Lru>,
     evictions: AtomicU64,
+    /// Called with each evicted digest (the swarm withdraws its announcement). A std mutex:
+    /// set once, read on eviction; the callback must not block.
+    on_evict: Mutex<Option<EvictHook>>,
     /// A fresh builder for the store's chunk size, cloned for every writer (its chunk size was
     /// validated at open, so cloning cannot fail where building could).
     table_builder: TableBuilder,
@@ -200,6 +203,9 @@ fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Option<T> {
 fn tag_key(registry: &str, name: &str, tag: &str) -> Vec<u8> {
     format!("{registry}\n{name}\n{tag}").into_bytes()
 }
+
+/// What the store calls with each evicted digest.
+pub type EvictHook = Box<dyn Fn(Digest) + Send + Sync>;
 
 /// Keeps a blob from eviction while it is alive.
 pub struct Pin {
@@ -385,6 +391,7 @@ impl Store {
                 next_partial: AtomicU64::new(0),
                 lru: Mutex::new(Lru::default()),
                 evictions: AtomicU64::new(0),
+                on_evict: Mutex::new(None),
                 table_builder,
                 chunk_size,
             }),
@@ -763,8 +770,34 @@ impl Store {
                 Err(e) => return Err(e),
             }
             self.inner.evictions.fetch_add(1, Ordering::Relaxed);
+            if let Some(hook) = self
+                .inner
+                .on_evict
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+            {
+                hook(victim);
+            }
             tracing::info!(digest = %victim, "evicted");
         }
+    }
+
+    /// Sets the function called with each evicted digest.
+    pub fn set_on_evict(&self, hook: EvictHook) {
+        *self
+            .inner
+            .on_evict
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(hook);
+    }
+
+    /// Digests of the complete blobs that are not private (what a node may announce).
+    pub fn public_digests(&self) -> Vec<Digest> {
+        let all: Vec<Digest> = self.lock().entries.keys().copied().collect();
+        all.into_iter()
+            .filter(|d| self.meta_unchecked(d).is_some_and(|m| !m.private))
+            .collect()
     }
 
     /// Bytes of complete blobs held.
