@@ -495,14 +495,21 @@ impl Mirror {
                     accept: Some(MANIFEST_ACCEPT),
                     range: None,
                 };
-                let resp = this.send(&reg2, &req, &auth2).await?;
-                if !resp.inner.status().is_success() {
-                    return Err(status_error(
-                        &resp.inner,
-                        ErrorCode::ManifestUnknown,
-                        &format!("manifest {digest}"),
-                    ));
-                }
+                let resp = match this.send(&reg2, &req, &auth2).await {
+                    Ok(r) if r.inner.status().is_success() => r,
+                    other => {
+                        // The upstream cannot give it: content by digest may come from peers.
+                        if let Some(m) = this.manifest_from_swarm(&digest).await {
+                            return Ok(m);
+                        }
+                        let resp = other?;
+                        return Err(status_error(
+                            &resp.inner,
+                            ErrorCode::ManifestUnknown,
+                            &format!("manifest {digest}"),
+                        ));
+                    }
+                };
                 let m = this.read_manifest(&reg2, resp, Some(digest)).await?;
                 this.record_access(&reg2, &name2, &digest, &auth2);
                 Ok(m)
@@ -566,17 +573,46 @@ impl Mirror {
             .filter(|t| t != "application/octet-stream" && t != "text/plain")
             .or_else(|| media::sniff_manifest_type(&body))
             .unwrap_or_else(|| media::OCI_MANIFEST.to_owned());
+        self.store_manifest(digest, body, media_type, private).await
+    }
+
+    async fn store_manifest(
+        &self,
+        digest: Digest,
+        body: Vec<u8>,
+        media_type: String,
+        private: bool,
+    ) -> Result<Manifest, ApiError> {
         let store = self.store.clone();
         let (b2, mt2) = (body.clone(), media_type.clone());
         tokio::task::spawn_blocking(move || store.put_small(&digest, &b2, Some(mt2), private))
             .await
             .map_err(|e| internal("manifest store task", e))?
             .map_err(|e| internal("manifest store", e))?;
+        if let (Some(sw), false) = (&self.swarm, private) {
+            sw.provide(digest);
+        }
         Ok(Manifest {
             digest,
             media_type,
             body: Bytes::from(body),
         })
+    }
+
+    /// A manifest (or any small blob) by digest from peers, verified chunk by chunk and again
+    /// as a whole before it is stored.
+    async fn manifest_from_swarm(&self, digest: &Digest) -> Option<Manifest> {
+        let sw = self.swarm.as_ref()?;
+        let body = sw.fetch_small(digest, MAX_MANIFEST_BYTES).await?;
+        if Digest::of(&body) != *digest {
+            return None;
+        }
+        let media_type =
+            media::sniff_manifest_type(&body).unwrap_or_else(|| media::OCI_MANIFEST.to_owned());
+        info!(digest = %digest, "manifest fetched from peers");
+        self.store_manifest(*digest, body, media_type, false)
+            .await
+            .ok()
     }
 
     /// Size of a blob, for `HEAD`, without downloading it.

@@ -184,6 +184,38 @@ impl Swarm {
         Ok(c)
     }
 
+    /// A small blob (a manifest) from the first provider that gives all of it, each chunk
+    /// verified against the table.
+    pub async fn fetch_small(&self, digest: &Digest, limit: usize) -> Option<Vec<u8>> {
+        for p in self.providers(digest).await {
+            let Ok(c) = self.conn(p.chunk_addr).await else {
+                continue;
+            };
+            let Ok(table) = c.table(digest, self.config.chunk_size, None, &[]).await else {
+                continue;
+            };
+            if table.layout().blob_size() > limit as u64 {
+                return None;
+            }
+            let mut out = Vec::with_capacity(table.layout().blob_size() as usize);
+            let mut ok = true;
+            for i in 0..table.layout().count() {
+                match c.chunk(digest, &table, i, &[]).await {
+                    Ok(b) => out.extend_from_slice(&b),
+                    Err(e) => {
+                        debug!(digest = %digest, peer = %p.peer_id, error = %e, "small blob chunk failed");
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            if ok {
+                return Some(out);
+            }
+        }
+        None
+    }
+
     async fn drop_conn(&self, addr: SocketAddr) {
         if let Some(c) = self.conns.lock().await.remove(&addr) {
             c.close();
