@@ -110,6 +110,9 @@ pub struct RunArgs {
     /// Nodes nearest a digest that fetch it from the upstream when nobody has it [default: 1].
     #[arg(long, env = "SHOAL_SEEDERS")]
     pub seeders: Option<usize>,
+    /// Test-only fault injection: serve corrupt chunks to peers (a poisoned peer).
+    #[arg(long, hide = true)]
+    pub fault_corrupt_chunks: bool,
 }
 
 /// A size in the config file: a number of bytes or a string such as `"10GiB"`.
@@ -210,6 +213,8 @@ pub struct P2pConfig {
     pub chunk_size: u32,
     /// Designated upstream fetchers per blob.
     pub seeders: usize,
+    /// Fault injection for tests: serve corrupt chunks to peers.
+    pub fault_corrupt_chunks: bool,
 }
 
 /// Default chunk size for peer transfers.
@@ -227,6 +232,7 @@ impl P2pConfig {
             mdns: false,
             chunk_size: DEFAULT_CHUNK_SIZE,
             seeders: DEFAULT_SEEDERS,
+            fault_corrupt_chunks: false,
         }
     }
 }
@@ -476,6 +482,7 @@ impl RunArgs {
                     mdns: self.mdns || file.mdns.unwrap_or(false),
                     chunk_size: chunk_size as u32,
                     seeders,
+                    fault_corrupt_chunks: self.fault_corrupt_chunks,
                 })
             }
         };

@@ -64,6 +64,8 @@ pub struct Metrics {
     pub peer_bytes: Family<PeerLabels, Counter>,
     /// Chunks that failed verification.
     pub chunks_rejected: Counter,
+    /// Peers banned for sending corrupt chunks.
+    pub peers_banned: Counter,
 }
 
 impl Default for Metrics {
@@ -148,7 +150,14 @@ impl Metrics {
             "Chunks from peers that failed verification",
             chunks_rejected.clone(),
         );
+        let peers_banned = Counter::default();
+        registry.register(
+            "peers_banned",
+            "Peers banned for sending corrupt chunks",
+            peers_banned.clone(),
+        );
         Metrics {
+            peers_banned,
             peer_bytes,
             chunks_rejected,
             registry,

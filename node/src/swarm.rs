@@ -89,12 +89,35 @@ impl Swarm {
         // An open cluster (no key file) still authenticates with a well-known key: anyone may
         // join, as documented.
         let key = ClusterKey::new(config.cluster_key.unwrap_or([0u8; 32]));
+        let peer_config = PeerConfig {
+            fault_corrupt_chunks: config.fault_corrupt_chunks,
+            ..PeerConfig::new(listen, key)
+        };
         let endpoint = Endpoint::bind(
-            PeerConfig::new(listen, key),
-            store,
+            peer_config,
+            store.clone(),
             Arc::new(DenyPrivate),
             peer_metrics,
         )?;
+        // Announce what the cache already holds, and withdraw what it evicts.
+        let handle = dht.handle();
+        let held = store.public_digests();
+        if !held.is_empty() {
+            let h = handle.clone();
+            tokio::spawn(async move {
+                for d in held {
+                    let _ = h.provide(*d.as_bytes()).await;
+                }
+            });
+        }
+        let h = handle.clone();
+        let rt = tokio::runtime::Handle::current();
+        store.set_on_evict(Box::new(move |d: Digest| {
+            let h = h.clone();
+            rt.spawn(async move {
+                let _ = h.withdraw(*d.as_bytes()).await;
+            });
+        }));
         info!(%listen, peer_id = %dht.local_peer_id(), "swarm started");
         Ok(Swarm {
             handle: dht.handle(),
@@ -430,6 +453,7 @@ impl Mirror {
                         dl.table_refetched(now());
                     }
                     Action::Ban { peer, .. } => {
+                        self.metrics.peers_banned.inc();
                         if let Some((addr, id)) = addrs.get(&peer) {
                             warn!(digest = %digest, peer = %id, "peer sent a corrupt chunk: banned");
                             sw.drop_conn(*addr).await;
@@ -482,7 +506,7 @@ impl Mirror {
                             }
                         }
                         Err(reason) => {
-                            if reason == FailReason::Corrupt {
+                            if matches!(reason, FailReason::Corrupt | FailReason::Ambiguous) {
                                 self.metrics.chunks_rejected.inc();
                             }
                             match r.peer {

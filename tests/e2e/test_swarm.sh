@@ -12,10 +12,13 @@
 #      serving it is killed -9 mid-transfer: the pull still completes with the right digest.
 #   e. 3 nodes pull the 128 MiB layer at once through a throttled upstream; the node fetching
 #      from the upstream is killed -9 mid-way: the others take over and complete.
+#   f. 3 nodes pull the 128 MiB layer at once through a slow upstream (8 MiB/s: ~16 s) and
+#      nobody fails: the others wait for the seeder, registry egress <= 1.2 copies.
 #
 # Every case is SKIP when the shoal binary has no p2p flags (no --p2p-listen in `run --help`).
 # Knobs: E2E_SWARM_LAYERS (4), E2E_SWARM_LAYER_SIZE (16MiB), E2E_SWARM_BIG_SIZE (128MiB),
-# E2E_SWARM_RATE (throttle for e, B/s per connection, 24 MiB/s), E2E_SWARM_MAX_COPIES (1.2),
+# E2E_SWARM_RATE (throttle for e, B/s per connection, 24 MiB/s), E2E_SWARM_SLOW_RATE (for f,
+# 8 MiB/s), E2E_SWARM_MAX_COPIES (1.2),
 # E2E_SWARM_NODE_ARGS (extra `shoal run` args for every node, e.g. "--seeders 1").
 source "$(dirname "$0")/lib.sh"
 e2e_init test_swarm
@@ -24,6 +27,7 @@ LAYERS=${E2E_SWARM_LAYERS:-4}
 LAYER_SIZE=${E2E_SWARM_LAYER_SIZE:-16MiB}
 BIG_SIZE=${E2E_SWARM_BIG_SIZE:-128MiB}
 RATE=${E2E_SWARM_RATE:-$((24 << 20))}
+SLOW_RATE=${E2E_SWARM_SLOW_RATE:-$((8 << 20))}
 MAX_COPIES=${E2E_SWARM_MAX_COPIES:-1.2}
 read -r -a NODE_ARGS <<<"${E2E_SWARM_NODE_ARGS:-}"
 
@@ -32,7 +36,8 @@ CASE_B="b: registry stopped; a late 6th node pulls the image by digest from peer
 CASE_C="c: registry stopped; nodes with another cluster key or none cannot fetch from the swarm, a keyed late node can"
 CASE_D="d: a peer serving a $BIG_SIZE layer is killed -9 mid-transfer; the pull completes from the other seeder, digest right"
 CASE_E="e: the node fetching from the (throttled) upstream is killed -9 mid-way; the other nodes take over and complete"
-ALL_CASES=("$CASE_A" "$CASE_B" "$CASE_C" "$CASE_D" "$CASE_E")
+CASE_F="f: a healthy seeder on a slow upstream ($((SLOW_RATE >> 20)) MiB/s): the other nodes wait for it; registry egress <= $MAX_COPIES copies"
+ALL_CASES=("$CASE_A" "$CASE_B" "$CASE_C" "$CASE_D" "$CASE_E" "$CASE_F")
 
 # info MSG: a measurement / observation line on stdout.
 info() { printf 'INFO %s: %s\n' "$E2E_NAME" "$*"; }
@@ -293,6 +298,7 @@ serving_peer_killed() {
     start_node D1 "${ports[0]}" "$UPD" --cluster-key-file "$KEY"
     start_node D2 "${ports[1]}" "$UPD" --cluster-key-file "$KEY" --peer "$D1_P2P"
     start_node D3 "${ports[2]}" "$UPD" --cluster-key-file "$KEY" --peer "$D1_P2P" --peer "$D2_P2P"
+    save_env peer-killed D1 D1_PID D2 D2_PID D3 D3_PID
     settle D1 D2 D3
     wait_until 5 test -n "$(shoal_peer_id D1)" || true
     wait_until 5 test -n "$(shoal_peer_id D2)" || true
@@ -354,6 +360,12 @@ serving_peer_killed() {
         die "D3 served $(stat -c %s "$T/d/blob") B hashing to $(sha256_of "$T/d/blob") after $victim was killed"
     peers=$(shoal_pull_record "$D3" "$BIG_LAYER" | jq '[.fetched_from_peers // {} | to_entries[].value] | add // 0') || exit 1
     ((peers >= BIG_LAYER_SIZE)) || info "d: note: D3 accounts only $peers B from peers for a $BIG_LAYER_SIZE B layer"
+    # cross-check the accounting: what the surviving seeder says it served vs what D3 credits it
+    local survivor=D2
+    [[ $victim == D2 ]] && survivor=D1
+    id=${survivor}_ID
+    info "d: $survivor says it served $(metric_value "${!survivor}" shoal_peer_served_bytes_total) B to peers;" \
+        "D3 credits it $(shoal_pull_record "$D3" "$BIG_LAYER" | jq --arg id "${!id}" '.fetched_from_peers[$id] // 0') B"
     # a second GET comes from D3's verified store
     fetch_verify_blob "http://$D3" library/swarm-big "$BIG_LAYER"
 }
@@ -363,6 +375,7 @@ run_case "$CASE_D" serving_peer_killed
 seeder_killed() {
     need_shoal
     ensure_registry
+    stop_nodes peer-killed D1 D2 D3
     local ports i v pids=() rc why='' b best=-1 victim='' t0 got total=0 at_kill
     start_throttle THR "$REG" "$RATE"
     for i in 1 2 3; do start_counting_proxy "EP$i" "$THR"; done
@@ -370,6 +383,7 @@ seeder_killed() {
     start_node E1 "${ports[0]}" "$EP1" --cluster-key-file "$KEY"
     start_node E2 "${ports[1]}" "$EP2" --cluster-key-file "$KEY" --peer "$E1_P2P"
     start_node E3 "${ports[2]}" "$EP3" --cluster-key-file "$KEY" --peer "$E1_P2P"
+    save_env seeder-killed E1 E1_PID E2 E2_PID E3 E3_PID
     settle E1 E2 E3
     mkdir -p "$T/e"
     t0=$SECONDS
@@ -422,5 +436,45 @@ seeder_killed() {
     [[ -z $why ]] || die "$why"
 }
 run_case "$CASE_E" seeder_killed
+
+# --- f: a healthy but slow seeder -----------------------------------------------------------------
+slow_seeder() {
+    need_shoal
+    ensure_registry
+    stop_nodes seeder-killed E1 E2 E3
+    local ports i v pids=() t0 got total=0 why='' code
+    start_throttle THF "$REG" "$SLOW_RATE"
+    for i in 1 2 3; do start_counting_proxy "FP$i" "$THF"; done
+    mapfile -t ports < <(free_ports 3)
+    start_node F1 "${ports[0]}" "$FP1" --cluster-key-file "$KEY"
+    start_node F2 "${ports[1]}" "$FP2" --cluster-key-file "$KEY" --peer "$F1_P2P"
+    start_node F3 "${ports[2]}" "$FP3" --cluster-key-file "$KEY" --peer "$F1_P2P"
+    settle F1 F2 F3
+    mkdir -p "$T/f"
+    t0=$SECONDS
+    for i in 1 2 3; do
+        v=F$i
+        curl -sS --max-time 150 -o "$T/f/$v.blob" -w '%{http_code}' \
+            "http://${!v}/v2/library/swarm-big/blobs/$BIG_LAYER" >"$T/f/$v.code" 2>"$T/f/$v.err" &
+        pids+=($!)
+    done
+    for i in 1 2 3; do wait "${pids[i - 1]}" || true; done
+    for i in 1 2 3; do
+        v=F$i
+        code=$(cat "$T/f/$v.code")
+        got=$(proxy_stat "FP$i" ".by_blob[\"$BIG_LAYER\"] // 0")
+        total=$((total + got))
+        info "f:   $v: HTTP $code after <= $((SECONDS - t0)) s; fetched $got B of the layer from the upstream (registry side)"
+        if [[ $code != 200 || $(sha256_of "$T/f/$v.blob") != "$BIG_LAYER" ]]; then
+            why+="$v: HTTP $code, body hashing to $(sha256_of "$T/f/$v.blob") $(head -c 200 "$T/f/$v.err"); "
+        fi
+    done
+    info "f: MEASURED registry-side egress for the layer: $total B = $(ratio "$total" "$BIG_LAYER_SIZE") copies for 3 nodes"
+    report F1 F2 F3
+    [[ -z $why ]] || die "$why"
+    awk -v c="$(ratio "$total" "$BIG_LAYER_SIZE")" -v m="$MAX_COPIES" 'BEGIN { exit !(c <= m) }' ||
+        die "the registry sent $(ratio "$total" "$BIG_LAYER_SIZE") copies of the layer with no node failing (more than $MAX_COPIES)"
+}
+run_case "$CASE_F" slow_seeder
 
 e2e_finish

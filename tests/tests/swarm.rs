@@ -98,3 +98,107 @@ async fn a_blob_reaches_the_swarm_from_one_upstream_fetch() {
         n.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poisoned_peer_is_banned_and_costs_only_its_chunks() {
+    let origin = Origin::start().await.unwrap();
+    let data = pseudo_random(8 << 20, 91);
+    let d = origin.put_blob(data.clone());
+    let key = [3u8; 32];
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let honest = start_node(&origin, dirs[0].path(), vec![], key).await;
+    let seed = p2p_addr(&honest);
+    // The poisoned node holds the blob (verified) but corrupts every chunk it serves.
+    let mut c = Config::new(
+        "127.0.0.1:0".parse().unwrap(),
+        dirs[1].path(),
+        &origin.url(),
+    );
+    let mut p2p = P2pConfig::new("127.0.0.1:0".parse().unwrap());
+    p2p.peers = vec![seed.clone()];
+    p2p.cluster_key = Some(key);
+    p2p.chunk_size = 1 << 20;
+    p2p.fault_corrupt_chunks = true;
+    c.p2p = Some(p2p);
+    let poisoned = Node::start(c).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let http = reqwest::Client::new();
+    let url = |n: &Node| format!("http://{}/v2/x/blobs/{d}", n.addr());
+    assert_eq!(
+        http.get(url(&honest))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+        data
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        http.get(url(&poisoned))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+        data
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let served_before = origin.blob_bytes_served();
+
+    let victim = start_node(&origin, dirs[2].path(), vec![seed], key).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let got = http
+        .get(url(&victim))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(got, data, "the victim must end with the right bytes");
+    let rec = victim.mirror().pulls.get(&d).unwrap();
+    let metrics = http
+        .get(format!("http://{}/metrics", victim.addr()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let poisoned_id = poisoned
+        .mirror()
+        .swarm
+        .as_ref()
+        .unwrap()
+        .peer_id()
+        .to_string();
+    let from_poisoned = rec
+        .fetched_from_peers
+        .get(&poisoned_id)
+        .copied()
+        .unwrap_or(0);
+    assert_eq!(
+        from_poisoned, 0,
+        "no byte from the poisoned peer is kept: {rec:?}"
+    );
+    if metrics.contains("shoal_chunks_rejected_total 0") {
+        // The scheduler happened to ask only the honest peer: nothing was at risk.
+        assert_eq!(
+            rec.fetched_from_peers.values().sum::<u64>() + rec.fetched_from_upstream,
+            data.len() as u64
+        );
+    } else {
+        assert!(!metrics.contains("shoal_peers_banned_total 0"), "{metrics}");
+    }
+    assert_eq!(
+        origin.blob_bytes_served(),
+        served_before,
+        "the swarm, not the upstream, recovers"
+    );
+    for n in [honest, poisoned, victim] {
+        n.shutdown().await;
+    }
+}

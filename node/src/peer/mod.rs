@@ -109,6 +109,8 @@ pub struct PeerConfig {
     pub receive_window: u32,
     /// Bytes of unacknowledged data a connection may hold (the server's send buffer).
     pub send_window: u64,
+    /// Fault injection for tests: flip a byte in every chunk served (a poisoned peer).
+    pub fault_corrupt_chunks: bool,
 }
 
 impl PeerConfig {
@@ -127,6 +129,7 @@ impl PeerConfig {
             stream_receive_window: 8 << 20,
             receive_window: 32 << 20,
             send_window: 16 << 20,
+            fault_corrupt_chunks: false,
         }
     }
 }

@@ -438,6 +438,14 @@ async fn serve_chunk(
             }
             Err(e) => return Err(std::io::Error::other(e).into()),
         };
+    let mapped = if shared.config.fault_corrupt_chunks && !mapped.is_empty() {
+        let mut v = mapped.to_vec();
+        let mid = v.len() / 2;
+        v[mid] ^= 0xff;
+        Bytes::from(v)
+    } else {
+        mapped
+    };
     respond(send, Response::ChunkHeader { index, len }, limit).await?;
     let counter = shared.metrics.served_bytes.get_or_create(label).clone();
     let mut offset = 0;
