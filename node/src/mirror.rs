@@ -188,6 +188,12 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// The upstream's `Docker-Content-Digest`, if present and valid.
+fn header_digest(resp: &reqwest::Response) -> Option<Digest> {
+    let v = resp.headers().get("docker-content-digest")?.to_str().ok()?;
+    Digest::parse(v).ok()
+}
+
 fn content_type(resp: &reqwest::Response) -> Option<String> {
     let v = resp
         .headers()
@@ -222,7 +228,7 @@ impl Mirror {
         }
     }
 
-    fn count_upstream(&self, reg: &Registry, bytes: u64) {
+    pub(crate) fn count_upstream(&self, reg: &Registry, bytes: u64) {
         let labels = UpstreamLabels {
             registry: reg.key.clone(),
         };
@@ -443,12 +449,7 @@ impl Mirror {
             }
             return Err(e);
         }
-        let header_digest = resp
-            .inner
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| Digest::parse(v).ok());
+        let header_digest = header_digest(&resp.inner);
         let digest = match header_digest {
             Some(d) => d,
             None => {
@@ -542,12 +543,7 @@ impl Mirror {
         expected: Option<Digest>,
     ) -> Result<Manifest, ApiError> {
         let media_type = content_type(&resp.inner);
-        let header_digest = resp
-            .inner
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| Digest::parse(v).ok());
+        let header_digest = header_digest(&resp.inner);
         let private = resp.authenticated;
         let body = read_limited(resp.inner, MAX_MANIFEST_BYTES, self.upstreams.timeout())
             .await

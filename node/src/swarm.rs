@@ -496,7 +496,7 @@ impl Mirror {
                                     }
                                     None => {
                                         self.pulls.from_upstream(&digest, bytes.len() as u64);
-                                        self.metrics.upstream_bytes.get_or_create(&crate::metrics::UpstreamLabels { registry: reg.key.clone() }).inc_by(bytes.len() as u64);
+                                        self.count_upstream(&reg, bytes.len() as u64);
                                     }
                                 }
                             }
