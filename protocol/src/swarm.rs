@@ -200,6 +200,15 @@ pub enum SeedState {
 /// The default takeover timeout of [`SeedPlan`] and of [`DownloadConfig::takeover_after_ms`].
 pub const DEFAULT_TAKEOVER_AFTER_MS: u64 = 5_000;
 
+/// Discovery policy shared by the daemon and the simulator: how many providers a node asks the
+/// DHT for per lookup (complete and arriving ones alike).
+pub const PROVIDER_LIMIT: usize = 16;
+/// How often a downloading node looks the blob's providers up again, to find more of them.
+pub const LOOKUP_INTERVAL_MS: u64 = 2_000;
+/// How often a downloading node asks each partial provider which chunks it holds now
+/// (reported to [`Download::peer_has`], and to [`SeedPlan::provider_progress`] when it grew).
+pub const HAVE_POLL_MS: u64 = 500;
+
 /// Herd control for a node that wants a blob no peer holds: only the designated seeders (see
 /// [`designated_seeders`]) go to the upstream at once; every other node waits for providers and
 /// takes over only if none appears, or the ones that appear make no progress, within
