@@ -62,6 +62,9 @@
 
 use core::ops::Range;
 
+mod prefix;
+pub use prefix::{fuzz_decode_prefix, TablePrefix, PREFIX_VERSION};
+
 use sha2::compress256;
 use sha2::digest::block_buffer::{BlockBuffer, Eager};
 use sha2::digest::consts::U64;
@@ -519,6 +522,21 @@ impl TableBuilder {
         self.total
     }
 
+    /// What is known so far of the table of a blob of `blob_size` bytes (the descriptor's size):
+    /// the midstates at the chunk boundaries passed. An error if `blob_size` and the chunk size
+    /// form no valid layout.
+    pub fn prefix(&self, blob_size: u64) -> Result<TablePrefix, LayoutError> {
+        let layout = ChunkLayout::new(blob_size, self.chunk_size)?;
+        let n = self.states.len().min(layout.table_len());
+        Ok(TablePrefix::from_parts(layout, self.states[..n].to_vec())
+            .unwrap_or_else(|_| TablePrefix::empty(layout)))
+    }
+
+    /// The number of midstates known so far (chunk boundaries passed).
+    pub fn states_known(&self) -> usize {
+        self.states.len()
+    }
+
     /// The table and the SHA-256 digest of everything fed; an error only if the blob has more
     /// than [`MAX_CHUNKS`] chunks of this size.
     pub fn finish(mut self) -> Result<(MidstateTable, [u8; 32]), LayoutError> {
@@ -573,49 +591,13 @@ impl ChunkVerifier {
         index: u32,
         data: &[u8],
     ) -> Result<(), ChunkError> {
-        let layout = table.layout;
-        let count = layout.count();
-        let inconsistent = || ChunkError::TableInconsistent {
-            expected: layout.table_len(),
-            actual: table.states.len(),
-        };
-        if table.states.len() != layout.table_len() {
-            return Err(inconsistent());
-        }
-        let Some((_, len)) = layout.range(index) else {
-            return Err(ChunkError::IndexOutOfRange { index, count });
-        };
-        if data.len() != len as usize {
-            return Err(ChunkError::WrongLength {
-                index,
-                expected: len,
-                actual: data.len(),
+        if table.states.len() != table.layout.table_len() {
+            return Err(ChunkError::TableInconsistent {
+                expected: table.layout.table_len(),
+                actual: table.states.len(),
             });
         }
-        let i = index as usize;
-        let mut state = match i.checked_sub(1) {
-            None => IV,
-            Some(prev) => state_from_bytes(table.states.get(prev).ok_or_else(inconsistent)?),
-        };
-        let mut blocks = Blocks::default();
-        blocks.digest_blocks(data, |b| compress256(&mut state, b));
-        let expected = if index + 1 == count {
-            blocks.len64_padding_be(layout.blob_size.wrapping_mul(8), |b| {
-                compress256(&mut state, core::slice::from_ref(b))
-            });
-            digest
-        } else {
-            // Not the last chunk: a whole chunk, so no bytes are left in the buffer.
-            table.states.get(i).ok_or_else(inconsistent)?
-        };
-        if state_to_bytes(&state) == *expected {
-            Ok(())
-        } else if count == 1 {
-            // IV to digest: the table played no part.
-            Err(ChunkError::Corrupt { index })
-        } else {
-            Err(ChunkError::Mismatch { index })
-        }
+        verify_chunk_states(table.layout, &table.states, digest, index, data)
     }
 
     /// A verifier for a blob of `blob_size` bytes (the descriptor's) with this digest, after the
@@ -677,6 +659,56 @@ impl ChunkVerifier {
     /// True when every chunk is accepted, hence final: the blob hashes to the digest.
     pub fn is_complete(&self) -> bool {
         self.final_from == 0
+    }
+}
+
+/// Checks chunk `index` against the first `states` of `layout`'s table (all of them, or a prefix
+/// that covers the chunk) and, for the last chunk, the digest.
+fn verify_chunk_states(
+    layout: ChunkLayout,
+    states: &[[u8; 32]],
+    digest: &[u8; 32],
+    index: u32,
+    data: &[u8],
+) -> Result<(), ChunkError> {
+    let count = layout.count();
+    let inconsistent = || ChunkError::TableInconsistent {
+        expected: layout.table_len(),
+        actual: states.len(),
+    };
+    let Some((_, len)) = layout.range(index) else {
+        return Err(ChunkError::IndexOutOfRange { index, count });
+    };
+    if data.len() != len as usize {
+        return Err(ChunkError::WrongLength {
+            index,
+            expected: len,
+            actual: data.len(),
+        });
+    }
+    let i = index as usize;
+    let mut state = match i.checked_sub(1) {
+        None => IV,
+        Some(prev) => state_from_bytes(states.get(prev).ok_or_else(inconsistent)?),
+    };
+    let mut blocks = Blocks::default();
+    blocks.digest_blocks(data, |b| compress256(&mut state, b));
+    let expected = if index + 1 == count {
+        blocks.len64_padding_be(layout.blob_size.wrapping_mul(8), |b| {
+            compress256(&mut state, core::slice::from_ref(b))
+        });
+        digest
+    } else {
+        // Not the last chunk: a whole chunk, so no bytes are left in the buffer.
+        states.get(i).ok_or_else(inconsistent)?
+    };
+    if state_to_bytes(&state) == *expected {
+        Ok(())
+    } else if count == 1 {
+        // IV to digest: the table played no part.
+        Err(ChunkError::Corrupt { index })
+    } else {
+        Err(ChunkError::Mismatch { index })
     }
 }
 
