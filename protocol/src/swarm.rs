@@ -42,7 +42,11 @@
 //!   (up to `upstream_max_in_flight` at a time) while the peers' aggregate rate is below
 //!   `slow_swarm_percent` of `upstream_rate`, once the download is `upstream_grace_ms` old. A node
 //!   that is not a designated seeder (`upstream_allowed == false`) waits `takeover_after_ms`
-//!   instead of `upstream_grace_ms` in both rules.
+//!   instead of `upstream_grace_ms` in both rules. The wait for chunks nobody holds restarts
+//!   whenever the swarm makes progress (a peer joins, or announces a chunk it did not hold): the
+//!   followers of a seeder that is still streaming the blob from the upstream keep waiting for
+//!   it, and take over only once it stalls or dies. For the same reason a follower judges the
+//!   peers' speed only once no progress was made for `takeover_after_ms`.
 //!
 //! # Driving a [`Download`]
 //!
@@ -565,6 +569,9 @@ pub struct Download {
     starved: BTreeSet<PeerId>,
     table_refetch_pending: bool,
     queue: VecDeque<Action>,
+    /// The last time a peer joined or announced a chunk it did not hold before: while the swarm
+    /// makes progress, chunks nobody holds yet are not taken from the upstream.
+    last_progress: u64,
 }
 
 impl Download {
@@ -595,6 +602,7 @@ impl Download {
             ready: BTreeSet::new(),
             starved: BTreeSet::new(),
             table_refetch_pending: false,
+            last_progress: now,
             queue: VecDeque::new(),
             config,
         };
@@ -689,6 +697,16 @@ impl Download {
 
     fn usable_holders(&self, index: u32) -> u32 {
         self.chunks[index as usize].avail + self.complete_holders
+    }
+
+    /// From when the peers' speed is judged: the start for a designated seeder; for a follower,
+    /// also the last progress (a follower does not judge a swarm that is still growing).
+    fn judged_from(&self) -> u64 {
+        if self.config.upstream_allowed {
+            self.start
+        } else {
+            self.start.max(self.last_progress)
+        }
     }
 
     fn upstream_delay(&self) -> u64 {
@@ -1127,9 +1145,13 @@ impl Download {
         if self.remaining > 0 {
             let delay = self.upstream_delay();
             if let Some(&(since, _)) = self.unavailable.first() {
+                let since = since.max(self.last_progress);
                 consider(since.saturating_add(delay).max(self.upstream_retry_at));
             }
-            let judge = self.start.saturating_add(delay).max(self.upstream_retry_at);
+            let judge = self
+                .judged_from()
+                .saturating_add(delay)
+                .max(self.upstream_retry_at);
             if judge > self.now && !self.wanted.is_empty() && self.swarm_is_slow() {
                 consider(judge);
             }
@@ -1154,6 +1176,7 @@ impl Download {
                 p.have = have;
             }
         } else {
+            self.last_progress = self.last_progress.max(now);
             self.peers.insert(
                 peer,
                 Peer {
@@ -1194,6 +1217,7 @@ impl Download {
         if !bits.set(index) {
             return;
         }
+        self.last_progress = self.last_progress.max(now);
         let full = bits.is_full();
         let counted = p.counted;
         if counted {
@@ -1453,13 +1477,13 @@ impl Download {
         let delay = self.upstream_delay();
         // Chunks no usable peer holds, once they have waited long enough.
         if let Some(&(since, index)) = self.unavailable.first() {
-            if since.saturating_add(delay) <= now {
+            if since.max(self.last_progress).saturating_add(delay) <= now {
                 self.set_slot(index, Slot::Upstream, now);
                 return Some(Action::FetchUpstream { index });
             }
         }
         // Peers too slow: the upstream takes the lowest wanted chunks too.
-        let judged = self.start.saturating_add(delay) <= now;
+        let judged = self.judged_from().saturating_add(delay) <= now;
         if judged
             && self.swarm_is_slow()
             && (self.upstream.len() as u64) < u64::from(self.config.upstream_max_in_flight)

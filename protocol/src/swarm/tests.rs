@@ -436,9 +436,10 @@ fn a_node_that_is_not_a_seeder_waits_for_the_takeover_timeout() {
         }]
     );
     d.chunk_received(p(1), 1, 1024, 300);
-    assert!(drain(&mut d, 4_999).is_empty());
+    // The provider's arrival at 200 was progress: the wait restarts from there.
+    assert!(drain(&mut d, 5_199).is_empty());
     assert_eq!(
-        drain(&mut d, 5_000),
+        drain(&mut d, 5_200),
         vec![
             Action::FetchUpstream { index: 0 },
             Action::FetchUpstream { index: 2 }
@@ -1209,4 +1210,41 @@ fn a_large_download_stays_cheap() {
         }
     }
     assert!(requests_made >= count && requests_made < count + 200);
+}
+
+#[test]
+fn followers_wait_while_a_partial_seeder_makes_progress_and_take_over_when_it_stalls() {
+    let config = DownloadConfig {
+        upstream_allowed: false,
+        takeover_after_ms: 5_000,
+        ..fixed(2)
+    };
+    let count = 20;
+    let mut d = Download::new(layout(count), config, 0);
+    d.add_peer(p(1), bits(count, &[]), 0);
+    // The seeder announces a chunk every second for 12 s: far longer than the takeover time,
+    // yet nothing goes upstream.
+    let mut now = 0;
+    for i in 0..12u32 {
+        now = 1_000 * u64::from(i + 1);
+        d.peer_has(p(1), i, now);
+        for a in drain(&mut d, now) {
+            match a {
+                Action::Request { peer, index } => d.chunk_received(peer, index, 1024, now),
+                Action::FetchUpstream { index } => panic!("chunk {index} upstream at {now}"),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(d.remaining(), count - 12);
+    // It stalls: 5 s after its last announcement the follower takes the rest upstream.
+    assert!(drain(&mut d, now + 4_999).is_empty());
+    let upstream: Vec<u32> = drain(&mut d, now + 5_000)
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::FetchUpstream { index } => Some(index),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(upstream, (12..count).collect::<Vec<_>>());
 }
