@@ -4,6 +4,7 @@
 //! [`Node::shutdown`]: the listener stops accepting, open connections finish their current
 //! response (bounded by a grace period), then the store is closed.
 
+pub mod arriving;
 pub mod body;
 pub mod config;
 pub mod demo;

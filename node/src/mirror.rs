@@ -802,6 +802,9 @@ impl Mirror {
         let private = resp.authenticated;
         let mut body = resp.inner;
         let timeout = self.upstreams.timeout();
+        // Shared with peers while it arrives (public blobs of known size only): announced now,
+        // each chunk served once hashed into the table prefix.
+        let sharing = self.share_arriving(&writer, digest, size, private);
         let copied: Result<(), String> = loop {
             match tokio::time::timeout(timeout, body.chunk()).await {
                 Err(_) => break Err("upstream stalled".into()),
@@ -819,6 +822,9 @@ impl Mirror {
                     self.pulls.from_upstream(&digest, chunk.len() as u64);
                     let written = writer.written();
                     tx.send_modify(|p| p.written = written);
+                    if let (Some(reg), Some(size)) = (&sharing, size) {
+                        publish_progress(reg.arriving(), &writer, size);
+                    }
                 }
             }
         };
@@ -851,10 +857,37 @@ impl Mirror {
                 }
             }
             Err(e) => {
-                warn!(registry = %reg.key, digest = %digest, error = %e, "blob fetch failed; partial data discarded")
+                warn!(registry = %reg.key, digest = %digest, error = %e, "blob fetch failed; partial data discarded");
+                if let (Some(sw), Some(_)) = (&self.swarm, &sharing) {
+                    sw.withdraw(digest);
+                }
             }
         }
+        // Committed (the store serves it now) or failed: no longer served as arriving.
+        drop(sharing);
         self.finish_arriving(&digest, outcome, &tx);
+    }
+
+    /// Registers a blob streamed from the upstream as arriving, and announces it, when this node
+    /// is in a swarm and the blob is public and of known size.
+    fn share_arriving(
+        &self,
+        writer: &BlobWriter,
+        digest: Digest,
+        size: Option<u64>,
+        private: bool,
+    ) -> Option<crate::arriving::Registration> {
+        let sw = self.swarm.as_ref()?;
+        if private {
+            return None;
+        }
+        let layout =
+            shoal_protocol::chunk::ChunkLayout::new(size?, self.store.chunk_size()).ok()?;
+        let file = writer.reader().ok()?;
+        let arriving = Arc::new(crate::arriving::Arriving::new(digest, layout, file));
+        let registration = self.store.arriving().register(arriving);
+        sw.provide(digest);
+        Some(registration)
     }
 
     /// Passes a read-only request (tags list, referrers) through to the upstream.
@@ -888,4 +921,28 @@ impl Mirror {
             .map_err(|e| ApiError::new(ErrorCode::UpstreamUnavailable, format!("upstream: {e}")))?;
         Ok((status, ct, link, Bytes::from(body)))
     }
+}
+
+/// Publishes what an in-order upstream stream has hashed and written: the table prefix, and the
+/// chunks it covers that are wholly on disk.
+fn publish_progress(arriving: &crate::arriving::Arriving, writer: &BlobWriter, size: u64) {
+    let known = writer.states_known();
+    let layout = arriving.layout();
+    let complete = writer.written() == size;
+    if known == 0 && !complete {
+        return;
+    }
+    if (known as u32) > arriving.covered() || complete {
+        if let Some(prefix) = writer.prefix(size) {
+            let _ = arriving.merge_prefix(&prefix);
+        }
+    }
+    // Chunks wholly written; the last one only with the whole blob (it is then checked against
+    // the digest by whoever fetches it, and by the commit that follows).
+    let written_chunks = if complete {
+        layout.count()
+    } else {
+        (writer.written() / u64::from(layout.chunk_size())) as u32
+    };
+    arriving.mark_first(written_chunks.min(arriving.covered()));
 }

@@ -129,6 +129,8 @@ struct Inner {
     /// validated at open, so cloning cannot fail where building could).
     table_builder: TableBuilder,
     chunk_size: u32,
+    /// Blobs still arriving, served to peers while they arrive.
+    arriving: crate::arriving::ArrivingSet,
 }
 
 #[derive(Default)]
@@ -285,6 +287,18 @@ impl BlobWriter {
         self.written
     }
 
+    /// What is known of the blob's midstate table so far, for a blob of `size` bytes written in
+    /// order with [`BlobWriter::write`]; `None` once written out of order, or if `size` and the
+    /// store's chunk size form no layout.
+    pub fn prefix(&self, size: u64) -> Option<shoal_protocol::chunk::TablePrefix> {
+        self.builder.as_ref()?.prefix(size).ok()
+    }
+
+    /// How many chunk boundaries the in-order hash has passed (0 once written out of order).
+    pub fn states_known(&self) -> usize {
+        self.builder.as_ref().map_or(0, TableBuilder::states_known)
+    }
+
     /// A second handle on the partial file, for readers that stream it while it is written.
     pub fn reader(&self) -> io::Result<File> {
         File::open(&self.path)
@@ -394,6 +408,7 @@ impl Store {
                 on_evict: Mutex::new(None),
                 table_builder,
                 chunk_size,
+                arriving: crate::arriving::ArrivingSet::default(),
             }),
         };
         store.recover().map_err(io_err(root))?;
@@ -583,6 +598,11 @@ impl Store {
     }
 
     /// Starts writing a blob expected to hash to `digest`.
+    /// The blobs arriving on this node (see [`crate::arriving`]).
+    pub fn arriving(&self) -> &crate::arriving::ArrivingSet {
+        &self.inner.arriving
+    }
+
     pub fn writer(&self, digest: &Digest) -> io::Result<BlobWriter> {
         let n = self.inner.next_partial.fetch_add(1, Ordering::Relaxed);
         let path = self

@@ -3,10 +3,17 @@
 //! happens on the network and carries out what it decides.
 //!
 //! Invariants:
-//! - A chunk is written to the partial file only after [`peer::PeerConn::chunk`] (or the
-//!   upstream fallback) verified it against the midstate table; the whole blob is hashed again
-//!   at commit, so nothing is stored unless it matches its digest.
-//! - A node provides (announces) a blob only once it holds it complete and verified.
+//! - A chunk from a peer is written to the partial file only after
+//!   [`peer::PeerConn::chunk_prefix`] verified it against the table (whole, or the prefix known
+//!   of a blob still arriving); an upstream chunk is verified when the table covers it. The
+//!   whole blob is hashed again at commit, so nothing is stored unless it matches its digest.
+//! - A node announces a blob as soon as it starts fetching it (from the upstream or from peers)
+//!   and serves each chunk it holds verified while the rest arrives ([`crate::arriving`]); a
+//!   failed download withdraws the announcement. A chunk is served only once the node's table
+//!   covers it.
+//! - Followers go to the upstream only when the providers stall (no new chunk anywhere for the
+//!   takeover time, staggered by their order among the fetching nodes), not while a seeder is
+//!   still streaming the blob.
 //! - Private blobs never leave a node through the swarm (peers answer `Denied`); a node that
 //!   needs one fetches it from the upstream with its client's credentials.
 
@@ -17,14 +24,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use shoal_protocol::chunk::{ChunkVerifier, MidstateTable};
+use shoal_protocol::chunk::TablePrefix;
 use shoal_protocol::swarm::{
-    designated_seeders, Action, Download, DownloadConfig, FailReason, Have, PeerId,
+    designated_seeders, Action, Download, DownloadConfig, FailReason, Have, PeerId, HAVE_POLL_MS,
+    LOOKUP_INTERVAL_MS, PROVIDER_LIMIT,
 };
+use shoal_protocol::wire::Bitfield;
 use shoal_protocol::Digest;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
+use crate::arriving::{Arriving, Registration};
 use crate::config::P2pConfig;
 use crate::dht::{self, Dht, DhtConfig, DhtHandle, Provider};
 use crate::mirror::{Mirror, Progress};
@@ -32,8 +42,8 @@ use crate::peer::{self, ClusterKey, DenyPrivate, Endpoint, PeerConfig, PeerConn,
 use crate::store::{BlobWriter, Store};
 use crate::upstream::{ClientAuth, Registry};
 
-/// Providers asked for per blob.
-const PROVIDER_LIMIT: usize = 8;
+/// The most takeover periods a follower waits for stalled providers (see `swarm_fetch`).
+const MAX_TAKEOVER_STAGGER: u64 = 4;
 /// Candidates among which the designated seeders are chosen.
 const SEEDER_CANDIDATES: usize = 20;
 /// How often a waiting node looks for providers again.
@@ -172,8 +182,9 @@ impl Swarm {
         }
     }
 
-    /// Whether this node is one of the designated upstream fetchers of `digest`.
-    async fn is_designated(&self, digest: &Digest) -> bool {
+    /// This node's rank among the candidates nearest `digest` (0: the nearest). The first
+    /// `seeders` ranks are the designated upstream fetchers; the others take over in rank order.
+    async fn seeder_rank(&self, digest: &Digest) -> usize {
         let me = swarm_id(&self.peer_id());
         match self
             .handle
@@ -185,10 +196,11 @@ impl Swarm {
                 if !candidates.contains(&me) {
                     candidates.push(me);
                 }
-                designated_seeders(digest.as_bytes(), candidates, self.config.seeders).contains(&me)
+                let order = designated_seeders(digest.as_bytes(), candidates, SEEDER_CANDIDATES + 1);
+                order.iter().position(|p| *p == me).unwrap_or(0)
             }
             // Alone or the DHT failing: this node is its own seeder.
-            Err(_) => true,
+            Err(_) => 0,
         }
     }
 
@@ -259,12 +271,27 @@ impl Swarm {
     }
 }
 
-/// What a finished chunk fetch reports to the driver.
-struct ChunkResult {
-    /// `None`: fetched from the upstream.
-    peer: Option<PeerId>,
-    index: u32,
-    result: Result<Bytes, FailReason>,
+/// What the driver's helper tasks report.
+enum Event {
+    /// A chunk fetch finished.
+    Chunk {
+        /// `None`: fetched from the upstream.
+        peer: Option<PeerId>,
+        index: u32,
+        result: Result<Bytes, FailReason>,
+    },
+    /// A peer answered (or failed) a `Have`.
+    Have {
+        peer: PeerId,
+        result: Result<Bitfield, PeerError>,
+    },
+    /// A peer answered (or failed) a `Table`.
+    Table {
+        peer: PeerId,
+        result: Result<TablePrefix, PeerError>,
+    },
+    /// A provider lookup finished.
+    Providers(Vec<Provider>),
 }
 
 fn fail_reason(e: &PeerError) -> FailReason {
@@ -276,6 +303,25 @@ fn fail_reason(e: &PeerError) -> FailReason {
         PeerError::Ambiguous { .. } => FailReason::Ambiguous,
         PeerError::Timeout(_) => FailReason::Timeout,
         _ => FailReason::Refused,
+    }
+}
+
+/// What the driver knows of one provider.
+struct PeerInfo {
+    addr: SocketAddr,
+    /// The libp2p peer id, for logs and metrics.
+    name: String,
+    /// Its last `Have`; `None` until the first answer.
+    bits: Option<Bitfield>,
+    /// Whether it has been added to the [`Download`].
+    added: bool,
+    have_pending: bool,
+    table_pending: bool,
+}
+
+impl PeerInfo {
+    fn complete(&self) -> bool {
+        self.bits.as_ref().is_some_and(Bitfield::is_full)
     }
 }
 
@@ -292,15 +338,21 @@ impl Mirror {
         auth: &ClientAuth,
     ) -> Option<Arc<crate::mirror::Transfer>> {
         let started = Instant::now();
+        let me = sw.peer_id();
         let mut providers = sw.providers(&digest).await;
+        providers.retain(|p| p.peer_id != me);
+        let rank = sw.seeder_rank(&digest).await;
+        let designated = rank < sw.config.seeders;
+        let takeover = sw.takeover_after;
         if providers.is_empty() {
-            if sw.is_designated(&digest).await {
+            if designated {
                 info!(digest = %digest, "no provider: this node is a designated seeder, fetching upstream");
                 return None;
             }
-            while providers.is_empty() && started.elapsed() < sw.takeover_after {
+            while providers.is_empty() && started.elapsed() < takeover {
                 tokio::time::sleep(PROVIDER_POLL).await;
                 providers = sw.providers(&digest).await;
+                providers.retain(|p| p.peer_id != me);
             }
             if providers.is_empty() {
                 info!(digest = %digest, waited_ms = started.elapsed().as_millis() as u64, "no provider appeared: taking over the upstream fetch");
@@ -308,16 +360,24 @@ impl Mirror {
             }
         }
         let chunk_size = sw.config.chunk_size;
-        let mut table = None;
+        // The longest table known among the providers (a whole one ends the search).
+        let mut table: Option<TablePrefix> = None;
         for p in &providers {
             let got = match sw.conn(p.chunk_addr).await {
-                Ok(c) => c.table(&digest, chunk_size, None, &[]).await,
+                Ok(c) => c.table_prefix(&digest, chunk_size, None, &[]).await,
                 Err(e) => Err(e),
             };
             match got {
                 Ok(t) => {
-                    table = Some(t);
-                    break;
+                    let better = table.as_ref().is_none_or(|b| {
+                        b.layout() == t.layout() && t.states().len() > b.states().len()
+                    });
+                    if better {
+                        table = Some(t);
+                    }
+                    if table.as_ref().is_some_and(TablePrefix::is_complete) {
+                        break;
+                    }
                 }
                 Err(e) => {
                     info!(digest = %digest, peer = %p.peer_id, error = %e, "no table from provider");
@@ -328,9 +388,15 @@ impl Mirror {
             }
         }
         let table = table?;
-        let size = table.layout().blob_size();
+        let layout = table.layout();
+        let size = layout.blob_size();
         let writer = self.store.writer(&digest).ok()?;
         let file = writer.reader().ok()?;
+        let shared_file = writer.reader().ok()?;
+        let arriving = Arc::new(Arriving::new(digest, layout, shared_file));
+        let _ = arriving.merge_prefix(&table);
+        let registration = self.store.arriving().register(arriving);
+        sw.provide(digest);
         let (tx, rx) = watch::channel(Progress::default());
         let transfer = Arc::new(crate::mirror::Transfer {
             digest,
@@ -342,7 +408,7 @@ impl Mirror {
         });
         self.insert_arriving(digest, transfer.clone());
         self.pulls.fetching(&digest, Some(size));
-        info!(digest = %digest, size, providers = providers.len(), lookup_ms = started.elapsed().as_millis() as u64, "fetching blob from peers");
+        info!(digest = %digest, size, providers = providers.len(), table_covers = table.covered(), lookup_ms = started.elapsed().as_millis() as u64, "fetching blob from peers");
         let (this, sw, reg, name, auth) = (
             self.clone(),
             sw.clone(),
@@ -350,61 +416,132 @@ impl Mirror {
             name.clone(),
             auth.clone(),
         );
+        // Once the providers stall or die, followers take over one after another, in their
+        // order by distance to the digest among the nodes fetching it (the providers and this
+        // node): the first re-seeds the rest while the others fetch it from that one.
+        let me_id = swarm_id(&me);
+        let order = designated_seeders(
+            digest.as_bytes(),
+            providers
+                .iter()
+                .map(|p| swarm_id(&p.peer_id))
+                .chain([me_id]),
+            providers.len() + 1,
+        );
+        let place = order.iter().position(|p| *p == me_id).unwrap_or(0);
+        let stagger = (place as u64 + 1).min(MAX_TAKEOVER_STAGGER);
+        let config = DownloadConfig {
+            seed: u64::from_le_bytes(digest.as_bytes()[..8].try_into().unwrap_or([0; 8])),
+            upstream_allowed: designated,
+            takeover_after_ms: (takeover.as_millis() as u64).saturating_mul(stagger),
+            ..DownloadConfig::default()
+        };
+        let job = Job {
+            sw,
+            reg,
+            name,
+            auth,
+            digest,
+            config,
+        };
         tokio::spawn(async move {
-            this.drive(sw, reg, name, auth, digest, table, providers, writer, tx)
+            this.drive(job, table, providers, writer, registration, tx)
                 .await
         });
         Some(transfer)
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn drive(
         self: Arc<Self>,
-        sw: Arc<Swarm>,
-        reg: Registry,
-        name: shoal_protocol::Name,
-        auth: ClientAuth,
-        digest: Digest,
-        table: MidstateTable,
+        job: Job,
+        table: TablePrefix,
         providers: Vec<Provider>,
         mut writer: BlobWriter,
+        registration: Registration,
         tx: watch::Sender<Progress>,
     ) {
-        let table = Arc::new(table);
-        let layout = table.layout();
+        let Job {
+            sw,
+            reg,
+            name,
+            auth,
+            digest,
+            config,
+        } = job;
+        let arriving = registration.arriving().clone();
+        let mut view = Arc::new(table);
+        let layout = view.layout();
         let count = layout.count();
+        let chunk_size = layout.chunk_size();
         let t0 = Instant::now();
         let now = || t0.elapsed().as_millis() as u64;
-        let mut seed = [0u8; 8];
-        seed.copy_from_slice(&digest.as_bytes()[..8]);
-        let config = DownloadConfig {
-            seed: u64::from_le_bytes(seed),
-            ..DownloadConfig::default()
-        };
         let mut dl = Download::new(layout, config, now());
-        let mut addrs: HashMap<PeerId, (SocketAddr, String)> = HashMap::new();
-        for p in &providers {
-            let id = swarm_id(&p.peer_id);
-            addrs.insert(id, (p.chunk_addr, p.peer_id.to_string()));
-            dl.add_peer(id, Have::All, now());
-        }
-        let (rtx, mut rrx) = mpsc::channel::<ChunkResult>(64);
+        let (etx, mut erx) = mpsc::channel::<Event>(256);
+        let me = sw.peer_id();
+        let mut peers: HashMap<PeerId, PeerInfo> = HashMap::new();
+        let ask_have = |peer: PeerId, addr: SocketAddr| {
+            let (sw, etx) = (sw.clone(), etx.clone());
+            tokio::spawn(async move {
+                let result = match sw.conn(addr).await {
+                    Ok(c) => c.have(&digest, chunk_size).await,
+                    Err(e) => Err(e),
+                };
+                let _ = etx.send(Event::Have { peer, result }).await;
+            });
+        };
+        let ask_table = |peer: PeerId, addr: SocketAddr| {
+            let (sw, etx) = (sw.clone(), etx.clone());
+            tokio::spawn(async move {
+                let result = match sw.conn(addr).await {
+                    Ok(c) => c.table_prefix(&digest, chunk_size, Some(layout.blob_size()), &[]).await,
+                    Err(e) => Err(e),
+                };
+                let _ = etx.send(Event::Table { peer, result }).await;
+            });
+        };
+        let add_providers = |list: Vec<Provider>, peers: &mut HashMap<PeerId, PeerInfo>| {
+            for p in list {
+                if p.peer_id == me || peers.len() >= 4 * PROVIDER_LIMIT {
+                    continue;
+                }
+                let id = swarm_id(&p.peer_id);
+                if peers.contains_key(&id) {
+                    continue;
+                }
+                peers.insert(
+                    id,
+                    PeerInfo {
+                        addr: p.chunk_addr,
+                        name: p.peer_id.to_string(),
+                        bits: None,
+                        added: false,
+                        have_pending: true,
+                        table_pending: false,
+                    },
+                );
+                ask_have(id, p.chunk_addr);
+            }
+        };
+        add_providers(providers, &mut peers);
         let mut got = vec![false; count as usize];
         let mut prefix = 0u32;
         let mut last_progress = Instant::now();
+        let mut next_have_poll = Instant::now() + Duration::from_millis(HAVE_POLL_MS);
+        let mut next_lookup = Instant::now() + Duration::from_millis(LOOKUP_INTERVAL_MS);
+        let mut lookup_pending = false;
         let mut failure: Option<String> = None;
         'run: loop {
             while let Some(action) = dl.poll_action(now()) {
                 match action {
                     Action::Request { peer, index } => {
-                        let Some((addr, _)) = addrs.get(&peer).cloned() else {
+                        let Some(addr) = peers.get(&peer).map(|p| p.addr) else {
                             dl.chunk_failed(peer, index, FailReason::Refused, now());
                             continue;
                         };
-                        let (sw, table, rtx) = (sw.clone(), table.clone(), rtx.clone());
+                        let (sw, view, etx) = (sw.clone(), view.clone(), etx.clone());
                         tokio::spawn(async move {
                             let result = match sw.conn(addr).await {
-                                Ok(c) => c.chunk(&digest, &table, index, &[]).await,
+                                Ok(c) => c.chunk_prefix(&digest, &view, index, &[]).await,
                                 Err(e) => Err(e),
                             };
                             if matches!(result, Err(PeerError::Connection(_))) {
@@ -414,8 +551,8 @@ impl Mirror {
                                 debug!(digest = %digest, index, %addr, error = %e, "chunk fetch failed");
                                 fail_reason(&e)
                             });
-                            let _ = rtx
-                                .send(ChunkResult {
+                            let _ = etx
+                                .send(Event::Chunk {
                                     peer: Some(peer),
                                     index,
                                     result,
@@ -424,20 +561,20 @@ impl Mirror {
                         });
                     }
                     Action::FetchUpstream { index } => {
-                        let (this, reg, name, auth, table, rtx) = (
+                        let (this, reg, name, auth, view, etx) = (
                             self.clone(),
                             reg.clone(),
                             name.clone(),
                             auth.clone(),
-                            table.clone(),
-                            rtx.clone(),
+                            view.clone(),
+                            etx.clone(),
                         );
                         tokio::spawn(async move {
                             let result = this
-                                .upstream_chunk(&reg, &name, &auth, digest, &table, index)
+                                .upstream_chunk(&reg, &name, &auth, digest, &view, index)
                                 .await;
-                            let _ = rtx
-                                .send(ChunkResult {
+                            let _ = etx
+                                .send(Event::Chunk {
                                     peer: None,
                                     index,
                                     result: result.map_err(|_| FailReason::Refused),
@@ -454,9 +591,9 @@ impl Mirror {
                     }
                     Action::Ban { peer, .. } => {
                         self.metrics.peers_banned.inc();
-                        if let Some((addr, id)) = addrs.get(&peer) {
-                            warn!(digest = %digest, peer = %id, "peer sent a corrupt chunk: banned");
-                            sw.drop_conn(*addr).await;
+                        if let Some(p) = peers.get(&peer) {
+                            warn!(digest = %digest, peer = %p.name, "peer sent a corrupt chunk: banned");
+                            sw.drop_conn(p.addr).await;
                         }
                     }
                     Action::Done => break 'run,
@@ -466,57 +603,181 @@ impl Mirror {
                 failure = Some("swarm download stalled".into());
                 break;
             }
+            // Partial providers are asked what they hold now; the DHT for more providers.
+            if Instant::now() >= next_have_poll {
+                next_have_poll = Instant::now() + Duration::from_millis(HAVE_POLL_MS);
+                for (id, p) in peers.iter_mut() {
+                    if !p.have_pending && !p.complete() && !dl.is_banned(id) {
+                        p.have_pending = true;
+                        ask_have(*id, p.addr);
+                    }
+                }
+            }
+            if Instant::now() >= next_lookup && !lookup_pending {
+                next_lookup = Instant::now() + Duration::from_millis(LOOKUP_INTERVAL_MS);
+                lookup_pending = true;
+                let (sw, etx) = (sw.clone(), etx.clone());
+                tokio::spawn(async move {
+                    let list = sw.providers(&digest).await;
+                    let _ = etx.send(Event::Providers(list)).await;
+                });
+            }
             let wait = dl
                 .next_wakeup()
-                .map_or(500, |w| w.saturating_sub(now()).clamp(1, 500));
-            tokio::select! {
-                r = rrx.recv() => {
-                    let Some(r) = r else { break };
-                    match r.result {
-                        Ok(bytes) => {
-                            let i = r.index as usize;
-                            if !got[i] {
-                                let (start, _) = layout.range(r.index).unwrap_or((0, 0));
-                                if let Err(e) = writer.write_at(start, &bytes) {
-                                    failure = Some(format!("store write failed: {e}"));
-                                    break;
-                                }
-                                got[i] = true;
-                                while prefix < count && got[prefix as usize] {
-                                    prefix += 1;
-                                }
-                                let contiguous = layout.range(prefix).map_or(layout.blob_size(), |(s, _)| s);
-                                tx.send_modify(|p| p.written = contiguous);
-                                last_progress = Instant::now();
-                                match r.peer {
-                                    Some(p) => {
-                                        let id = addrs.get(&p).map(|(_, id)| id.clone()).unwrap_or_default();
-                                        self.pulls.from_peer(&digest, &id, bytes.len() as u64);
-                                        self.metrics.peer_bytes.get_or_create(&crate::metrics::PeerLabels { peer: id }).inc_by(bytes.len() as u64);
-                                    }
-                                    None => {
-                                        self.pulls.from_upstream(&digest, bytes.len() as u64);
-                                        self.count_upstream(&reg, bytes.len() as u64);
-                                    }
-                                }
-                            }
-                            match r.peer {
-                                Some(p) => dl.chunk_received(p, r.index, bytes.len() as u64, now()),
-                                None => dl.upstream_received(r.index, now()),
-                            }
+                .map_or(HAVE_POLL_MS, |w| w.saturating_sub(now()))
+                .clamp(1, HAVE_POLL_MS);
+            let event = tokio::select! {
+                e = erx.recv() => match e {
+                    Some(e) => e,
+                    None => break,
+                },
+                _ = tokio::time::sleep(Duration::from_millis(wait)) => {
+                    dl.tick(now());
+                    continue;
+                }
+            };
+            match event {
+                Event::Chunk { peer, index, result: Ok(bytes) } => {
+                    let i = index as usize;
+                    if !got[i] {
+                        let (start, _) = layout.range(index).unwrap_or((0, 0));
+                        if let Err(e) = writer.write_at(start, &bytes) {
+                            failure = Some(format!("store write failed: {e}"));
+                            break;
                         }
-                        Err(reason) => {
-                            if matches!(reason, FailReason::Corrupt | FailReason::Ambiguous) {
-                                self.metrics.chunks_rejected.inc();
+                        got[i] = true;
+                        if view.covers(index) {
+                            // Checked against the table on arrival (peers), or against it by
+                            // `upstream_chunk`: serve it on.
+                            arriving.mark(index);
+                        } else if let Some(grown) = extend_view(&view, index, &bytes, &got, &writer) {
+                            // An upstream chunk right after the known prefix: this node now
+                            // knows the next midstates itself.
+                            let before = view.covered();
+                            view = Arc::new(grown);
+                            let _ = arriving.merge_prefix(&view);
+                            for j in before..view.covered() {
+                                if got[j as usize] {
+                                    arriving.mark(j);
+                                }
                             }
-                            match r.peer {
-                                Some(p) => dl.chunk_failed(p, r.index, reason, now()),
-                                None => dl.upstream_failed(r.index, now()),
+                            report_covered(&mut dl, &peers, before, view.covered(), now());
+                        }
+                        while prefix < count && got[prefix as usize] {
+                            prefix += 1;
+                        }
+                        let contiguous = layout.range(prefix).map_or(layout.blob_size(), |(s, _)| s);
+                        tx.send_modify(|p| p.written = contiguous);
+                        last_progress = Instant::now();
+                        match peer.and_then(|p| peers.get(&p)) {
+                            Some(p) => {
+                                self.pulls.from_peer(&digest, &p.name, bytes.len() as u64);
+                                self.metrics.peer_bytes.get_or_create(&crate::metrics::PeerLabels { peer: p.name.clone() }).inc_by(bytes.len() as u64);
+                            }
+                            None => {
+                                self.pulls.from_upstream(&digest, bytes.len() as u64);
+                                self.count_upstream(&reg, bytes.len() as u64);
                             }
                         }
                     }
+                    match peer {
+                        Some(p) => dl.chunk_received(p, index, bytes.len() as u64, now()),
+                        None => dl.upstream_received(index, now()),
+                    }
                 }
-                _ = tokio::time::sleep(Duration::from_millis(wait)) => dl.tick(now()),
+                Event::Chunk { peer, index, result: Err(reason) } => {
+                    if matches!(reason, FailReason::Corrupt | FailReason::Ambiguous) {
+                        self.metrics.chunks_rejected.inc();
+                    }
+                    match peer {
+                        Some(p) => dl.chunk_failed(p, index, reason, now()),
+                        None => dl.upstream_failed(index, now()),
+                    }
+                }
+                Event::Have { peer, result } => {
+                    let Some(p) = peers.get_mut(&peer) else { continue };
+                    p.have_pending = false;
+                    let bits = match result {
+                        Ok(b) if b.len() == count => b,
+                        Ok(_) => {
+                            debug!(digest = %digest, peer = %p.name, "bitfield of the wrong length: dropped");
+                            dl.remove_peer(peer, now());
+                            peers.remove(&peer);
+                            continue;
+                        }
+                        Err(e) => {
+                            debug!(digest = %digest, peer = %p.name, error = %e, "no bitfield from provider");
+                            if matches!(e, PeerError::NotFound | PeerError::Denied) || e.blames_peer() {
+                                // It no longer has the blob (failed download, evicted).
+                                dl.remove_peer(peer, now());
+                                peers.remove(&peer);
+                            }
+                            continue;
+                        }
+                    };
+                    let covered = view.covered();
+                    if !p.added {
+                        p.added = true;
+                        let have = if bits.is_full() && view.is_complete() {
+                            Have::All
+                        } else {
+                            let mut usable = Bitfield::new(count);
+                            for i in 0..covered {
+                                if bits.get(i) {
+                                    usable.set(i);
+                                }
+                            }
+                            Have::Bits(usable)
+                        };
+                        dl.add_peer(peer, have, now());
+                    } else {
+                        for i in 0..covered {
+                            if bits.get(i) && !p.bits.as_ref().is_some_and(|old| old.get(i)) {
+                                dl.peer_has(peer, i, now());
+                            }
+                        }
+                    }
+                    // It holds chunks beyond what this node's table covers: it knows more of
+                    // the table.
+                    let beyond = (covered..count).any(|i| bits.get(i));
+                    p.bits = Some(bits);
+                    if beyond && !p.table_pending {
+                        p.table_pending = true;
+                        ask_table(peer, p.addr);
+                    }
+                }
+                Event::Table { peer, result } => {
+                    if let Some(p) = peers.get_mut(&peer) {
+                        p.table_pending = false;
+                    }
+                    let longer = match result {
+                        Ok(t) => t,
+                        Err(e) => {
+                            debug!(digest = %digest, error = %e, "no table from provider");
+                            continue;
+                        }
+                    };
+                    let before = view.covered();
+                    let mut merged = (*view).clone();
+                    match merged.merge(&longer) {
+                        Ok(true) => {
+                            view = Arc::new(merged);
+                            let _ = arriving.merge_prefix(&view);
+                            report_covered(&mut dl, &peers, before, view.covered(), now());
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            // Two providers disagree on the table: one of them lies. Keep the
+                            // table already in use (the whole blob is checked at the end).
+                            warn!(digest = %digest, error = %e, "a provider's table disagrees with the one in use: banned");
+                            dl.ban_peer(peer, now());
+                        }
+                    }
+                }
+                Event::Providers(list) => {
+                    lookup_pending = false;
+                    add_providers(list, &mut peers);
+                }
             }
         }
         let outcome = match failure {
@@ -543,20 +804,23 @@ impl Mirror {
                 sw.provide(digest);
             }
             Err(e) => {
-                warn!(digest = %digest, error = %e, "swarm download failed; partial data discarded")
+                warn!(digest = %digest, error = %e, "swarm download failed; partial data discarded");
+                sw.withdraw(digest);
             }
         }
+        drop(registration);
         self.finish_arriving(&digest, outcome, &tx);
     }
 
-    /// One chunk from the upstream with a `Range` request, verified against the table.
+    /// One chunk from the upstream with a `Range` request, verified against the table when it
+    /// covers the chunk.
     async fn upstream_chunk(
         &self,
         reg: &Registry,
         name: &shoal_protocol::Name,
         auth: &ClientAuth,
         digest: Digest,
-        table: &MidstateTable,
+        table: &TablePrefix,
         index: u32,
     ) -> Result<Bytes, String> {
         let (start, len) = table.layout().range(index).ok_or("chunk out of range")?;
@@ -586,8 +850,70 @@ impl Mirror {
             200 if body.len() as u64 > end => body[start as usize..=end as usize].to_vec(),
             s => return Err(format!("upstream answered {s} to a range request")),
         };
-        ChunkVerifier::verify_chunk(table, digest.as_bytes(), index, &data)
-            .map_err(|e| e.to_string())?;
+        // A chunk past the known table comes from the upstream unchecked: it is checked with
+        // the whole blob at commit, and shared only once the table covers it.
+        if table.covers(index) {
+            table
+                .verify_chunk(digest.as_bytes(), index, &data)
+                .map_err(|e| e.to_string())?;
+        }
         Ok(Bytes::from(data))
+    }
+}
+
+/// What a download needs besides its table and peers.
+struct Job {
+    sw: Arc<Swarm>,
+    reg: Registry,
+    name: shoal_protocol::Name,
+    auth: ClientAuth,
+    digest: Digest,
+    config: DownloadConfig,
+}
+
+/// Grows `view` with upstream chunk `index` when it is the next one whose end state is missing,
+/// then with the chunks after it already on disk. `None` when it does not grow.
+fn extend_view(
+    view: &TablePrefix,
+    index: u32,
+    data: &[u8],
+    got: &[bool],
+    writer: &BlobWriter,
+) -> Option<TablePrefix> {
+    use std::os::unix::fs::FileExt;
+    let mut grown = view.clone();
+    if !grown.extend_with_chunk(index, data) {
+        return None;
+    }
+    let layout = grown.layout();
+    let file = writer.reader().ok();
+    while let (false, Some(f)) = (grown.is_complete(), &file) {
+        let next = grown.states().len() as u32;
+        if !got.get(next as usize).copied().unwrap_or(false) {
+            break;
+        }
+        let Some((start, len)) = layout.range(next) else {
+            break;
+        };
+        let mut buf = vec![0u8; len as usize];
+        if f.read_exact_at(&mut buf, start).is_err() || !grown.extend_with_chunk(next, &buf) {
+            break;
+        }
+    }
+    Some(grown)
+}
+
+/// Tells the download about chunks `from..to` that the table newly covers, for every provider
+/// known to hold them.
+fn report_covered(dl: &mut Download, peers: &HashMap<PeerId, PeerInfo>, from: u32, to: u32, now: u64) {
+    for (id, p) in peers {
+        let (true, Some(bits)) = (p.added, &p.bits) else {
+            continue;
+        };
+        for i in from..to {
+            if bits.get(i) {
+                dl.peer_has(*id, i, now);
+            }
+        }
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use quinn::{Connection, ConnectionError, RecvStream, SendStream, TransportErrorCode, VarInt};
-use shoal_protocol::chunk::{ChunkError, ChunkLayout, ChunkVerifier, MidstateTable};
+use shoal_protocol::chunk::{ChunkError, ChunkLayout, MidstateTable, TablePrefix};
 use shoal_protocol::wire::{Bitfield, Request, Response, MAX_AUTHZ_LEN};
 use shoal_protocol::Digest;
 use tokio::time::timeout;
@@ -306,17 +306,18 @@ impl PeerConn {
         Ok((recv, response))
     }
 
-    /// The midstate table of blob `digest` in chunks of `chunk_size`, checked for everything a
+    /// What the peer knows of the midstate table of blob `digest` in chunks of `chunk_size`: the
+    /// whole table for a blob it holds, a prefix for one still arriving. Checked for everything a
     /// table can be checked for without the data: it decodes, it is for `chunk_size`, it
     /// describes a blob of `expected_size` bytes when given (the descriptor's size), and an
     /// empty blob's digest is the digest of nothing. Its midstates are checked chunk by chunk.
-    pub async fn table(
+    pub async fn table_prefix(
         &self,
         digest: &Digest,
         chunk_size: u32,
         expected_size: Option<u64>,
         authz: &[u8],
-    ) -> Result<MidstateTable, PeerError> {
+    ) -> Result<TablePrefix, PeerError> {
         check_chunk_size(chunk_size)?;
         check_authz(authz)?;
         let request = Request::Table {
@@ -328,8 +329,7 @@ impl PeerConn {
         let Response::Table { table } = response else {
             return Err(unexpected(response, "Table"));
         };
-        let table =
-            MidstateTable::decode(&table).map_err(|e| PeerError::BadTable(e.to_string()))?;
+        let table = TablePrefix::decode(&table).map_err(|e| PeerError::BadTable(e.to_string()))?;
         let layout = table.layout();
         if layout.chunk_size() != chunk_size {
             return Err(PeerError::BadTable(format!(
@@ -346,13 +346,23 @@ impl PeerConn {
         Ok(table)
     }
 
-    /// Chunk `index` of blob `digest`, cut as `table` says, verified against `table` and
-    /// `digest` before it is returned: an unverified byte never leaves this function.
-    ///
-    /// A single-chunk blob's chunk is checked from the IV to the digest, so a bad one is
-    /// [`PeerError::Corrupt`]; any other chunk that does not chain is
-    /// [`PeerError::Ambiguous`]. To know when a chunk is *final* (anchored to the digest), feed
-    /// the returned bytes to a [`ChunkVerifier`] as well.
+    /// The whole midstate table of blob `digest` (see [`PeerConn::table_prefix`]); a peer that
+    /// knows only a prefix yet answers [`PeerError::NotFound`].
+    pub async fn table(
+        &self,
+        digest: &Digest,
+        chunk_size: u32,
+        expected_size: Option<u64>,
+        authz: &[u8],
+    ) -> Result<MidstateTable, PeerError> {
+        self.table_prefix(digest, chunk_size, expected_size, authz)
+            .await?
+            .to_table()
+            .ok_or(PeerError::NotFound)
+    }
+
+    /// Chunk `index` of blob `digest`, verified against the whole `table` (see
+    /// [`PeerConn::chunk_prefix`]).
     pub async fn chunk(
         &self,
         digest: &Digest,
@@ -360,8 +370,33 @@ impl PeerConn {
         index: u32,
         authz: &[u8],
     ) -> Result<Bytes, PeerError> {
+        let prefix = Arc::new(TablePrefix::from(table.clone()));
+        self.chunk_prefix(digest, &prefix, index, authz).await
+    }
+
+    /// Chunk `index` of blob `digest`, cut as `table` says, verified against `table` (which must
+    /// cover it) and `digest` before it is returned: an unverified byte never leaves this
+    /// function.
+    ///
+    /// A single-chunk blob's chunk is checked from the IV to the digest, so a bad one is
+    /// [`PeerError::Corrupt`]; any other chunk that does not chain is
+    /// [`PeerError::Ambiguous`]. To know when a chunk is *final* (anchored to the digest), feed
+    /// the returned bytes to a [`shoal_protocol::chunk::ChunkVerifier`] as well.
+    pub async fn chunk_prefix(
+        &self,
+        digest: &Digest,
+        table: &Arc<TablePrefix>,
+        index: u32,
+        authz: &[u8],
+    ) -> Result<Bytes, PeerError> {
         check_authz(authz)?;
         let layout = table.layout();
+        if !table.covers(index) {
+            return Err(PeerError::InvalidRequest(format!(
+                "chunk {index} is past the {} chunks the table covers",
+                table.covered()
+            )));
+        }
         let Some((_, len)) = layout.range(index) else {
             return Err(PeerError::InvalidRequest(format!(
                 "chunk {index} is past the blob's {} chunks",
@@ -416,7 +451,7 @@ impl PeerConn {
         let (table, digest_bytes) = (table.clone(), *digest.as_bytes());
         let checked = data.clone();
         let verdict = tokio::task::spawn_blocking(move || {
-            ChunkVerifier::verify_chunk(&table, &digest_bytes, index, &checked)
+            table.verify_chunk(&digest_bytes, index, &checked)
         })
         .await
         .map_err(|e| PeerError::Connection(format!("verification task failed: {e}")))?;

@@ -351,7 +351,14 @@ async fn serve_table(
         Err(busy) => return respond(send, busy, limit).await,
     };
     let Some(meta) = shared.store.meta(digest) else {
-        return respond(send, Response::NotFound, limit).await;
+        // Still arriving: what is known of its table so far.
+        let answer = match shared.store.arriving().get(digest) {
+            Some(a) if a.layout().chunk_size() == chunk_size => Response::Table {
+                table: a.prefix().encode(),
+            },
+            _ => Response::NotFound,
+        };
+        return respond(send, answer, limit).await;
     };
     if let Some(denied) = check_private(shared, &meta, digest, authz, remote).await {
         return respond(send, denied, limit).await;
@@ -410,7 +417,7 @@ async fn serve_chunk(
     };
     // Pinned until dropped: not evicted while it is being sent.
     let Some(blob) = shared.store.open_blob(digest) else {
-        return respond(send, Response::NotFound, limit).await;
+        return serve_arriving_chunk(shared, send, digest, chunk_size, index, label).await;
     };
     if let Some(denied) = check_private(shared, &blob.meta, digest, authz, remote).await {
         return respond(send, denied, limit).await;
@@ -438,27 +445,68 @@ async fn serve_chunk(
             }
             Err(e) => return Err(std::io::Error::other(e).into()),
         };
-    let mapped = if shared.config.fault_corrupt_chunks && !mapped.is_empty() {
-        let mut v = mapped.to_vec();
+    send_chunk(shared, send, index, mapped, label).await?;
+    drop(blob.pin);
+    Ok(())
+}
+
+/// Sends a chunk's header and bytes (corrupted first under the test-only fault injection).
+async fn send_chunk(
+    shared: &Shared,
+    send: &mut SendStream,
+    index: u32,
+    data: Bytes,
+    label: &PeerLabels,
+) -> Result<(), ServeError> {
+    let limit = shared.config.timeout;
+    let data = if shared.config.fault_corrupt_chunks && !data.is_empty() {
+        let mut v = data.to_vec();
         let mid = v.len() / 2;
         v[mid] ^= 0xff;
         Bytes::from(v)
     } else {
-        mapped
+        data
     };
+    let len = u32::try_from(data.len()).map_err(std::io::Error::other)?;
     respond(send, Response::ChunkHeader { index, len }, limit).await?;
     let counter = shared.metrics.served_bytes.get_or_create(label).clone();
     let mut offset = 0;
-    while offset < mapped.len() {
-        let piece = mapped.slice(offset..(offset + SERVE_PIECE).min(mapped.len()));
+    while offset < data.len() {
+        let piece = data.slice(offset..(offset + SERVE_PIECE).min(data.len()));
         let n = piece.len();
         frame::write(send, piece, limit).await?;
         counter.inc_by(n as u64);
         offset += n;
     }
     shared.metrics.chunks_served.inc();
-    drop(blob.pin);
     Ok(())
+}
+
+/// A chunk of a blob still arriving, if it is on disk and checked (see [`crate::arriving`]).
+async fn serve_arriving_chunk(
+    shared: &Shared,
+    send: &mut SendStream,
+    digest: &Digest,
+    chunk_size: u32,
+    index: u32,
+    label: &PeerLabels,
+) -> Result<(), ServeError> {
+    let limit = shared.config.timeout;
+    let arriving = match shared.store.arriving().get(digest) {
+        Some(a) if a.layout().chunk_size() == chunk_size && a.has(index) => a,
+        _ => return respond(send, Response::NotFound, limit).await,
+    };
+    let read = tokio::task::spawn_blocking(move || arriving.read_chunk(index)).await;
+    let data = match read {
+        Ok(Ok(Some(d))) => Bytes::from(d),
+        Ok(Ok(None)) => return respond(send, Response::NotFound, limit).await,
+        Ok(Err(e)) => {
+            warn!(digest = %digest, error = %e, "cannot read an arriving blob for a peer");
+            return respond(send, Response::error("cannot read the blob"), limit).await;
+        }
+        Err(e) => return Err(std::io::Error::other(e).into()),
+    };
+    send_chunk(shared, send, index, data, label).await
 }
 
 /// Maps `len` bytes of a complete blob's file at `offset` (any alignment), paged in.
@@ -494,7 +542,13 @@ async fn serve_have(
 ) -> Result<(), ServeError> {
     let limit = shared.config.timeout;
     let Some(meta) = shared.store.meta(digest) else {
-        return respond(send, Response::NotFound, limit).await;
+        let answer = match shared.store.arriving().get(digest) {
+            Some(a) if a.layout().chunk_size() == chunk_size => Response::Have {
+                bitfield: a.have(),
+            },
+            _ => Response::NotFound,
+        };
+        return respond(send, answer, limit).await;
     };
     if let Some(denied) = check_private(shared, &meta, digest, &[], remote).await {
         return respond(send, denied, limit).await;
