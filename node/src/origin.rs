@@ -36,6 +36,8 @@ pub enum Fault {
     HangBlobs,
     /// Answers 500 to everything but `/token`.
     ServerError,
+    /// Sends blob bodies at this many bytes per second (a slow upstream link).
+    SlowBlobs(u64),
 }
 
 /// Which authentication the origin demands.
@@ -356,10 +358,10 @@ fn serve(
                     slice
                 };
                 bytes.fetch_add(len as u64, Ordering::Relaxed);
-                if s.fault == Fault::HangBlobs {
-                    hanging_body()
-                } else {
-                    chunked(slice)
+                match s.fault {
+                    Fault::HangBlobs => hanging_body(),
+                    Fault::SlowBlobs(rate) => throttled(slice, rate),
+                    _ => chunked(slice),
                 }
             };
             let mut r = Response::new(body);
@@ -402,6 +404,25 @@ fn chunked(data: Bytes) -> Body {
         .map(|i| data.slice(i..(i + (256 << 10)).min(data.len())))
         .collect();
     let s = futures::stream::iter(pieces.into_iter().map(|b| Ok(hyper::body::Frame::data(b))));
+    StreamBody::new(s).boxed()
+}
+
+/// `data` in 64 KiB pieces, each sent when the rate allows.
+fn throttled(data: Bytes, bytes_per_sec: u64) -> Body {
+    use http_body_util::{BodyExt, StreamBody};
+    const PIECE: usize = 64 << 10;
+    let pause = Duration::from_secs_f64(PIECE as f64 / bytes_per_sec.max(1) as f64);
+    let s = futures::stream::unfold(data, move |rest| async move {
+        if rest.is_empty() {
+            return None;
+        }
+        tokio::time::sleep(pause).await;
+        let n = rest.len().min(PIECE);
+        Some((
+            Ok(hyper::body::Frame::data(rest.slice(..n))),
+            rest.slice(n..),
+        ))
+    });
     StreamBody::new(s).boxed()
 }
 

@@ -202,3 +202,61 @@ async fn a_poisoned_peer_is_banned_and_costs_only_its_chunks() {
         n.shutdown().await;
     }
 }
+
+/// A seeder streaming a blob from a slow upstream shares it as it arrives: the other nodes,
+/// asking at the same time, wait for it (far longer than the takeover time) instead of going
+/// upstream themselves, and get their bytes from it and from each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_fetch_from_a_seeder_while_its_blob_arrives() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("SHOAL_LOG"))
+        .with_test_writer()
+        .try_init();
+    let origin = Origin::start().await.unwrap();
+    // 16 MiB at 2 MiB/s: 8 s, longer than the 5 s takeover time.
+    let data = pseudo_random(16 << 20, 78);
+    let d = origin.put_blob(data.clone());
+    origin.set_fault(shoal_node::origin::Fault::SlowBlobs(2 << 20));
+    let key = [5u8; 32];
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let first = start_node(&origin, dirs[0].path(), vec![], key).await;
+    let seed = p2p_addr(&first);
+    let mut nodes = vec![first];
+    for dir in &dirs[1..] {
+        nodes.push(start_node(&origin, dir.path(), vec![seed.clone()], key).await);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let http = reqwest::Client::new();
+    let pulls = nodes.iter().enumerate().map(|(i, n)| {
+        let url = format!("http://{}/v2/x/blobs/{d}", n.addr());
+        let http = http.clone();
+        async move {
+            // Staggered a little, so that one node is clearly first.
+            tokio::time::sleep(Duration::from_millis(300 * i as u64)).await;
+            http.get(url).send().await.unwrap().bytes().await.unwrap()
+        }
+    });
+    for got in futures::future::join_all(pulls).await {
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "content differs");
+    }
+    let served = origin.blob_bytes_served();
+    assert!(
+        served <= data.len() as u64 * 12 / 10,
+        "upstream served {served} bytes for a {} byte blob",
+        data.len()
+    );
+    let from_peers: u64 = nodes
+        .iter()
+        .filter_map(|n| n.mirror().pulls.get(&d))
+        .map(|r| r.fetched_from_peers.values().sum::<u64>())
+        .sum();
+    assert!(
+        from_peers >= data.len() as u64,
+        "the followers got only {from_peers} bytes from peers"
+    );
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
