@@ -232,7 +232,7 @@ impl TablePrefix {
         chunk_be.copy_from_slice(chunk);
         let layout = ChunkLayout::new(u64::from_be_bytes(size_be), u32::from_be_bytes(chunk_be))?;
         let body = &bytes[TABLE_HEADER_LEN..];
-        if body.len() % 32 != 0 {
+        if !body.len().is_multiple_of(32) {
             return Err(DecodeError::Truncated);
         }
         let n = body.len() / 32;
