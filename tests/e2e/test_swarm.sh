@@ -13,7 +13,11 @@
 #   e. 3 nodes pull the 128 MiB layer at once through a throttled upstream; the node fetching
 #      from the upstream is killed -9 mid-way: the others take over and complete.
 #   f. 3 nodes pull the 128 MiB layer at once through a slow upstream (8 MiB/s: ~16 s) and
-#      nobody fails: the others wait for the seeder, registry egress <= 1.2 copies.
+#      nobody fails: the others fetch from the seeder while the layer arrives, registry egress
+#      <= 1.2 copies.
+#   g. a poisoned peer (--fault-corrupt-chunks: it corrupts every chunk it serves) and an
+#      honest one hold the layer, the upstream is gone; a third node pulls it: digest right,
+#      corrupt chunks rejected, the liar banned.
 #
 # Every case is SKIP when the shoal binary has no p2p flags (no --p2p-listen in `run --help`).
 # Knobs: E2E_SWARM_LAYERS (4), E2E_SWARM_LAYER_SIZE (16MiB), E2E_SWARM_BIG_SIZE (128MiB),
@@ -37,7 +41,8 @@ CASE_C="c: registry stopped; nodes with another cluster key or none cannot fetch
 CASE_D="d: a peer serving a $BIG_SIZE layer is killed -9 mid-transfer; the pull completes from the other seeder, digest right"
 CASE_E="e: the node fetching from the (throttled) upstream is killed -9 mid-way; the other nodes take over and complete"
 CASE_F="f: a healthy seeder on a slow upstream ($((SLOW_RATE >> 20)) MiB/s): the other nodes wait for it; registry egress <= $MAX_COPIES copies"
-ALL_CASES=("$CASE_A" "$CASE_B" "$CASE_C" "$CASE_D" "$CASE_E" "$CASE_F")
+CASE_G="g: a poisoned peer serves corrupt chunks of a layer an honest peer also holds; a new node pulls it with the right digest and bans the liar"
+ALL_CASES=("$CASE_A" "$CASE_B" "$CASE_C" "$CASE_D" "$CASE_E" "$CASE_F" "$CASE_G")
 
 # info MSG: a measurement / observation line on stdout.
 info() { printf 'INFO %s: %s\n' "$E2E_NAME" "$*"; }
@@ -449,6 +454,7 @@ slow_seeder() {
     start_node F1 "${ports[0]}" "$FP1" --cluster-key-file "$KEY"
     start_node F2 "${ports[1]}" "$FP2" --cluster-key-file "$KEY" --peer "$F1_P2P"
     start_node F3 "${ports[2]}" "$FP3" --cluster-key-file "$KEY" --peer "$F1_P2P"
+    save_env slow-seeder F1 F1_PID F2 F2_PID F3 F3_PID
     settle F1 F2 F3
     mkdir -p "$T/f"
     t0=$SECONDS
@@ -475,14 +481,37 @@ slow_seeder() {
     awk -v c="$(ratio "$total" "$BIG_LAYER_SIZE")" -v m="$MAX_COPIES" 'BEGIN { exit !(c <= m) }' ||
         die "the registry sent $(ratio "$total" "$BIG_LAYER_SIZE") copies of the layer with no node failing (more than $MAX_COPIES)"
 }
-# Known limitation (issue 3, open): a node announces a blob only once it holds it complete, so
-# followers of a seeder that needs longer than the takeover time (5 s) fetch upstream too. Until
-# arriving blobs are announced and shared, this case is reported as SKIP with that reason;
-# E2E_SWARM_STRICT=1 runs it (it fails today: 3.00 copies for 3 nodes).
-if [[ ${E2E_SWARM_STRICT:-0} == 1 ]]; then
-    run_case "$CASE_F" slow_seeder
-else
-    skip "$CASE_F" "known limitation: arriving blobs are not announced yet, followers take over after 5 s (E2E_SWARM_STRICT=1 runs it)"
-fi
+run_case "$CASE_F" slow_seeder
+
+# --- g: a poisoned peer ------------------------------------------------------------------------
+poisoned_peer() {
+    need_shoal
+    ensure_registry
+    stop_nodes slow-seeder F1 F2 F3
+    local ports banned rejected liar_served
+    start_counting_proxy GP "$REG"
+    mapfile -t ports < <(free_ports 3)
+    start_node G1 "${ports[0]}" "$GP" --cluster-key-file "$KEY"
+    # G2 stores what it fetches correctly, but corrupts every chunk it serves to peers.
+    start_node G2 "${ports[1]}" "$GP" --cluster-key-file "$KEY" --peer "$G1_P2P" --fault-corrupt-chunks
+    save_env poisoned G1 G1_PID G2 G2_PID
+    settle G1 G2
+    fetch_verify_blob "http://$G1" library/swarm-big "$BIG_LAYER"
+    fetch_verify_blob "http://$G2" library/swarm-big "$BIG_LAYER"
+    stop_tree "$GP_PID" 5 # the upstream is gone: G3 can only use peers
+    start_node G3 "${ports[2]}" "$GP" --cluster-key-file "$KEY" --peer "$G2_P2P" --peer "$G1_P2P"
+    save_env poisoned G1 G1_PID G2 G2_PID G3 G3_PID
+    settle G3
+    fetch_verify_blob "http://$G3" library/swarm-big "$BIG_LAYER"
+    banned=$(metric_value "$G3" shoal_peers_banned_total)
+    rejected=$(metric_value "$G3" shoal_chunks_rejected_total)
+    liar_served=$(metric_value "$G2" shoal_peer_served_bytes_total)
+    info "g: G3 pulled the layer with the right digest; it rejected $rejected chunk(s), banned $banned peer(s);" \
+        "the liar G2 sent $liar_served B (all corrupt)"
+    report G3
+    ((${banned%.*} >= 1)) || die "G3 did not ban the poisoned peer (shoal_peers_banned_total = $banned, rejected $rejected)"
+    ((${rejected%.*} >= 1)) || die "G3 rejected no chunk, yet the liar served $liar_served B"
+}
+run_case "$CASE_G" poisoned_peer
 
 e2e_finish
