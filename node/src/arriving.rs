@@ -7,9 +7,10 @@
 //!
 //! Invariants:
 //! - A chunk's bit is set only after its bytes are in the partial file and the chunk checked
-//!   against the prefix (or hashed into it, by the node that streams from the upstream); bits
-//!   are never cleared while the blob is registered.
-//! - The prefix only grows, and every prefix ever published extends the earlier ones.
+//!   against the prefix (or hashed into it, by the node that streams from the upstream). Bits
+//!   are cleared, and the prefix cut back, only when two providers' tables disagree (the
+//!   chunks checked against the disputed part are fetched again); otherwise the prefix only
+//!   grows.
 //! - The entry is removed when the download ends (committed: the store serves the blob; failed:
 //!   nothing more is served) — by dropping the [`Registration`].
 //! - Private blobs are never registered: peers are not handed private content.
@@ -96,6 +97,19 @@ impl Arriving {
     /// Marks chunk `index` as on disk and checked.
     pub fn mark(&self, index: u32) {
         self.state().have.set(index);
+    }
+
+    /// Withdraws chunk `index`: it was checked against a part of the table since found disputed
+    /// (a peer that fetched it meanwhile checks the whole blob against the digest at the end).
+    pub fn unmark(&self, index: u32) {
+        let mut s = self.state();
+        s.have.clear(index);
+        s.first = s.first.min(index);
+    }
+
+    /// Replaces the known prefix by `prefix` (cut back after a dispute, see [`Arriving::unmark`]).
+    pub fn replace_prefix(&self, prefix: &TablePrefix) {
+        self.state().prefix = prefix.clone();
     }
 
     /// Marks chunks `0..n` as on disk and checked (a blob written in order).

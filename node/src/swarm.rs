@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use shoal_protocol::chunk::TablePrefix;
+use shoal_protocol::chunk::{ChunkError, TablePrefix};
 use shoal_protocol::swarm::{
     designated_seeders, Action, Download, DownloadConfig, FailReason, Have, PeerId, HAVE_POLL_MS,
     LOOKUP_INTERVAL_MS, PROVIDER_LIMIT,
@@ -196,7 +196,8 @@ impl Swarm {
                 if !candidates.contains(&me) {
                     candidates.push(me);
                 }
-                let order = designated_seeders(digest.as_bytes(), candidates, SEEDER_CANDIDATES + 1);
+                let order =
+                    designated_seeders(digest.as_bytes(), candidates, SEEDER_CANDIDATES + 1);
                 order.iter().position(|p| *p == me).unwrap_or(0)
             }
             // Alone or the DHT failing: this node is its own seeder.
@@ -278,6 +279,8 @@ enum Event {
         /// `None`: fetched from the upstream.
         peer: Option<PeerId>,
         index: u32,
+        /// The table epoch it was checked under (see `drive`).
+        epoch: u32,
         result: Result<Bytes, FailReason>,
     },
     /// A peer answered (or failed) a `Have`.
@@ -292,6 +295,11 @@ enum Event {
     },
     /// A provider lookup finished.
     Providers(Vec<Provider>),
+    /// The table asked for by [`Action::RefetchTable`], from a provider other than `exclude`.
+    Refetched {
+        exclude: PeerId,
+        result: Result<TablePrefix, PeerError>,
+    },
 }
 
 fn fail_reason(e: &PeerError) -> FailReason {
@@ -493,7 +501,10 @@ impl Mirror {
             let (sw, etx) = (sw.clone(), etx.clone());
             tokio::spawn(async move {
                 let result = match sw.conn(addr).await {
-                    Ok(c) => c.table_prefix(&digest, chunk_size, Some(layout.blob_size()), &[]).await,
+                    Ok(c) => {
+                        c.table_prefix(&digest, chunk_size, Some(layout.blob_size()), &[])
+                            .await
+                    }
                     Err(e) => Err(e),
                 };
                 let _ = etx.send(Event::Table { peer, result }).await;
@@ -529,6 +540,9 @@ impl Mirror {
         let mut next_have_poll = Instant::now() + Duration::from_millis(HAVE_POLL_MS);
         let mut next_lookup = Instant::now() + Duration::from_millis(LOOKUP_INTERVAL_MS);
         let mut lookup_pending = false;
+        // Bumped when the table is cut back after a dispute: chunks checked under an earlier
+        // epoch are dropped on arrival.
+        let mut epoch = 0u32;
         let mut failure: Option<String> = None;
         'run: loop {
             while let Some(action) = dl.poll_action(now()) {
@@ -555,6 +569,7 @@ impl Mirror {
                                 .send(Event::Chunk {
                                     peer: Some(peer),
                                     index,
+                                    epoch,
                                     result,
                                 })
                                 .await;
@@ -577,6 +592,7 @@ impl Mirror {
                                 .send(Event::Chunk {
                                     peer: None,
                                     index,
+                                    epoch,
                                     result: result.map_err(|_| FailReason::Refused),
                                 })
                                 .await;
@@ -584,10 +600,47 @@ impl Mirror {
                     }
                     Action::Cancel { .. } => {}
                     Action::RefetchTable { exclude } => {
-                        // The table came from a provider we trust no less than this one: the
-                        // chunk's sender is the likelier liar. Ban it and carry on.
-                        dl.ban_peer(exclude, now());
-                        dl.table_refetched(now());
+                        // A chunk from `exclude` does not chain with the table in use: ask
+                        // another provider (one holding the whole blob if possible) for the
+                        // table before blaming anyone.
+                        let other = peers
+                            .iter()
+                            .filter(|(id, _)| **id != exclude && !dl.is_banned(id))
+                            .max_by_key(|(id, p)| {
+                                (
+                                    p.complete(),
+                                    p.bits.as_ref().map_or(0, Bitfield::count_ones),
+                                    **id,
+                                )
+                            })
+                            .map(|(id, p)| (*id, p.addr));
+                        match other {
+                            Some((_, addr)) => {
+                                let (sw, etx) = (sw.clone(), etx.clone());
+                                tokio::spawn(async move {
+                                    let result = match sw.conn(addr).await {
+                                        Ok(c) => {
+                                            c.table_prefix(
+                                                &digest,
+                                                chunk_size,
+                                                Some(layout.blob_size()),
+                                                &[],
+                                            )
+                                            .await
+                                        }
+                                        Err(e) => Err(e),
+                                    };
+                                    let _ = etx.send(Event::Refetched { exclude, result }).await;
+                                });
+                            }
+                            None => {
+                                // Nobody to ask: the table came from a provider trusted no
+                                // less than this one, so the chunk's sender is the likelier
+                                // liar.
+                                dl.ban_peer(exclude, now());
+                                dl.table_refetched(now());
+                            }
+                        }
                     }
                     Action::Ban { peer, .. } => {
                         self.metrics.peers_banned.inc();
@@ -637,7 +690,24 @@ impl Mirror {
                 }
             };
             match event {
-                Event::Chunk { peer, index, result: Ok(bytes) } => {
+                Event::Chunk {
+                    peer,
+                    index,
+                    epoch: e,
+                    result: Ok(_),
+                } if e != epoch => {
+                    // Checked against a table since cut back: not trusted.
+                    match peer {
+                        Some(p) => dl.chunk_failed(p, index, FailReason::Refused, now()),
+                        None => dl.upstream_failed(index, now()),
+                    }
+                }
+                Event::Chunk {
+                    peer,
+                    index,
+                    result: Ok(bytes),
+                    ..
+                } => {
                     let i = index as usize;
                     if !got[i] {
                         let (start, _) = layout.range(index).unwrap_or((0, 0));
@@ -650,7 +720,8 @@ impl Mirror {
                             // Checked against the table on arrival (peers), or against it by
                             // `upstream_chunk`: serve it on.
                             arriving.mark(index);
-                        } else if let Some(grown) = extend_view(&view, index, &bytes, &got, &writer) {
+                        } else if let Some(grown) = extend_view(&view, index, &bytes, &got, &writer)
+                        {
                             // An upstream chunk right after the known prefix: this node now
                             // knows the next midstates itself.
                             let before = view.covered();
@@ -666,13 +737,19 @@ impl Mirror {
                         while prefix < count && got[prefix as usize] {
                             prefix += 1;
                         }
-                        let contiguous = layout.range(prefix).map_or(layout.blob_size(), |(s, _)| s);
+                        let contiguous =
+                            layout.range(prefix).map_or(layout.blob_size(), |(s, _)| s);
                         tx.send_modify(|p| p.written = contiguous);
                         last_progress = Instant::now();
                         match peer.and_then(|p| peers.get(&p)) {
                             Some(p) => {
                                 self.pulls.from_peer(&digest, &p.name, bytes.len() as u64);
-                                self.metrics.peer_bytes.get_or_create(&crate::metrics::PeerLabels { peer: p.name.clone() }).inc_by(bytes.len() as u64);
+                                self.metrics
+                                    .peer_bytes
+                                    .get_or_create(&crate::metrics::PeerLabels {
+                                        peer: p.name.clone(),
+                                    })
+                                    .inc_by(bytes.len() as u64);
                             }
                             None => {
                                 self.pulls.from_upstream(&digest, bytes.len() as u64);
@@ -685,7 +762,12 @@ impl Mirror {
                         None => dl.upstream_received(index, now()),
                     }
                 }
-                Event::Chunk { peer, index, result: Err(reason) } => {
+                Event::Chunk {
+                    peer,
+                    index,
+                    result: Err(reason),
+                    ..
+                } => {
                     if matches!(reason, FailReason::Corrupt | FailReason::Ambiguous) {
                         self.metrics.chunks_rejected.inc();
                     }
@@ -695,7 +777,9 @@ impl Mirror {
                     }
                 }
                 Event::Have { peer, result } => {
-                    let Some(p) = peers.get_mut(&peer) else { continue };
+                    let Some(p) = peers.get_mut(&peer) else {
+                        continue;
+                    };
                     p.have_pending = false;
                     let bits = match result {
                         Ok(b) if b.len() == count => b,
@@ -707,7 +791,9 @@ impl Mirror {
                         }
                         Err(e) => {
                             debug!(digest = %digest, peer = %p.name, error = %e, "no bitfield from provider");
-                            if matches!(e, PeerError::NotFound | PeerError::Denied) || e.blames_peer() {
+                            if matches!(e, PeerError::NotFound | PeerError::Denied)
+                                || e.blames_peer()
+                            {
                                 // It no longer has the blob (failed download, evicted).
                                 dl.remove_peer(peer, now());
                                 peers.remove(&peer);
@@ -777,6 +863,62 @@ impl Mirror {
                 Event::Providers(list) => {
                     lookup_pending = false;
                     add_providers(list, &mut peers);
+                }
+                Event::Refetched { exclude, result } => {
+                    let mut merged = (*view).clone();
+                    match result.map(|t| merged.merge(&t)) {
+                        Ok(Ok(grew)) => {
+                            // Another provider's table agrees with ours: the chunk was wrong.
+                            warn!(digest = %digest, "a chunk disagreed with a table another provider confirms: its sender is banned");
+                            dl.ban_peer(exclude, now());
+                            if grew {
+                                let before = view.covered();
+                                view = Arc::new(merged);
+                                let _ = arriving.merge_prefix(&view);
+                                report_covered(&mut dl, &peers, before, view.covered(), now());
+                            }
+                        }
+                        Ok(Err(ChunkError::Mismatch { index: k })) => {
+                            // The tables disagree from state k on: ours is as suspect as the
+                            // chunk. Keep the agreed states, drop ours after them, and fetch
+                            // again every chunk checked against a dropped state (chunk j uses
+                            // states j - 1 and j). Nobody is blamed yet; the whole blob is
+                            // checked against its digest at the end in any case.
+                            warn!(digest = %digest, state = k, "two providers' tables disagree: the table is cut back and the chunks checked against the disputed part are fetched again");
+                            let kept = view.states()[..k as usize].to_vec();
+                            if let Ok(cut) = TablePrefix::from_parts(layout, kept) {
+                                epoch += 1;
+                                view = Arc::new(cut);
+                                arriving.replace_prefix(&view);
+                                for j in k..count {
+                                    if got[j as usize] {
+                                        got[j as usize] = false;
+                                        arriving.unmark(j);
+                                        dl.chunk_invalidated(j, now());
+                                    }
+                                }
+                                prefix = prefix.min(k);
+                                // The peers' holdings past the cut are not usable until the
+                                // table covers them again.
+                                for (id, p) in peers.iter_mut() {
+                                    if p.added {
+                                        p.added = false;
+                                        p.have_pending = true;
+                                        dl.remove_peer(*id, now());
+                                        ask_have(*id, p.addr);
+                                    }
+                                }
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            debug!(digest = %digest, error = %e, "refetched table unusable")
+                        }
+                        Err(e) => {
+                            debug!(digest = %digest, error = %e, "no table to compare with; the chunk's sender is banned");
+                            dl.ban_peer(exclude, now());
+                        }
+                    }
+                    dl.table_refetched(now());
                 }
             }
         }
@@ -905,7 +1047,13 @@ fn extend_view(
 
 /// Tells the download about chunks `from..to` that the table newly covers, for every provider
 /// known to hold them.
-fn report_covered(dl: &mut Download, peers: &HashMap<PeerId, PeerInfo>, from: u32, to: u32, now: u64) {
+fn report_covered(
+    dl: &mut Download,
+    peers: &HashMap<PeerId, PeerInfo>,
+    from: u32,
+    to: u32,
+    now: u64,
+) {
     for (id, p) in peers {
         let (true, Some(bits)) = (p.added, &p.bits) else {
             continue;
