@@ -310,6 +310,10 @@ fn fail_reason(e: &PeerError) -> FailReason {
         | PeerError::AuthFailed(_) => FailReason::Corrupt,
         PeerError::Ambiguous { .. } => FailReason::Ambiguous,
         PeerError::Timeout(_) => FailReason::Timeout,
+        // `Busy`: at its serving limit, popular rather than failing.
+        PeerError::Refused {
+            retry_after: Some(_),
+        } => FailReason::Busy,
         _ => FailReason::Refused,
     }
 }

@@ -115,13 +115,14 @@ fn in_order_bias_for_a_lone_downloader() {
     }
     assert_eq!(order, (0..10).collect::<Vec<_>>());
 
-    // With the default window of 8, the first 8 requests stay within the first window.
+    // With a window of 8, the first 8 requests stay within the first window.
     let mut d = Download::new(
         layout(20),
         DownloadConfig {
             seed: 3,
             min_pipeline: 8,
             max_pipeline: 8,
+            in_order_bias: 8,
             ..DownloadConfig::default()
         },
         0,
@@ -373,6 +374,37 @@ fn repeated_stalls_bench_the_peer_and_the_upstream_takes_over() {
         }]
     );
     assert!(d.is_banned(&p(1)));
+}
+
+#[test]
+fn a_busy_peer_is_backed_off_not_benched() {
+    // A popular seeder answering `Busy` again and again keeps its standing: no bench, no
+    // upstream fallback; it is asked again after a backoff that doubles per `Busy` in a row.
+    let config = DownloadConfig {
+        upstream_allowed: false,
+        takeover_after_ms: u64::MAX,
+        ..fixed(1)
+    };
+    let mut d = Download::new(layout(4), config, 0);
+    d.add_peer(p(1), Have::All, 0);
+    let mut now = 0;
+    for round in 0..8u32 {
+        let reqs = requests_to(&drain(&mut d, now), p(1));
+        assert_eq!(reqs.len(), 1, "round {round}");
+        d.chunk_failed(p(1), reqs[0], FailReason::Busy, now);
+        assert!(!d.is_excluded(&p(1)), "round {round}");
+        assert!(requests(&drain(&mut d, now)).is_empty(), "backing off");
+        let backoff = 250 * (1u64 << round.min(4));
+        assert_eq!(d.next_wakeup(), Some(now + backoff), "round {round}");
+        now += backoff;
+    }
+    assert_eq!(d.upstream_in_flight(), 0);
+    // A delivery resets the backoff.
+    let reqs = requests_to(&drain(&mut d, now), p(1));
+    d.chunk_received(p(1), reqs[0], u64::from(CS), now + 1);
+    let reqs = requests_to(&drain(&mut d, now + 1), p(1));
+    d.chunk_failed(p(1), reqs[0], FailReason::Busy, now + 1);
+    assert_eq!(d.next_wakeup(), Some(now + 1 + 250));
 }
 
 #[test]

@@ -1,0 +1,197 @@
+//! The named scenarios and their parameters.
+
+use shoal_protocol::chunk::DEFAULT_CHUNK_SIZE;
+use shoal_protocol::swarm::{DownloadConfig, HAVE_POLL_MS, LOOKUP_INTERVAL_MS, PROVIDER_LIMIT};
+
+/// Decimal megabyte, as Kraken's published numbers use.
+pub const MB: u64 = 1_000_000;
+/// Decimal gigabyte.
+pub const GB: u64 = 1_000 * MB;
+
+/// Node count above which [`Params::auto_chunk_size`] picks 16 MiB chunks.
+pub const BIG_SWARM: usize = 20_000;
+
+/// The scenario names `shoal-sim run` accepts.
+pub const SCENARIOS: &[&str] = &["kraken", "cold-start", "churn", "sites", "poisoned"];
+
+/// Everything a run depends on. Times in microseconds, rates in bytes per second.
+#[derive(Debug, Clone)]
+pub struct Params {
+    /// The scenario's name (for the report).
+    pub scenario: String,
+    /// Nodes (the upstream registry is extra).
+    pub nodes: usize,
+    /// Seeds every random choice.
+    pub seed: u64,
+    /// The image's layer sizes; every node wants every layer, all at once.
+    pub blobs: Vec<u64>,
+    /// Chunk size of peer transfers.
+    pub chunk_size: u32,
+    /// Per-node upload capacity.
+    pub up: u64,
+    /// Per-node download capacity.
+    pub down: u64,
+    /// The upstream registry's egress capacity.
+    pub upstream_egress: u64,
+    /// Round trip between two nodes.
+    pub rtt_us: u64,
+    /// Round trip between a node and the upstream.
+    pub upstream_rtt_us: u64,
+    /// Designated seeders per blob (`--seeders`).
+    pub seeders: usize,
+    /// Nodes start uniformly at random in `[0, start_spread_us)`.
+    pub start_spread_us: u64,
+    /// Fraction of nodes that die, each at a uniformly random time in `churn_window_us`.
+    pub churn_fraction: f64,
+    /// When the dying nodes die.
+    pub churn_window_us: (u64, u64),
+    /// How long a peer takes to notice that a node died (its connection times out).
+    pub detect_us: u64,
+    /// Fraction of nodes that corrupt every chunk they serve.
+    pub poisoned_fraction: f64,
+    /// Number of sites (1: one flat network).
+    pub sites: usize,
+    /// Each site's WAN link capacity, per direction, shared by all its inter-site traffic.
+    pub wan: u64,
+    /// The site the upstream sits in; `None`: outside every site (reached over the WAN).
+    pub upstream_site: Option<usize>,
+    /// Most chunk requests a node serves at once; more are answered `Busy`
+    /// (the daemon's `PeerConfig::max_concurrent_serves`).
+    pub serve_limit: u32,
+    /// Simulated time after which the run stops even if nodes are incomplete.
+    pub time_limit_us: u64,
+    /// Providers per lookup and most peers per download (`swarm::PROVIDER_LIMIT`).
+    pub provider_limit: usize,
+    /// `swarm::LOOKUP_INTERVAL_MS`.
+    pub lookup_interval_ms: u64,
+    /// `swarm::HAVE_POLL_MS`.
+    pub have_poll_ms: u64,
+    /// The `Download` configuration (its `seed` and `upstream_allowed` are set per node).
+    pub download: DownloadConfig,
+}
+
+impl Params {
+    /// The defaults every scenario starts from: 1,000 nodes at 1 Gbit/s pulling a 1 GB image in
+    /// four layers from a 10 Gbit/s registry, 4 MiB chunks, 0.5 ms RTT.
+    pub fn base(scenario: &str) -> Params {
+        Params {
+            scenario: scenario.to_string(),
+            nodes: 1_000,
+            seed: 1,
+            blobs: vec![400 * MB, 300 * MB, 200 * MB, 100 * MB],
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            up: 125 * MB,
+            down: 125 * MB,
+            upstream_egress: 1_250 * MB,
+            rtt_us: 500,
+            upstream_rtt_us: 20_000,
+            seeders: 1,
+            start_spread_us: 0,
+            churn_fraction: 0.0,
+            churn_window_us: (0, 0),
+            detect_us: 2_000_000,
+            poisoned_fraction: 0.0,
+            sites: 1,
+            wan: u64::MAX,
+            upstream_site: None,
+            serve_limit: 32,
+            time_limit_us: 3_600_000_000,
+            provider_limit: PROVIDER_LIMIT,
+            lookup_interval_ms: LOOKUP_INTERVAL_MS,
+            have_poll_ms: HAVE_POLL_MS,
+            download: DownloadConfig::default(),
+        }
+    }
+
+    /// A named scenario, or `None` for an unknown name.
+    pub fn scenario(name: &str) -> Option<Params> {
+        let mut p = Params::base(name);
+        match name {
+            "kraken" => {
+                // Kraken's published test: 2,600 hosts, a 3 GB image in 2 layers, 300 MB/s.
+                p.nodes = 2_600;
+                p.blobs = vec![1_500 * MB, 1_500 * MB];
+                p.up = 300 * MB;
+                p.down = 300 * MB;
+                p.upstream_egress = 1_250 * MB;
+            }
+            "cold-start" => {}
+            "churn" => {
+                // 10% of the nodes die while the image is spreading.
+                p.churn_fraction = 0.10;
+                p.churn_window_us = (1_000_000, 8_000_000);
+            }
+            "sites" => {
+                // Four sites, each behind a 10 Gbit/s WAN link (its 250 nodes have 250 Gbit/s
+                // between them); the registry is outside every site.
+                p.sites = 4;
+                p.wan = 1_250 * MB;
+                p.upstream_site = None;
+                p.upstream_rtt_us = 40_000;
+            }
+            "poisoned" => {
+                p.poisoned_fraction = 0.05;
+            }
+            _ => return None,
+        }
+        Some(p)
+    }
+
+    /// Overrides for experiments, `key=value` separated by commas (the `SHOAL_SIM_TUNE`
+    /// environment variable): `provider_limit`, `lookup_interval_ms`, `have_poll_ms`,
+    /// `serve_limit`, `rtt_us`, `detect_us`, and the `DownloadConfig` fields `min_pipeline`,
+    /// `max_pipeline`, `pipeline_target_ms`, `in_order_bias`, `initial_peer_rate`,
+    /// `endgame_max_requests`, `busy_backoff_ms`, `timeout_floor_ms`, `upstream_grace_ms`,
+    /// `takeover_after_ms`, `slow_swarm_percent`.
+    pub fn tune(&mut self, spec: &str) -> Result<(), String> {
+        for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (k, v) = item
+                .split_once('=')
+                .ok_or_else(|| format!("bad tuning '{item}': want key=value"))?;
+            let v: u64 = v
+                .trim()
+                .parse()
+                .map_err(|_| format!("bad tuning '{item}': not a number"))?;
+            let d = &mut self.download;
+            match k.trim() {
+                "provider_limit" => self.provider_limit = v as usize,
+                "lookup_interval_ms" => self.lookup_interval_ms = v,
+                "have_poll_ms" => self.have_poll_ms = v,
+                "serve_limit" => self.serve_limit = v as u32,
+                "rtt_us" => self.rtt_us = v,
+                "detect_us" => self.detect_us = v,
+                "min_pipeline" => d.min_pipeline = v as u32,
+                "max_pipeline" => d.max_pipeline = v as u32,
+                "pipeline_target_ms" => d.pipeline_target_ms = v,
+                "in_order_bias" => d.in_order_bias = v as u32,
+                "initial_peer_rate" => d.initial_peer_rate = v,
+                "endgame_max_requests" => d.endgame_max_requests = v as u32,
+                "busy_backoff_ms" => d.busy_backoff_ms = v,
+                "timeout_floor_ms" => d.timeout_floor_ms = v,
+                "upstream_grace_ms" => d.upstream_grace_ms = v,
+                "takeover_after_ms" => d.takeover_after_ms = v,
+                "slow_swarm_percent" => d.slow_swarm_percent = v as u32,
+                other => return Err(format!("unknown tuning key '{other}'")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Above [`BIG_SWARM`] nodes, 16 MiB chunks instead of 4 MiB: a quarter of the chunk
+    /// events, so that 100,000 nodes simulate within minutes (see the README).
+    pub fn auto_chunk_size(&mut self) {
+        if self.nodes > BIG_SWARM && self.chunk_size == DEFAULT_CHUNK_SIZE {
+            self.chunk_size = 16 << 20;
+        }
+    }
+
+    /// The image's size.
+    pub fn image_bytes(&self) -> u64 {
+        self.blobs.iter().sum()
+    }
+
+    /// Image size over the per-node download rate: the best any node can do.
+    pub fn ideal_s(&self) -> f64 {
+        self.image_bytes() as f64 / self.down as f64
+    }
+}

@@ -1,0 +1,67 @@
+use super::*;
+use crate::scenario::MB;
+
+/// A small cold start: 30 nodes, 48 MB in two layers, 4 MiB chunks.
+fn small(name: &str, seed: u64) -> Params {
+    let mut p = Params::scenario(name).expect("scenario");
+    p.nodes = 30;
+    p.seed = seed;
+    p.blobs = vec![32 * MB, 16 * MB];
+    p
+}
+
+#[test]
+fn same_seed_same_log_different_seed_different_log() {
+    let a = run(small("cold-start", 7));
+    let b = run(small("cold-start", 7));
+    let c = run(small("cold-start", 8));
+    assert_eq!(a.log_hash, b.log_hash);
+    assert_eq!(a.p99_s, b.p99_s);
+    assert_ne!(a.log_hash, c.log_hash);
+}
+
+#[test]
+fn small_cold_start_completes_with_about_one_upstream_copy() {
+    let r = run(small("cold-start", 1));
+    assert_eq!(r.completed, 30, "{r:?}");
+    assert_eq!(r.incomplete, 0);
+    assert!(r.upstream_copies >= 0.99, "{r:?}");
+    assert!(r.upstream_copies <= 1.2, "{r:?}");
+    assert!(r.p99_s >= r.ideal_s, "{r:?}");
+}
+
+#[test]
+fn poisoned_peers_are_banned_and_everyone_completes() {
+    let mut p = small("poisoned", 3);
+    p.poisoned_fraction = 0.2;
+    let r = run(p);
+    assert_eq!(r.poisoned, 6);
+    assert!(r.bans > 0, "{r:?}");
+    assert!(r.corrupt_bytes > 0, "{r:?}");
+    assert_eq!(r.completed, 30, "{r:?}");
+}
+
+#[test]
+fn churn_survivors_complete() {
+    let mut p = small("churn", 5);
+    p.churn_fraction = 0.2;
+    p.churn_window_us = (100_000, 400_000);
+    let r = run(p);
+    assert_eq!(r.deaths, 6);
+    assert_eq!(r.completed, r.alive, "{r:?}");
+    assert_eq!(r.alive, 24);
+}
+
+#[test]
+fn bad_parameters_are_refused() {
+    let mut p = small("cold-start", 1);
+    p.nodes = 0;
+    assert!(validate(&p).is_err());
+    let mut p = small("cold-start", 1);
+    p.chunk_size = 100;
+    assert!(validate(&p).is_err());
+    assert!(Params::scenario("nope").is_none());
+    for s in SCENARIOS {
+        assert!(Params::scenario(s).is_some());
+    }
+}
