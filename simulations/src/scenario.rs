@@ -142,7 +142,9 @@ impl Params {
     /// `serve_limit`, `rtt_us`, `detect_us`, and the `DownloadConfig` fields `min_pipeline`,
     /// `max_pipeline`, `pipeline_target_ms`, `in_order_bias`, `initial_peer_rate`,
     /// `endgame_max_requests`, `busy_backoff_ms`, `timeout_floor_ms`, `upstream_grace_ms`,
-    /// `takeover_after_ms`, `slow_swarm_percent`.
+    /// `takeover_after_ms`, `slow_swarm_percent`; and for calibration `rate` (per-node bytes
+    /// per second, both directions), `upstream_egress`, `upstream_rtt_us`, `image_bytes` and
+    /// `layers` (applied in order: `image_bytes=…,layers=…` splits the size evenly).
     pub fn tune(&mut self, spec: &str) -> Result<(), String> {
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let (k, v) = item
@@ -171,6 +173,26 @@ impl Params {
                 "upstream_grace_ms" => d.upstream_grace_ms = v,
                 "takeover_after_ms" => d.takeover_after_ms = v,
                 "slow_swarm_percent" => d.slow_swarm_percent = v as u32,
+                // For calibration against the namespace harness (tools/cluster): per-node link
+                // rate in bytes per second (both directions), the registry's egress, and the
+                // image as `image_bytes` split into `layers` equal layers.
+                "rate" => {
+                    self.up = v;
+                    self.down = v;
+                }
+                "upstream_egress" => self.upstream_egress = v,
+                "image_bytes" => {
+                    let n = self.blobs.len().max(1) as u64;
+                    self.blobs = (0..n).map(|i| v / n + u64::from(i < v % n)).collect();
+                }
+                "layers" => {
+                    let total = self.image_bytes();
+                    let n = v.max(1);
+                    self.blobs = (0..n)
+                        .map(|i| total / n + u64::from(i < total % n))
+                        .collect();
+                }
+                "upstream_rtt_us" => self.upstream_rtt_us = v,
                 other => return Err(format!("unknown tuning key '{other}'")),
             }
         }
