@@ -413,6 +413,10 @@ pub struct DownloadConfig {
     pub busy_backoff_ms: u64,
     /// In the endgame, the most peers asked for the same chunk at once.
     pub endgame_max_requests: u32,
+    /// The most chunk bytes requested from peers at once (each request may hold a whole chunk
+    /// in the caller's memory): `max_in_flight_bytes / chunk_size` requests, at least
+    /// `min_pipeline`.
+    pub max_in_flight_bytes: u64,
     /// True for a designated seeder: go upstream after `upstream_grace_ms`; otherwise only after
     /// `takeover_after_ms`.
     pub upstream_allowed: bool,
@@ -426,8 +430,8 @@ pub struct DownloadConfig {
     /// The peers are too slow when their aggregate rate is below this percentage of
     /// `upstream_rate`: the upstream then takes chunks too.
     pub slow_swarm_percent: u32,
-    /// The most chunks in flight upstream because of slow peers (chunks no peer holds are not
-    /// capped).
+    /// The most chunks in flight upstream at once (for chunks no peer holds and because of
+    /// slow peers alike).
     pub upstream_max_in_flight: u32,
     /// After an upstream failure, how long to wait before the next upstream fetch.
     pub upstream_retry_ms: u64,
@@ -453,6 +457,7 @@ impl Default for DownloadConfig {
             ban_ms: 600_000,
             busy_backoff_ms: 250,
             endgame_max_requests: 3,
+            max_in_flight_bytes: 128 << 20,
             upstream_allowed: true,
             upstream_grace_ms: 2_000,
             takeover_after_ms: DEFAULT_TAKEOVER_AFTER_MS,
@@ -1160,7 +1165,9 @@ impl Download {
         if let Some(&(t, _)) = self.peer_timers.first() {
             consider(t);
         }
-        if self.remaining > 0 {
+        let upstream_room =
+            (self.upstream.len() as u64) < u64::from(self.config.upstream_max_in_flight);
+        if self.remaining > 0 && upstream_room {
             let delay = self.upstream_delay();
             if let Some(&(since, _)) = self.unavailable.first() {
                 let since = since.max(self.last_progress);
@@ -1487,6 +1494,12 @@ impl Download {
     }
 
     fn assign_peer(&mut self, now: u64) -> Option<Action> {
+        // The memory budget: every request in flight may hold a whole chunk in the caller.
+        let cap = (self.config.max_in_flight_bytes / u64::from(self.layout.chunk_size().max(1)))
+            .max(u64::from(self.config.min_pipeline.max(1)));
+        if self.requests.len() as u64 >= cap {
+            return None;
+        }
         while let Some(&(_, _, peer)) = self.ready.first() {
             match self.pick_for(&peer) {
                 Some(index) => {
@@ -1510,6 +1523,11 @@ impl Download {
             return None;
         }
         let delay = self.upstream_delay();
+        // At most `upstream_max_in_flight` chunks upstream at once, whatever the reason: each
+        // holds a chunk in the caller's memory and a request at the registry.
+        if (self.upstream.len() as u64) >= u64::from(self.config.upstream_max_in_flight) {
+            return None;
+        }
         // Chunks no usable peer holds, once they have waited long enough.
         if let Some(&(since, index)) = self.unavailable.first() {
             if since.max(self.last_progress).saturating_add(delay) <= now {

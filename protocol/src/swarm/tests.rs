@@ -1280,3 +1280,37 @@ fn followers_wait_while_a_partial_seeder_makes_progress_and_take_over_when_it_st
         .collect();
     assert_eq!(upstream, (12..count).collect::<Vec<_>>());
 }
+
+#[test]
+fn requests_in_flight_stay_within_the_memory_budget() {
+    let config = DownloadConfig {
+        max_in_flight_bytes: 3 * u64::from(CS),
+        ..fixed(2)
+    };
+    let mut d = Download::new(layout(20), config, 0);
+    d.add_peer(p(1), Have::All, 0);
+    d.add_peer(p(2), Have::All, 0);
+    let first = requests(&drain(&mut d, 0));
+    assert_eq!(first.len(), 3, "{first:?}");
+    let (peer, index) = first[0];
+    d.chunk_received(peer, index, u64::from(CS), 10);
+    assert_eq!(requests(&drain(&mut d, 10)).len(), 1);
+
+    // The upstream too: chunks nobody holds go upstream at most `upstream_max_in_flight` at
+    // a time.
+    let config = DownloadConfig {
+        upstream_max_in_flight: 2,
+        upstream_grace_ms: 100,
+        ..DownloadConfig::default()
+    };
+    let mut d = Download::new(layout(10), config, 0);
+    let up = |actions: Vec<Action>| {
+        actions
+            .into_iter()
+            .filter(|a| matches!(a, Action::FetchUpstream { .. }))
+            .count()
+    };
+    assert_eq!(up(drain(&mut d, 100)), 2);
+    d.upstream_received(0, 150);
+    assert_eq!(up(drain(&mut d, 150)), 1);
+}
