@@ -42,6 +42,8 @@ use crate::peer::{self, ClusterKey, DenyPrivate, Endpoint, PeerConfig, PeerConn,
 use crate::store::{BlobWriter, Store};
 use crate::upstream::{ClientAuth, Registry};
 
+/// Blobs up to this size are fetched from the upstream at once when nobody provides them yet.
+const SMALL_BLOB_DIRECT: u64 = 1 << 20;
 /// The most takeover periods a follower waits for stalled providers (see `swarm_fetch`).
 const MAX_TAKEOVER_STAGGER: u64 = 4;
 /// Candidates among which the designated seeders are chosen.
@@ -360,6 +362,15 @@ impl Mirror {
             if designated {
                 info!(digest = %digest, "no provider: this node is a designated seeder, fetching upstream");
                 return None;
+            }
+            // A small blob (an image config, say) costs the upstream next to nothing: waiting
+            // up to the takeover time for its seeder (whose client may ask for it last) would
+            // cost every puller far more than it saves.
+            if let Ok(head) = self.blob_head(reg, name, &digest, auth).await {
+                if head.size.is_some_and(|s| s <= SMALL_BLOB_DIRECT) {
+                    debug!(digest = %digest, size = head.size, "small blob: fetched upstream without waiting for a seeder");
+                    return None;
+                }
             }
             while providers.is_empty() && started.elapsed() < takeover {
                 tokio::time::sleep(PROVIDER_POLL).await;
