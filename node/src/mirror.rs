@@ -646,9 +646,15 @@ impl Mirror {
                 &format!("blob {digest}"),
             ));
         }
-        Ok(BlobHead {
-            size: resp.inner.content_length(),
-        })
+        // The header itself: the body of an answer to HEAD is empty, so its size hint
+        // (`content_length()`) says 0.
+        let size = resp
+            .inner
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        Ok(BlobHead { size })
     }
 
     pub(crate) fn insert_arriving(&self, digest: Digest, t: Arc<Transfer>) {

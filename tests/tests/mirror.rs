@@ -151,6 +151,27 @@ async fn pulls_by_tag_and_digest_with_correct_headers() {
     assert!(metrics.contains("shoal_cache_bytes "), "{metrics}");
 }
 
+/// HEAD of a blob not cached yet answers the upstream's size (not the empty body's 0), and
+/// downloads nothing.
+#[tokio::test]
+async fn head_of_an_uncached_blob_has_its_size() {
+    let p = Pair::start(|_| {}).await;
+    let layer = pseudo_random(3 << 20, 2);
+    let ld = p.origin.put_blob(layer.clone());
+    let r = p
+        .http
+        .head(p.url(&format!("/v2/a/b/c/blobs/{ld}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["content-length"],
+        layer.len().to_string().as_str()
+    );
+    assert_eq!(p.origin.blob_bytes_served(), 0);
+}
+
 #[tokio::test]
 async fn every_manifest_kind_passes_through_byte_exact() {
     let p = Pair::start(|_| {}).await;
