@@ -11,8 +11,10 @@
 //! Each round also reports the CPU seconds the process spent per GiB, and the run ends with the
 //! CPU cost of chunk verification alone (SHA-256 over every byte, which the raw baseline does
 //! not pay). When the machine's cores are saturated, the exchange cannot beat
-//! raw / (raw + verification) CPU-seconds, printed as the ceiling. Verification runs on Tokio's
-//! blocking pool, so on a machine with idle cores it overlaps with the transfer instead.
+//! raw / (raw + verification) CPU-seconds, printed as the ceiling. Verification hashes each QUIC
+//! segment as the reading task receives it (no copy into one buffer), while the connection's
+//! own task decrypts the next packets, so on a machine with idle cores it overlaps with the
+//! transfer instead.
 //!
 //! The workspace has one build profile (dev: dependencies at opt-level 3, our code at 1), and
 //! `cargo bench` would rebuild RocksDB under the bench profile, so run it as a test target:
@@ -23,7 +25,10 @@
 //!
 //! `SHOAL_BENCH_BYTES` (default 1073741824), `SHOAL_BENCH_ROUNDS` (default 3) and
 //! `SHOAL_BENCH_IN_FLIGHT` (default 4) change the blob size, the rounds and the chunk requests
-//! in flight.
+//! in flight. `SHOAL_BENCH_JOIN=1` joins each verified chunk into one buffer
+//! (`PeerConn::chunk`, one copy) instead of keeping its segments (`PeerConn::chunk_segments`);
+//! `SHOAL_BENCH_STREAM_WINDOW` and `SHOAL_BENCH_RECEIVE_WINDOW` override the client's receive
+//! windows (bytes), for both the exchange and the raw baseline.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -82,7 +87,20 @@ fn fill(store: &Store, size: u64) -> Digest {
 }
 
 fn config(key: &ClusterKey) -> PeerConfig {
-    PeerConfig::new("127.0.0.1:0".parse().expect("addr"), key.clone())
+    let mut c = PeerConfig::new("127.0.0.1:0".parse().expect("addr"), key.clone());
+    if let Some(w) = std::env::var("SHOAL_BENCH_STREAM_WINDOW")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        c.stream_receive_window = w;
+    }
+    if let Some(w) = std::env::var("SHOAL_BENCH_RECEIVE_WINDOW")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        c.receive_window = w;
+    }
+    c
 }
 
 /// Fetches the whole blob over the chunk exchange; returns the seconds it took.
@@ -100,14 +118,21 @@ async fn exchange(
         .await
         .expect("table");
     let count = table.layout().count();
+    // `SHOAL_BENCH_JOIN=1`: each chunk joined into one buffer (`PeerConn::chunk`, one copy)
+    // rather than kept as received (`PeerConn::chunk_segments`).
+    let join = std::env::var("SHOAL_BENCH_JOIN").is_ok_and(|v| v == "1");
     let received: u64 = futures::stream::iter(0..count)
         .map(|i| {
             let (conn, table) = (conn.clone(), &table);
             async move {
-                conn.chunk(&digest, table, i, &[])
-                    .await
-                    .expect("verified chunk")
-                    .len() as u64
+                let len = if join {
+                    conn.chunk(&digest, table, i, &[]).await.map(|c| c.len())
+                } else {
+                    conn.chunk_segments(&digest, table, i, &[])
+                        .await
+                        .map(|c| c.len())
+                };
+                len.expect("verified chunk") as u64
             }
         })
         .buffered(in_flight)

@@ -662,6 +662,180 @@ impl ChunkVerifier {
     }
 }
 
+/// Checks one chunk whose bytes arrive in pieces of any size, without holding them: the
+/// streaming form of [`ChunkVerifier::verify_chunk`] (and [`TablePrefix::verify_chunk`]).
+///
+/// Made by [`ChunkStreamVerifier::new`] or [`TablePrefix::stream_verifier`], which check the
+/// index and the table before any byte; then [`ChunkStreamVerifier::update`] hashes each piece
+/// as it arrives and [`ChunkStreamVerifier::finish`] compares the result with the chunk's end
+/// state (or, for the last chunk, finishes the blob's padding and compares with the digest).
+/// Feeding a chunk's bytes in any split and finishing gives exactly what
+/// [`ChunkVerifier::verify_chunk`] gives for the whole chunk, errors included.
+///
+/// A piece that would take the chunk past its length is refused
+/// ([`ChunkError::WrongLength`]) and not hashed, and the verifier stays failed: `finish` then
+/// reports the wrong length too. Nothing fed is trusted before `finish` returns `Ok`.
+#[derive(Clone)]
+pub struct ChunkStreamVerifier {
+    index: u32,
+    /// The layout's chunk count: a single-chunk blob fails as corrupt, not ambiguous.
+    count: u32,
+    /// The chunk's length.
+    len: u32,
+    /// `Some(blob_size)` for the last chunk, which ends with the blob's padding.
+    last_of: Option<u64>,
+    /// The state the chunk must end in: the next midstate, or the digest.
+    end: [u8; 32],
+    state: [u32; 8],
+    blocks: Blocks,
+    /// Bytes offered so far, refused ones included (saturating).
+    offered: usize,
+}
+
+impl core::fmt::Debug for ChunkStreamVerifier {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("ChunkStreamVerifier")
+            .field("index", &self.index)
+            .field("len", &self.len)
+            .field("offered", &self.offered)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChunkStreamVerifier {
+    /// A verifier for chunk `index` of the blob described by `table` and `digest`. Fails as
+    /// [`ChunkVerifier::verify_chunk`] would before hashing: an index past the layout
+    /// ([`ChunkError::IndexOutOfRange`]) or a table whose entry count does not match its layout.
+    pub fn new(table: &MidstateTable, digest: &[u8; 32], index: u32) -> Result<Self, ChunkError> {
+        let count = table.layout.count();
+        if index >= count {
+            return Err(ChunkError::IndexOutOfRange { index, count });
+        }
+        if table.states.len() != table.layout.table_len() {
+            return Err(ChunkError::TableInconsistent {
+                expected: table.layout.table_len(),
+                actual: table.states.len(),
+            });
+        }
+        Self::from_states(table.layout, &table.states, digest, index)
+    }
+
+    /// A verifier for chunk `index` against the first `states` of `layout`'s table and, for the
+    /// last chunk, `digest`: the start of [`verify_chunk_states`].
+    fn from_states(
+        layout: ChunkLayout,
+        states: &[[u8; 32]],
+        digest: &[u8; 32],
+        index: u32,
+    ) -> Result<Self, ChunkError> {
+        let count = layout.count();
+        let Some((_, len)) = layout.range(index) else {
+            return Err(ChunkError::IndexOutOfRange { index, count });
+        };
+        let inconsistent = || ChunkError::TableInconsistent {
+            expected: layout.table_len(),
+            actual: states.len(),
+        };
+        let i = index as usize;
+        let state = match i.checked_sub(1) {
+            None => IV,
+            Some(prev) => state_from_bytes(states.get(prev).ok_or_else(inconsistent)?),
+        };
+        let (end, last_of) = if index + 1 == count {
+            (*digest, Some(layout.blob_size))
+        } else {
+            (*states.get(i).ok_or_else(inconsistent)?, None)
+        };
+        Ok(ChunkStreamVerifier {
+            index,
+            count,
+            len,
+            last_of,
+            end,
+            state,
+            blocks: Blocks::default(),
+            offered: 0,
+        })
+    }
+
+    /// The chunk being checked.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// The chunk's length, as the layout gives it.
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    /// Always false: a chunk holds at least one byte.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes accepted so far (at most [`ChunkStreamVerifier::len`]).
+    pub fn received(&self) -> u32 {
+        // At most `len`, a u32.
+        self.offered.min(self.len as usize) as u32
+    }
+
+    /// Bytes still expected.
+    pub fn remaining(&self) -> u32 {
+        self.len - self.received()
+    }
+
+    /// Hashes the next piece of the chunk. A piece that would take the chunk past its length
+    /// is refused and not hashed ([`ChunkError::WrongLength`] with the bytes offered so far),
+    /// and the verifier stays failed.
+    pub fn update(&mut self, data: &[u8]) -> Result<(), ChunkError> {
+        let len = self.len as usize;
+        let offered = self.offered.saturating_add(data.len());
+        if offered > len {
+            self.offered = offered;
+            return Err(ChunkError::WrongLength {
+                index: self.index,
+                expected: self.len,
+                actual: offered,
+            });
+        }
+        self.offered = offered;
+        let state = &mut self.state;
+        self.blocks.digest_blocks(data, |b| compress256(state, b));
+        Ok(())
+    }
+
+    /// The verdict, as [`ChunkVerifier::verify_chunk`] on the concatenation of every piece
+    /// offered: [`ChunkError::WrongLength`] unless exactly the chunk's length arrived, then
+    /// [`ChunkError::Mismatch`] (or [`ChunkError::Corrupt`] for a single-chunk blob) unless the
+    /// chunk chains to its end state.
+    pub fn finish(mut self) -> Result<(), ChunkError> {
+        if self.offered != self.len as usize {
+            return Err(ChunkError::WrongLength {
+                index: self.index,
+                expected: self.len,
+                actual: self.offered,
+            });
+        }
+        if let Some(blob_size) = self.last_of {
+            let state = &mut self.state;
+            self.blocks
+                .len64_padding_be(blob_size.wrapping_mul(8), |b| {
+                    compress256(state, core::slice::from_ref(b))
+                });
+        }
+        // Not the last chunk: a whole chunk, a multiple of the block size, so nothing is left
+        // in the buffer.
+        if state_to_bytes(&self.state) == self.end {
+            Ok(())
+        } else if self.count == 1 {
+            // IV to digest: the table played no part.
+            Err(ChunkError::Corrupt { index: self.index })
+        } else {
+            Err(ChunkError::Mismatch { index: self.index })
+        }
+    }
+}
+
 /// Checks chunk `index` against the first `states` of `layout`'s table (all of them, or a prefix
 /// that covers the chunk) and, for the last chunk, the digest.
 fn verify_chunk_states(
@@ -1250,6 +1424,153 @@ mod tests {
         assert_eq!(v.accept(0, &data).unwrap().newly_final, 0..1);
     }
 
+    /// Streams `pieces` through a [`ChunkStreamVerifier`] (ignoring `update`'s refusals, which
+    /// `finish` reports again) and returns the verdict.
+    fn stream_verify(
+        table: &MidstateTable,
+        digest: &[u8; 32],
+        index: u32,
+        pieces: &[&[u8]],
+    ) -> Result<(), ChunkError> {
+        let mut v = ChunkStreamVerifier::new(table, digest, index)?;
+        for piece in pieces {
+            let _ = v.update(piece);
+        }
+        v.finish()
+    }
+
+    /// `data` cut at pseudo-random places (zero-length pieces included).
+    fn split(data: &[u8], seed: u64, max: usize) -> Vec<&[u8]> {
+        let cuts = pseudo_random(64, seed);
+        let mut pieces = Vec::new();
+        let mut rest = data;
+        let mut k = 0;
+        while !rest.is_empty() {
+            let len = (usize::from(cuts[k % 64]) * 257 + k) % (max + 1);
+            let (piece, tail) = rest.split_at(len.min(rest.len()));
+            pieces.push(piece);
+            rest = tail;
+            k += 1;
+        }
+        pieces
+    }
+
+    #[test]
+    fn streamed_chunks_verify_like_whole_ones() {
+        for cs in [64u32, 128, 4096] {
+            for size in sizes_for(cs as usize).into_iter().filter(|&s| s > 0) {
+                let data = pseudo_random(size, 5 + size as u64);
+                let digest = sha256(&data);
+                let table = MidstateTable::compute(&data, cs).unwrap();
+                let chunks = chunks_of(&data, table.layout());
+                for (i, chunk) in (0..).zip(&chunks) {
+                    for seed in 0..4 {
+                        let pieces = split(chunk, seed + u64::from(i), cs as usize * 3 / 2);
+                        assert_eq!(stream_verify(&table, &digest, i, &pieces), Ok(()));
+                        // A flipped byte, anywhere: the same verdict as the whole-chunk check.
+                        let mut bad = chunk.to_vec();
+                        bad[(seed as usize * 97) % chunk.len()] ^= 0x10;
+                        let pieces = split(&bad, seed, 100);
+                        let whole = ChunkVerifier::verify_chunk(&table, &digest, i, &bad);
+                        assert!(whole.is_err());
+                        assert_eq!(stream_verify(&table, &digest, i, &pieces), whole);
+                    }
+                    // Another chunk's bytes under this index, when the lengths agree.
+                    if let Some(other) = chunks.get(i as usize + 1) {
+                        assert_eq!(
+                            stream_verify(&table, &digest, i, &[other]),
+                            ChunkVerifier::verify_chunk(&table, &digest, i, other)
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn streamed_chunks_of_the_wrong_length_fail() {
+        let data = pseudo_random(300, 5);
+        let digest = sha256(&data);
+        let table = MidstateTable::compute(&data, 128).unwrap();
+        // Short: finish says how many bytes came.
+        let mut v = ChunkStreamVerifier::new(&table, &digest, 0).unwrap();
+        assert_eq!((v.index(), v.len(), v.remaining()), (0, 128, 128));
+        assert!(!v.is_empty());
+        v.update(&data[..100]).unwrap();
+        assert_eq!((v.received(), v.remaining()), (100, 28));
+        assert_eq!(
+            v.finish(),
+            Err(ChunkError::WrongLength {
+                index: 0,
+                expected: 128,
+                actual: 100
+            })
+        );
+        // Long: the piece that overruns is refused, and the verifier stays failed even if the
+        // caller goes on.
+        let mut v = ChunkStreamVerifier::new(&table, &digest, 2).unwrap();
+        assert_eq!(v.len(), 44);
+        v.update(&data[256..290]).unwrap();
+        v.update(&data[290..]).unwrap();
+        assert_eq!(v.remaining(), 0);
+        assert_eq!(
+            v.update(&[0; 11]),
+            Err(ChunkError::WrongLength {
+                index: 2,
+                expected: 44,
+                actual: 55
+            })
+        );
+        assert_eq!(v.received(), 44);
+        assert_eq!(
+            v.clone().update(&[]).map_err(|e| e.is_ambiguous()),
+            Err(false)
+        );
+        assert_eq!(
+            v.finish(),
+            Err(ChunkError::WrongLength {
+                index: 2,
+                expected: 44,
+                actual: 55
+            })
+        );
+        // Refused before any byte: an index past the layout, an inconsistent table.
+        assert_eq!(
+            ChunkStreamVerifier::new(&table, &digest, 3).map(|_| ()),
+            Err(ChunkError::IndexOutOfRange { index: 3, count: 3 })
+        );
+        let empty = MidstateTable::compute(&[], 64).unwrap();
+        assert_eq!(
+            ChunkStreamVerifier::new(&empty, &EMPTY_SHA256, 0).map(|_| ()),
+            Err(ChunkError::IndexOutOfRange { index: 0, count: 0 })
+        );
+        let broken = MidstateTable {
+            layout: table.layout(),
+            states: vec![[0; 32]],
+        };
+        assert_eq!(
+            ChunkStreamVerifier::new(&broken, &digest, 0).map(|_| ()),
+            Err(ChunkError::TableInconsistent {
+                expected: 2,
+                actual: 1
+            })
+        );
+        // A single-chunk blob's bad chunk is corrupt, not ambiguous.
+        let small = &data[..100];
+        let small_digest = sha256(small);
+        let t = MidstateTable::compute(small, 128).unwrap();
+        let mut bad = small.to_vec();
+        bad[0] ^= 1;
+        assert_eq!(
+            stream_verify(&t, &small_digest, 0, &[&bad[..50], &bad[50..]]),
+            Err(ChunkError::Corrupt { index: 0 })
+        );
+        assert_eq!(
+            stream_verify(&t, &small_digest, 0, &[&small[..63], &small[63..]]),
+            Ok(())
+        );
+    }
+
     fn arb_table() -> impl Strategy<Value = MidstateTable> {
         (1u32..=64, 0u64..=(20 * 64 * 64)).prop_flat_map(|(blocks, size)| {
             let layout = ChunkLayout::new(size, blocks * 64).unwrap();
@@ -1259,6 +1580,47 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn streaming_verification_equals_whole_chunk_verification(
+            table in arb_table(),
+            digest in any::<[u8; 32]>(),
+            index in prop_oneof![0u32..30, any::<u32>()],
+            data in proptest::collection::vec(any::<u8>(), 0..5000),
+            seed in any::<u64>(),
+        ) {
+            let pieces = split(&data, seed, 300);
+            prop_assert_eq!(
+                stream_verify(&table, &digest, index, &pieces),
+                ChunkVerifier::verify_chunk(&table, &digest, index, &data)
+            );
+        }
+
+        #[test]
+        fn streamed_genuine_chunks_verify_and_flipped_ones_fail_alike(
+            data in proptest::collection::vec(any::<u8>(), 1..3000),
+            blocks in 1u32..8,
+            seed in any::<u64>(),
+            flip in any::<usize>(),
+        ) {
+            let cs = blocks * 64;
+            let digest = sha256(&data);
+            let table = MidstateTable::compute(&data, cs).unwrap();
+            let chunks = chunks_of(&data, table.layout());
+            for (i, chunk) in (0..).zip(&chunks) {
+                let pieces = split(chunk, seed ^ u64::from(i), 200);
+                prop_assert_eq!(stream_verify(&table, &digest, i, &pieces), Ok(()));
+            }
+            let mut bad = data.clone();
+            let at = flip % bad.len();
+            bad[at] ^= 0x01;
+            let i = table.layout().index_of(at as u64).unwrap();
+            let chunk = chunks_of(&bad, table.layout())[i as usize].to_vec();
+            let pieces = split(&chunk, seed, 150);
+            let verdict = stream_verify(&table, &digest, i, &pieces);
+            prop_assert!(verdict.is_err());
+            prop_assert_eq!(verdict, ChunkVerifier::verify_chunk(&table, &digest, i, &chunk));
+        }
+
         #[test]
         fn encode_decode_round_trip(table in arb_table()) {
             let bytes = table.encode();

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use quinn::{Connection, ConnectionError, RecvStream, SendStream, TransportErrorCode, VarInt};
-use shoal_protocol::chunk::{ChunkError, ChunkLayout, MidstateTable, TablePrefix};
+use shoal_protocol::chunk::{
+    ChunkError, ChunkLayout, ChunkStreamVerifier, MidstateTable, TablePrefix,
+};
 use shoal_protocol::wire::{Bitfield, Request, Response, MAX_AUTHZ_LEN};
 use shoal_protocol::Digest;
 use tokio::time::timeout;
@@ -234,24 +236,112 @@ impl std::fmt::Debug for PeerConn {
 }
 
 /// Chunk bytes that must arrive within each timeout.
-const PROGRESS_STEP: usize = 1 << 20;
+const PROGRESS_STEP: u32 = 1 << 20;
 
-/// Reads from `recv` into `buf` until it holds at least `until` bytes (true) or the stream
-/// ends (false). Takes whatever segments are ready at once, so it may read past `until`: the
-/// caller checks the total.
-async fn read_until(
+/// How many received segments one read takes at most.
+const READ_BATCH: usize = 32;
+
+/// A chunk verified against its table, held as the segments QUIC delivered it in: verifying it
+/// as it arrived needed no contiguous copy. [`Chunk::into_bytes`] makes one when needed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Chunk {
+    segments: Vec<Bytes>,
+    len: usize,
+}
+
+impl Chunk {
+    /// The chunk's length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for a chunk of no bytes (no real chunk is empty).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The chunk's bytes, in order, as received (none of them empty).
+    pub fn segments(&self) -> &[Bytes] {
+        &self.segments
+    }
+
+    /// The chunk as one contiguous buffer: the segment itself when there is only one (as
+    /// [`PeerConn::chunk`] and [`PeerConn::chunk_prefix`] receive it), else a copy.
+    pub fn into_bytes(mut self) -> Bytes {
+        if self.segments.len() <= 1 {
+            return self.segments.pop().unwrap_or_default();
+        }
+        let mut out = BytesMut::with_capacity(self.len);
+        for s in &self.segments {
+            out.extend_from_slice(s);
+        }
+        out.freeze()
+    }
+}
+
+/// Why reading a chunk's bytes stopped early.
+enum ReadFailure {
+    /// The stream failed.
+    Read(quinn::ReadError),
+    /// The peer sent more bytes than the chunk holds.
+    Overrun,
+}
+
+/// Where the bytes of an arriving chunk go.
+enum Sink {
+    /// Kept as received: no copy.
+    Segments(Chunk),
+    /// Copied into one buffer as each arrives (while in cache, as it is hashed), for callers
+    /// that need contiguous bytes, rather than read back from memory to join them afterwards.
+    Contiguous(BytesMut),
+}
+
+impl Sink {
+    fn push(&mut self, segment: Bytes) {
+        match self {
+            Sink::Segments(chunk) => {
+                chunk.len += segment.len();
+                chunk.segments.push(segment);
+            }
+            Sink::Contiguous(buf) => buf.extend_from_slice(&segment),
+        }
+    }
+
+    fn into_chunk(self) -> Chunk {
+        match self {
+            Sink::Segments(chunk) => chunk,
+            Sink::Contiguous(buf) => Chunk {
+                len: buf.len(),
+                segments: vec![buf.freeze()],
+            },
+        }
+    }
+}
+
+/// Reads segments from `recv`, hashing each into `verifier` as it arrives and handing it to
+/// `sink`, until `verifier` has at least `until` bytes (true) or the stream ends (false).
+async fn read_verifying(
     recv: &mut RecvStream,
-    buf: &mut BytesMut,
-    until: usize,
-) -> Result<bool, quinn::ReadError> {
-    let mut segments: [Bytes; 32] = Default::default();
-    while buf.len() < until {
-        let Some(n) = recv.read_chunks(&mut segments).await? else {
+    verifier: &mut ChunkStreamVerifier,
+    sink: &mut Sink,
+    until: u32,
+) -> Result<bool, ReadFailure> {
+    let mut batch: [Bytes; READ_BATCH] = Default::default();
+    while verifier.received() < until {
+        let Some(n) = recv
+            .read_chunks(&mut batch)
+            .await
+            .map_err(ReadFailure::Read)?
+        else {
             return Ok(false);
         };
-        for s in &mut segments[..n] {
-            buf.extend_from_slice(s);
-            *s = Bytes::new();
+        for s in &mut batch[..n] {
+            let s = std::mem::take(s);
+            if s.is_empty() {
+                continue;
+            }
+            verifier.update(&s).map_err(|_| ReadFailure::Overrun)?;
+            sink.push(s);
         }
     }
     Ok(true)
@@ -265,6 +355,51 @@ fn check_authz(authz: &[u8]) -> Result<(), PeerError> {
         )));
     }
     Ok(())
+}
+
+/// The streaming check of chunk `index` against a whole table, and the table's chunk size.
+fn whole_table_verifier(
+    digest: &Digest,
+    table: &MidstateTable,
+    index: u32,
+    authz: &[u8],
+) -> Result<(ChunkStreamVerifier, u32), PeerError> {
+    check_authz(authz)?;
+    let layout = table.layout();
+    let verifier = ChunkStreamVerifier::new(table, digest.as_bytes(), index).map_err(|_| {
+        PeerError::InvalidRequest(format!(
+            "chunk {index} is past the blob's {} chunks",
+            layout.count()
+        ))
+    })?;
+    Ok((verifier, layout.chunk_size()))
+}
+
+/// The streaming check of chunk `index` against a table prefix that must cover it, and the
+/// table's chunk size.
+fn prefix_verifier(
+    digest: &Digest,
+    table: &TablePrefix,
+    index: u32,
+    authz: &[u8],
+) -> Result<(ChunkStreamVerifier, u32), PeerError> {
+    check_authz(authz)?;
+    let layout = table.layout();
+    if !table.covers(index) {
+        return Err(PeerError::InvalidRequest(format!(
+            "chunk {index} is past the {} chunks the table covers",
+            table.covered()
+        )));
+    }
+    let verifier = table
+        .stream_verifier(digest.as_bytes(), index)
+        .map_err(|_| {
+            PeerError::InvalidRequest(format!(
+                "chunk {index} is past the blob's {} chunks",
+                layout.count()
+            ))
+        })?;
+    Ok((verifier, layout.chunk_size()))
 }
 
 fn check_chunk_size(chunk_size: u32) -> Result<(), PeerError> {
@@ -361,8 +496,8 @@ impl PeerConn {
             .ok_or(PeerError::NotFound)
     }
 
-    /// Chunk `index` of blob `digest`, verified against the whole `table` (see
-    /// [`PeerConn::chunk_prefix`]).
+    /// Chunk `index` of blob `digest`, verified against the whole `table`, in one buffer (see
+    /// [`PeerConn::chunk_prefix_segments`]).
     pub async fn chunk(
         &self,
         digest: &Digest,
@@ -370,18 +505,27 @@ impl PeerConn {
         index: u32,
         authz: &[u8],
     ) -> Result<Bytes, PeerError> {
-        let prefix = Arc::new(TablePrefix::from(table.clone()));
-        self.chunk_prefix(digest, &prefix, index, authz).await
+        let verifier = whole_table_verifier(digest, table, index, authz)?;
+        self.receive_chunk(digest, verifier, authz, true)
+            .await
+            .map(Chunk::into_bytes)
     }
 
-    /// Chunk `index` of blob `digest`, cut as `table` says, verified against `table` (which must
-    /// cover it) and `digest` before it is returned: an unverified byte never leaves this
-    /// function.
-    ///
-    /// A single-chunk blob's chunk is checked from the IV to the digest, so a bad one is
-    /// [`PeerError::Corrupt`]; any other chunk that does not chain is
-    /// [`PeerError::Ambiguous`]. To know when a chunk is *final* (anchored to the digest), feed
-    /// the returned bytes to a [`shoal_protocol::chunk::ChunkVerifier`] as well.
+    /// Chunk `index` of blob `digest`, verified against the whole `table`, as received (see
+    /// [`PeerConn::chunk_prefix_segments`]).
+    pub async fn chunk_segments(
+        &self,
+        digest: &Digest,
+        table: &MidstateTable,
+        index: u32,
+        authz: &[u8],
+    ) -> Result<Chunk, PeerError> {
+        let verifier = whole_table_verifier(digest, table, index, authz)?;
+        self.receive_chunk(digest, verifier, authz, false).await
+    }
+
+    /// Chunk `index` of blob `digest` in one buffer: as [`PeerConn::chunk_prefix_segments`],
+    /// with each segment also copied into the buffer as it arrives.
     pub async fn chunk_prefix(
         &self,
         digest: &Digest,
@@ -389,23 +533,44 @@ impl PeerConn {
         index: u32,
         authz: &[u8],
     ) -> Result<Bytes, PeerError> {
-        check_authz(authz)?;
-        let layout = table.layout();
-        if !table.covers(index) {
-            return Err(PeerError::InvalidRequest(format!(
-                "chunk {index} is past the {} chunks the table covers",
-                table.covered()
-            )));
-        }
-        let Some((_, len)) = layout.range(index) else {
-            return Err(PeerError::InvalidRequest(format!(
-                "chunk {index} is past the blob's {} chunks",
-                layout.count()
-            )));
-        };
+        let verifier = prefix_verifier(digest, table, index, authz)?;
+        self.receive_chunk(digest, verifier, authz, true)
+            .await
+            .map(Chunk::into_bytes)
+    }
+
+    /// Chunk `index` of blob `digest`, cut as `table` says, verified against `table` (which must
+    /// cover it) and `digest` before it is returned: an unverified byte never leaves this
+    /// function. Each segment is hashed as it arrives and kept as received (no contiguous copy).
+    ///
+    /// A single-chunk blob's chunk is checked from the IV to the digest, so a bad one is
+    /// [`PeerError::Corrupt`]; any other chunk that does not chain is
+    /// [`PeerError::Ambiguous`]. To know when a chunk is *final* (anchored to the digest), feed
+    /// the returned bytes to a [`shoal_protocol::chunk::ChunkVerifier`] as well.
+    pub async fn chunk_prefix_segments(
+        &self,
+        digest: &Digest,
+        table: &TablePrefix,
+        index: u32,
+        authz: &[u8],
+    ) -> Result<Chunk, PeerError> {
+        let verifier = prefix_verifier(digest, table, index, authz)?;
+        self.receive_chunk(digest, verifier, authz, false).await
+    }
+
+    /// Asks for the chunk `verifier` checks and reads it, hashing each segment as it arrives;
+    /// returns it only once the whole chunk verified.
+    async fn receive_chunk(
+        &self,
+        digest: &Digest,
+        (mut verifier, chunk_size): (ChunkStreamVerifier, u32),
+        authz: &[u8],
+        contiguous: bool,
+    ) -> Result<Chunk, PeerError> {
+        let (index, len) = (verifier.index(), verifier.len());
         let request = Request::Chunk {
             digest: *digest.as_bytes(),
-            chunk_size: layout.chunk_size(),
+            chunk_size,
             index,
             authz: authz.to_vec(),
         };
@@ -420,45 +585,48 @@ impl PeerConn {
             other => return Err(unexpected(other, "Chunk")),
         };
         if announced != len {
-            // Refused before reading: the peer cannot make us buffer more than the layout says.
+            // Refused before reading: the peer cannot make us hold more than the layout says.
             self.metrics.rejected("corrupt");
             return Err(PeerError::Corrupt { index });
         }
-        let len = len as usize;
-        let mut buf = BytesMut::with_capacity(len);
-        while buf.len() < len {
+        let mut sink = if contiguous {
+            Sink::Contiguous(BytesMut::with_capacity(len as usize))
+        } else {
+            Sink::Segments(Chunk {
+                // About one segment per datagram.
+                segments: Vec::with_capacity(len as usize / 1200 + 1),
+                len: 0,
+            })
+        };
+        while verifier.received() < len {
             // One timer per [`PROGRESS_STEP`] bytes rather than per packet: the wait that times
             // out is "the next step of the chunk".
-            let step = (buf.len() + PROGRESS_STEP).min(len);
-            match timeout(self.limit, read_until(&mut recv, &mut buf, step)).await {
+            let step = verifier.received().saturating_add(PROGRESS_STEP).min(len);
+            let read = read_verifying(&mut recv, &mut verifier, &mut sink, step);
+            match timeout(self.limit, read).await {
                 Err(_) => return Err(PeerError::Timeout("chunk data")),
-                Ok(Ok(true)) if buf.len() <= len => {}
-                Ok(Ok(true)) => {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => {
+                    return Err(PeerError::Protocol(format!(
+                        "chunk {index} ended after {} of {len} bytes",
+                        verifier.received()
+                    )))
+                }
+                Ok(Err(ReadFailure::Overrun)) => {
                     return Err(PeerError::Protocol(format!(
                         "chunk {index} runs past its announced {len} bytes"
                     )))
                 }
-                Ok(Ok(false)) => {
-                    return Err(PeerError::Protocol(format!(
-                        "chunk {index} ended after {} of {len} bytes",
-                        buf.len()
-                    )))
+                Ok(Err(ReadFailure::Read(e))) => {
+                    return Err(from_frame(FrameError::Read(e), "chunk data"))
                 }
-                Ok(Err(e)) => return Err(from_frame(FrameError::Read(e), "chunk data")),
             }
         }
-        let data = buf.freeze();
-        let (table, digest_bytes) = (table.clone(), *digest.as_bytes());
-        let checked = data.clone();
-        let verdict = tokio::task::spawn_blocking(move || {
-            table.verify_chunk(&digest_bytes, index, &checked)
-        })
-        .await
-        .map_err(|e| PeerError::Connection(format!("verification task failed: {e}")))?;
-        match verdict {
+        match verifier.finish() {
             Ok(()) => {
-                self.metrics.fetched_bytes.inc_by(data.len() as u64);
-                Ok(data)
+                let chunk = sink.into_chunk();
+                self.metrics.fetched_bytes.inc_by(chunk.len as u64);
+                Ok(chunk)
             }
             Err(ChunkError::Mismatch { index }) => {
                 self.metrics.rejected("ambiguous");

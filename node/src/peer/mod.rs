@@ -60,7 +60,7 @@ use tokio_util::sync::CancellationToken;
 use crate::store::Store;
 
 pub use auth::{ClusterKey, EXPORTER_LABEL};
-pub use client::{PeerConn, PeerError};
+pub use client::{Chunk, PeerConn, PeerError};
 pub use metrics::{DirectionLabels, Metrics, PeerLabels, RejectionLabels};
 pub use server::{AllowIf, Authorizer, AuthzRequest, DenyPrivate};
 

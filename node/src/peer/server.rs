@@ -543,9 +543,9 @@ async fn serve_have(
     let limit = shared.config.timeout;
     let Some(meta) = shared.store.meta(digest) else {
         let answer = match shared.store.arriving().get(digest) {
-            Some(a) if a.layout().chunk_size() == chunk_size => Response::Have {
-                bitfield: a.have(),
-            },
+            Some(a) if a.layout().chunk_size() == chunk_size => {
+                Response::Have { bitfield: a.have() }
+            }
             _ => Response::NotFound,
         };
         return respond(send, answer, limit).await;

@@ -24,8 +24,9 @@
 //! and a complete prefix is readable by [`MidstateTable::decode`].
 
 use super::{
-    compress_aligned, state_from_bytes, state_to_bytes, ChunkError, ChunkLayout, DecodeError,
-    MidstateTable, EMPTY_SHA256, IV, MAX_ENCODED_TABLE_LEN, TABLE_HEADER_LEN, TABLE_VERSION,
+    compress_aligned, state_from_bytes, state_to_bytes, ChunkError, ChunkLayout,
+    ChunkStreamVerifier, DecodeError, MidstateTable, EMPTY_SHA256, IV, MAX_ENCODED_TABLE_LEN,
+    TABLE_HEADER_LEN, TABLE_VERSION,
 };
 
 /// The version byte of an encoded incomplete prefix.
@@ -145,6 +146,28 @@ impl TablePrefix {
             });
         }
         super::verify_chunk_states(self.layout, &self.states, digest, index, data)
+    }
+
+    /// A streaming check of chunk `index` against the prefix (and the digest, for the last
+    /// chunk): the same verdicts as [`TablePrefix::verify_chunk`], for a chunk whose bytes
+    /// arrive in pieces. Fails at once for an index past the layout or a chunk the prefix does
+    /// not cover.
+    pub fn stream_verifier(
+        &self,
+        digest: &[u8; 32],
+        index: u32,
+    ) -> Result<ChunkStreamVerifier, ChunkError> {
+        let count = self.layout.count();
+        if index >= count {
+            return Err(ChunkError::IndexOutOfRange { index, count });
+        }
+        if !self.covers(index) {
+            return Err(ChunkError::TableInconsistent {
+                expected: self.layout.table_len(),
+                actual: self.states.len(),
+            });
+        }
+        ChunkStreamVerifier::from_states(self.layout, &self.states, digest, index)
     }
 
     /// Merges another prefix of the same layout into this one. `Ok(true)` if this one grew.
@@ -421,6 +444,39 @@ mod tests {
             let bytes = prefix.encode();
             prop_assert_eq!(bytes.len(), prefix.encoded_len());
             prop_assert_eq!(TablePrefix::decode(&bytes).unwrap(), prefix);
+        }
+
+        #[test]
+        fn streamed_chunks_verify_as_verify_chunk_says(
+            len in 0usize..2000,
+            cs in 1u32..5,
+            keep in 0usize..40,
+            index in 0u32..40,
+            flip in proptest::option::of(any::<usize>()),
+            cut in any::<usize>(),
+        ) {
+            let data = blob(len);
+            let digest = sha256(&data);
+            let table = MidstateTable::compute(&data, cs * 64).unwrap();
+            let n = keep.min(table.states().len());
+            let prefix = TablePrefix::from_parts(table.layout(), table.states()[..n].to_vec()).unwrap();
+            let (start, chunk_len) = table.layout().range(index).unwrap_or((0, 0));
+            let mut chunk = data[start as usize..(start + u64::from(chunk_len)) as usize].to_vec();
+            if let (Some(at), false) = (flip, chunk.is_empty()) {
+                let at = at % chunk.len();
+                chunk[at] ^= 0x80;
+            }
+            let whole = prefix.verify_chunk(&digest, index, &chunk);
+            let streamed = prefix.stream_verifier(&digest, index).and_then(|mut v| {
+                let (a, b) = chunk.split_at(cut % (chunk.len() + 1));
+                v.update(a)?;
+                v.update(b)?;
+                v.finish()
+            });
+            prop_assert_eq!(&streamed, &whole);
+            if prefix.covers(index) && flip.is_none() {
+                prop_assert_eq!(streamed, Ok(()));
+            }
         }
 
         #[test]
