@@ -420,25 +420,7 @@ impl MidstateTable {
     /// Parses a version-1 encoding, refusing oversized input, invalid layouts, missing or extra
     /// entries and trailing bytes. Never panics.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        if bytes.len() > MAX_ENCODED_TABLE_LEN {
-            return Err(DecodeError::TooLarge { len: bytes.len() });
-        }
-        let Some((&version, rest)) = bytes.split_first() else {
-            return Err(DecodeError::Truncated);
-        };
-        if version != TABLE_VERSION {
-            return Err(DecodeError::UnsupportedVersion(version));
-        }
-        let (Some(size), Some(chunk)) = (rest.get(..8), rest.get(8..12)) else {
-            return Err(DecodeError::Truncated);
-        };
-        let mut size_be = [0u8; 8];
-        size_be.copy_from_slice(size);
-        let mut chunk_be = [0u8; 4];
-        chunk_be.copy_from_slice(chunk);
-        let layout = ChunkLayout::new(u64::from_be_bytes(size_be), u32::from_be_bytes(chunk_be))?;
-
-        let body = &rest[12..];
+        let (layout, body) = decode_header(bytes, TABLE_VERSION)?;
         let expected = layout.table_len();
         let needed = 32 * expected;
         if body.len() != needed {
@@ -455,16 +437,45 @@ impl MidstateTable {
                 DecodeError::Truncated
             });
         }
-        let states = body
-            .chunks_exact(32)
-            .map(|s| {
-                let mut state = [0u8; 32];
-                state.copy_from_slice(s);
-                state
-            })
-            .collect();
-        Ok(MidstateTable { layout, states })
+        Ok(MidstateTable {
+            layout,
+            states: decode_states(body),
+        })
     }
+}
+
+/// The header of an encoded table or prefix of `version`: the layout, and the bytes after the
+/// header. Refuses oversized input, another version, a short header and an invalid layout.
+fn decode_header(bytes: &[u8], version: u8) -> Result<(ChunkLayout, &[u8]), DecodeError> {
+    if bytes.len() > MAX_ENCODED_TABLE_LEN {
+        return Err(DecodeError::TooLarge { len: bytes.len() });
+    }
+    let Some((&found, rest)) = bytes.split_first() else {
+        return Err(DecodeError::Truncated);
+    };
+    if found != version {
+        return Err(DecodeError::UnsupportedVersion(found));
+    }
+    let (Some(size), Some(chunk)) = (rest.get(..8), rest.get(8..12)) else {
+        return Err(DecodeError::Truncated);
+    };
+    let mut size_be = [0u8; 8];
+    size_be.copy_from_slice(size);
+    let mut chunk_be = [0u8; 4];
+    chunk_be.copy_from_slice(chunk);
+    let layout = ChunkLayout::new(u64::from_be_bytes(size_be), u32::from_be_bytes(chunk_be))?;
+    Ok((layout, &rest[12..]))
+}
+
+/// The 32-byte states of a body whose length is a multiple of 32.
+fn decode_states(body: &[u8]) -> Vec<[u8; 32]> {
+    body.chunks_exact(32)
+        .map(|s| {
+            let mut state = [0u8; 32];
+            state.copy_from_slice(s);
+            state
+        })
+        .collect()
 }
 
 /// Builds a [`MidstateTable`] and the digest in one pass over a blob that arrives in pieces of

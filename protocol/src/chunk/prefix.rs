@@ -243,18 +243,7 @@ impl TablePrefix {
             Some(&v) => return Err(DecodeError::UnsupportedVersion(v)),
             None => return Err(DecodeError::Truncated),
         }
-        if bytes.len() > MAX_ENCODED_TABLE_LEN {
-            return Err(DecodeError::TooLarge { len: bytes.len() });
-        }
-        let (Some(size), Some(chunk)) = (bytes.get(1..9), bytes.get(9..13)) else {
-            return Err(DecodeError::Truncated);
-        };
-        let mut size_be = [0u8; 8];
-        size_be.copy_from_slice(size);
-        let mut chunk_be = [0u8; 4];
-        chunk_be.copy_from_slice(chunk);
-        let layout = ChunkLayout::new(u64::from_be_bytes(size_be), u32::from_be_bytes(chunk_be))?;
-        let body = &bytes[TABLE_HEADER_LEN..];
+        let (layout, body) = super::decode_header(bytes, PREFIX_VERSION)?;
         if !body.len().is_multiple_of(32) {
             return Err(DecodeError::Truncated);
         }
@@ -270,15 +259,10 @@ impl TablePrefix {
                 }
             });
         }
-        let states = body
-            .chunks_exact(32)
-            .map(|s| {
-                let mut state = [0u8; 32];
-                state.copy_from_slice(s);
-                state
-            })
-            .collect();
-        Ok(TablePrefix { layout, states })
+        Ok(TablePrefix {
+            layout,
+            states: super::decode_states(body),
+        })
     }
 }
 
