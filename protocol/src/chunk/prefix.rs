@@ -25,8 +25,8 @@
 
 use super::{
     compress_aligned, state_from_bytes, state_to_bytes, ChunkError, ChunkLayout,
-    ChunkStreamVerifier, DecodeError, MidstateTable, EMPTY_SHA256, IV, MAX_ENCODED_TABLE_LEN,
-    TABLE_HEADER_LEN, TABLE_VERSION,
+    ChunkStreamVerifier, DecodeError, MidstateTable, EMPTY_SHA256, IV, TABLE_HEADER_LEN,
+    TABLE_VERSION,
 };
 
 /// The version byte of an encoded incomplete prefix.
@@ -296,7 +296,7 @@ pub fn fuzz_decode_prefix(bytes: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunk::TableBuilder;
+    use crate::chunk::{TableBuilder, MAX_ENCODED_TABLE_LEN};
     use proptest::prelude::*;
 
     fn blob(len: usize) -> Vec<u8> {
