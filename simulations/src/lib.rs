@@ -10,6 +10,7 @@
 //! Deterministic: one seeded generator, ordered containers only, and an event queue ordered by
 //! (time, sequence number); the sha256 of the event log ([`Report::log_hash`]) identifies a run.
 
+pub mod queue;
 pub mod rng;
 pub mod scenario;
 pub mod sim;

@@ -68,6 +68,9 @@ pub struct Params {
     pub have_poll_ms: u64,
     /// The `Download` configuration (its `seed` and `upstream_allowed` are set per node).
     pub download: DownloadConfig,
+    /// Seed every node's `Download` of a blob alike (as a daemon seeding it from the digest
+    /// alone would) instead of per node.
+    pub shared_seed: bool,
 }
 
 impl Params {
@@ -100,6 +103,7 @@ impl Params {
             lookup_interval_ms: LOOKUP_INTERVAL_MS,
             have_poll_ms: HAVE_POLL_MS,
             download: DownloadConfig::default(),
+            shared_seed: false,
         }
     }
 
@@ -142,7 +146,8 @@ impl Params {
     /// `serve_limit`, `rtt_us`, `detect_us`, and the `DownloadConfig` fields `min_pipeline`,
     /// `max_pipeline`, `pipeline_target_ms`, `in_order_bias`, `initial_peer_rate`,
     /// `endgame_max_requests`, `busy_backoff_ms`, `timeout_floor_ms`, `upstream_grace_ms`,
-    /// `takeover_after_ms`, `slow_swarm_percent`; and for calibration `rate` (per-node bytes
+    /// `takeover_after_ms`, `slow_swarm_percent`, `max_in_flight_bytes`; `shared_seed=1` (every
+    /// node's `Download` of a blob seeded alike, as the daemon does today); and for calibration `rate` (per-node bytes
     /// per second, both directions), `upstream_egress`, `upstream_rtt_us`, `image_bytes` and
     /// `layers` (applied in order: `image_bytes=…,layers=…` splits the size evenly).
     pub fn tune(&mut self, spec: &str) -> Result<(), String> {
@@ -168,6 +173,8 @@ impl Params {
                 "in_order_bias" => d.in_order_bias = v as u32,
                 "initial_peer_rate" => d.initial_peer_rate = v,
                 "endgame_max_requests" => d.endgame_max_requests = v as u32,
+                "max_in_flight_bytes" => d.max_in_flight_bytes = v,
+                "shared_seed" => self.shared_seed = v != 0,
                 "busy_backoff_ms" => d.busy_backoff_ms = v,
                 "timeout_floor_ms" => d.timeout_floor_ms = v,
                 "upstream_grace_ms" => d.upstream_grace_ms = v,

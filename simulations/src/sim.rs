@@ -1,8 +1,6 @@
 //! The discrete-event engine: nodes, flows, the DHT, the upstream, and one real
 //! [`Download`] per node and blob.
 
-use std::cmp::Ordering;
-use std::collections::BinaryHeap;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -13,6 +11,7 @@ use shoal_protocol::swarm::{
 };
 use shoal_protocol::wire::Bitfield;
 
+use crate::queue::RadixQueue;
 use crate::rng::Rng;
 use crate::scenario::Params;
 
@@ -25,6 +24,8 @@ const REBALANCE_OVER: usize = 128;
 const REBALANCE_US: u64 = 5_000;
 /// See [`Sim::schedule_step`].
 const STEP_SLACK_US: u64 = 500;
+/// See [`Sim::schedule_step`].
+const STEP_SLACK_DIV: u64 = 32;
 /// Sites: the upstream outside every site.
 const OUTSIDE: u16 = u16::MAX;
 
@@ -79,28 +80,10 @@ impl Ev {
     }
 }
 
+/// A popped event and its time.
 struct Entry {
     time: u64,
-    seq: u64,
     ev: Ev,
-}
-
-impl PartialEq for Entry {
-    fn eq(&self, other: &Self) -> bool {
-        (self.time, self.seq) == (other.time, other.seq)
-    }
-}
-impl Eq for Entry {}
-impl PartialOrd for Entry {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Entry {
-    /// Reversed: the max-heap pops the earliest (time, sequence) first.
-    fn cmp(&self, other: &Self) -> Ordering {
-        (other.time, other.seq).cmp(&(self.time, self.seq))
-    }
 }
 
 #[derive(Debug)]
@@ -268,7 +251,7 @@ pub struct Sim {
     up_node: u32,
     now: u64,
     seq: u64,
-    heap: BinaryHeap<Entry>,
+    heap: RadixQueue<Ev>,
     nodes: Vec<Node>,
     tasks: Vec<Task>,
     flows: Vec<Flow>,
@@ -420,7 +403,7 @@ impl Sim {
             up_node: n,
             now: 0,
             seq: 0,
-            heap: BinaryHeap::new(),
+            heap: RadixQueue::default(),
             nodes,
             tasks,
             flows: Vec::new(),
@@ -467,11 +450,8 @@ impl Sim {
 
     fn push(&mut self, time: u64, ev: Ev) {
         self.seq += 1;
-        self.heap.push(Entry {
-            time,
-            seq: self.seq,
-            ev,
-        });
+        self.heap
+            .push((u128::from(time) << 64) | u128::from(self.seq), ev);
     }
 
     fn log_event(&mut self, ev: &Ev) {
@@ -490,7 +470,13 @@ impl Sim {
     pub fn run(mut self) -> Report {
         let wall = Instant::now();
         while self.unfinished > 0 {
-            let Some(e) = self.heap.pop() else { break };
+            let Some((key, ev)) = self.heap.pop() else {
+                break;
+            };
+            let e = Entry {
+                time: (key >> 64) as u64,
+                ev,
+            };
             if e.time > self.p.time_limit_us {
                 break;
             }
@@ -789,7 +775,11 @@ impl Sim {
         let (_, b) = self.split(task);
         let t = &mut self.tasks[task as usize];
         let config = DownloadConfig {
-            seed: self.p.seed ^ u64::from(task).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            seed: if self.p.shared_seed {
+                self.p.seed ^ u64::from(b).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            } else {
+                self.p.seed ^ u64::from(task).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            },
             upstream_allowed: t.designated,
             ..self.p.download.clone()
         };
@@ -1310,9 +1300,11 @@ impl Sim {
         let left = target.saturating_sub(f.done);
         let dt = (u128::from(left) * 1_000_000).div_ceil(u128::from(f.rate.max(1))) as u64;
         let due = self.now + dt;
-        // A finish less than STEP_SLACK_US earlier than the pending step is left to that step:
-        // fewer queue entries, a chunk completing at most that much late.
-        if force || due.saturating_add(STEP_SLACK_US) < f.due {
+        // A finish less than STEP_SLACK_US, or 1/STEP_SLACK_DIV of the time left, earlier than
+        // the pending step is left to that step: fewer queue entries, a chunk completing at most
+        // that much late (its bytes are counted at the true rate all along).
+        let slack = STEP_SLACK_US.max(f.due.saturating_sub(self.now) / STEP_SLACK_DIV);
+        if force || due.saturating_add(slack) < f.due {
             let gen = f.gen;
             self.flows[flow as usize].due = due;
             self.push(due, Ev::Step { flow, gen });

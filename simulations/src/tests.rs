@@ -65,3 +65,29 @@ fn bad_parameters_are_refused() {
         assert!(Params::scenario(s).is_some());
     }
 }
+
+#[test]
+fn radix_queue_pops_in_key_order_like_a_heap() {
+    use crate::queue::RadixQueue;
+    use std::collections::BTreeSet;
+    let mut rng = crate::rng::Rng::new(9);
+    let mut q = RadixQueue::default();
+    let mut reference = BTreeSet::new();
+    let (mut now, mut seq) = (0u64, 0u64);
+    for _ in 0..20_000 {
+        // Push a few events at or after `now`, then pop one, as the simulator does.
+        for _ in 0..rng.below(3) {
+            seq += 1;
+            let span = 1 << rng.below(30);
+            let key = (u128::from(now + rng.below(span)) << 64) | u128::from(seq);
+            q.push(key, seq);
+            reference.insert((key, seq));
+        }
+        let expected = reference.pop_first();
+        assert_eq!(q.pop(), expected);
+        assert_eq!(q.len(), reference.len());
+        if let Some((key, _)) = expected {
+            now = (key >> 64) as u64;
+        }
+    }
+}

@@ -557,6 +557,8 @@ fn a_faster_peer_gets_more_in_flight() {
         pipeline_target_ms: 100,
         initial_peer_rate: 1,
         in_order_bias: 1,
+        // The slow peer reaches its second request as an endgame duplicate.
+        endgame_max_requests: 3,
         ..DownloadConfig::default()
     };
     let mut d = Download::new(layout(400), config, 0);
@@ -1313,4 +1315,39 @@ fn requests_in_flight_stay_within_the_memory_budget() {
     assert_eq!(up(drain(&mut d, 100)), 2);
     d.upstream_received(0, 150);
     assert_eq!(up(drain(&mut d, 150)), 1);
+}
+
+#[test]
+fn a_follower_whose_peers_answer_busy_does_not_judge_the_swarm_slow() {
+    let config = DownloadConfig {
+        upstream_allowed: false,
+        takeover_after_ms: 5_000,
+        ..DownloadConfig::default()
+    };
+    let mut d = Download::new(layout(3), config, 0);
+    d.add_peer(p(1), Have::All, 0);
+    let mut now = 0;
+    // The only peer (a popular seeder) answers Busy to every request for 20 s.
+    while now < 20_000 {
+        for action in drain(&mut d, now) {
+            match action {
+                Action::Request { peer, index } => {
+                    d.chunk_failed(peer, index, FailReason::Busy, now + 1)
+                }
+                other => panic!("a busy swarm is not stalled: {other:?} at {now}"),
+            }
+        }
+        now = d.next_wakeup().unwrap_or(now + 100).max(now + 1);
+    }
+    // Once it stops answering at all, the follower takes over after the takeover time.
+    let last = now;
+    let mut upstream = Vec::new();
+    while now < last + 60_000 && upstream.is_empty() {
+        upstream = drain(&mut d, now)
+            .into_iter()
+            .filter(|a| matches!(a, Action::FetchUpstream { .. }))
+            .collect();
+        now = d.next_wakeup().unwrap_or(now + 100).max(now + 1);
+    }
+    assert!(!upstream.is_empty(), "the follower never took over");
 }
