@@ -453,8 +453,17 @@ impl Mirror {
         );
         let place = order.iter().position(|p| *p == me_id).unwrap_or(0);
         let stagger = (place as u64 + 1).min(MAX_TAKEOVER_STAGGER);
+        // Seeded by the blob and by this node: nodes seeded alike would all prefer the same
+        // chunks among equally rare ones, and have little to give one another (shoal-sim with
+        // one seed for all: cold start at 1,000 nodes p99 103 s instead of 13 s).
+        let mut seed = [0u8; 8];
+        seed.copy_from_slice(
+            &<sha2::Sha256 as sha2::Digest>::digest(
+                [digest.as_bytes().as_slice(), &me.to_bytes()].concat(),
+            )[..8],
+        );
         let config = DownloadConfig {
-            seed: u64::from_le_bytes(digest.as_bytes()[..8].try_into().unwrap_or([0; 8])),
+            seed: u64::from_le_bytes(seed),
             upstream_allowed: designated,
             takeover_after_ms: (takeover.as_millis() as u64).saturating_mul(stagger),
             ..DownloadConfig::default()
