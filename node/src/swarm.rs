@@ -521,7 +521,8 @@ impl Mirror {
                 let _ = etx.send(Event::Have { peer, result }).await;
             });
         };
-        let ask_table = |peer: PeerId, addr: SocketAddr| {
+        // Asks `addr` for its table; `event` wraps the answer for the driver.
+        let ask_table = |addr: SocketAddr, event: TableEvent| {
             let (sw, etx) = (sw.clone(), etx.clone());
             tokio::spawn(async move {
                 let result = match sw.conn(addr).await {
@@ -531,7 +532,7 @@ impl Mirror {
                     }
                     Err(e) => Err(e),
                 };
-                let _ = etx.send(Event::Table { peer, result }).await;
+                let _ = etx.send(event(result)).await;
             });
         };
         let add_providers = |list: Vec<Provider>, peers: &mut HashMap<PeerId, PeerInfo>| {
@@ -639,24 +640,10 @@ impl Mirror {
                             })
                             .map(|(id, p)| (*id, p.addr));
                         match other {
-                            Some((_, addr)) => {
-                                let (sw, etx) = (sw.clone(), etx.clone());
-                                tokio::spawn(async move {
-                                    let result = match sw.conn(addr).await {
-                                        Ok(c) => {
-                                            c.table_prefix(
-                                                &digest,
-                                                chunk_size,
-                                                Some(layout.blob_size()),
-                                                &[],
-                                            )
-                                            .await
-                                        }
-                                        Err(e) => Err(e),
-                                    };
-                                    let _ = etx.send(Event::Refetched { exclude, result }).await;
-                                });
-                            }
+                            Some((_, addr)) => ask_table(
+                                addr,
+                                Box::new(move |result| Event::Refetched { exclude, result }),
+                            ),
                             None => {
                                 // Nobody to ask: the table came from a provider trusted no
                                 // less than this one, so the chunk's sender is the likelier
@@ -748,15 +735,13 @@ impl Mirror {
                         {
                             // An upstream chunk right after the known prefix: this node now
                             // knows the next midstates itself.
-                            let before = view.covered();
-                            view = Arc::new(grown);
-                            let _ = arriving.merge_prefix(&view);
-                            for j in before..view.covered() {
+                            let newly =
+                                adopt_view(&mut view, grown, &arriving, &mut dl, &peers, now());
+                            for j in newly {
                                 if got[j as usize] {
                                     arriving.mark(j);
                                 }
                             }
-                            report_covered(&mut dl, &peers, before, view.covered(), now());
                         }
                         while prefix < count && got[prefix as usize] {
                             prefix += 1;
@@ -853,7 +838,10 @@ impl Mirror {
                     p.bits = Some(bits);
                     if beyond && !p.table_pending {
                         p.table_pending = true;
-                        ask_table(peer, p.addr);
+                        ask_table(
+                            p.addr,
+                            Box::new(move |result| Event::Table { peer, result }),
+                        );
                     }
                 }
                 Event::Table { peer, result } => {
@@ -867,13 +855,10 @@ impl Mirror {
                             continue;
                         }
                     };
-                    let before = view.covered();
                     let mut merged = (*view).clone();
                     match merged.merge(&longer) {
                         Ok(true) => {
-                            view = Arc::new(merged);
-                            let _ = arriving.merge_prefix(&view);
-                            report_covered(&mut dl, &peers, before, view.covered(), now());
+                            adopt_view(&mut view, merged, &arriving, &mut dl, &peers, now());
                         }
                         Ok(false) => {}
                         Err(e) => {
@@ -896,10 +881,7 @@ impl Mirror {
                             warn!(digest = %digest, "a chunk disagreed with a table another provider confirms: its sender is banned");
                             dl.ban_peer(exclude, now());
                             if grew {
-                                let before = view.covered();
-                                view = Arc::new(merged);
-                                let _ = arriving.merge_prefix(&view);
-                                report_covered(&mut dl, &peers, before, view.covered(), now());
+                                adopt_view(&mut view, merged, &arriving, &mut dl, &peers, now());
                             }
                         }
                         Ok(Err(ChunkError::Mismatch { index: k })) => {
@@ -1067,6 +1049,26 @@ fn extend_view(
         }
     }
     Some(grown)
+}
+
+/// How a table answer becomes a driver event (`Table` or `Refetched`).
+type TableEvent = Box<dyn FnOnce(Result<TablePrefix, PeerError>) -> Event + Send>;
+
+/// Adopts a longer table: shares it through `arriving` and tells the download about the chunks
+/// it newly covers for every provider known to hold them. Returns those chunks.
+fn adopt_view(
+    view: &mut Arc<TablePrefix>,
+    grown: TablePrefix,
+    arriving: &Arriving,
+    dl: &mut Download,
+    peers: &HashMap<PeerId, PeerInfo>,
+    now: u64,
+) -> std::ops::Range<u32> {
+    let (from, to) = (view.covered(), grown.covered());
+    *view = Arc::new(grown);
+    let _ = arriving.merge_prefix(view);
+    report_covered(dl, peers, from, to, now);
+    from..to
 }
 
 /// Tells the download about chunks `from..to` that the table newly covers, for every provider
