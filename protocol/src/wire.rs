@@ -393,18 +393,41 @@ fn split_message(
     Ok((header, payload))
 }
 
-/// Checks that a payload has the length its header declared.
-fn check_payload_len(header: Header, payload: &[u8]) -> Result<(), WireError> {
+/// Checks that a payload has the length its header declared, within its kind's `bounds`.
+fn check_payload_len(
+    header: Header,
+    payload: &[u8],
+    bounds: fn(u8) -> Option<(usize, usize)>,
+) -> Result<(), WireError> {
+    let (min, max) = bounds(header.kind).ok_or(WireError::UnknownKind { kind: header.kind })?;
     let declared = header.payload_len as usize;
     match payload.len().cmp(&declared) {
-        core::cmp::Ordering::Less => Err(WireError::Truncated {
-            needed: declared - payload.len(),
-        }),
-        core::cmp::Ordering::Greater => Err(WireError::TrailingBytes {
-            extra: payload.len() - declared,
-        }),
-        core::cmp::Ordering::Equal => Ok(()),
+        core::cmp::Ordering::Less => {
+            return Err(WireError::Truncated {
+                needed: declared - payload.len(),
+            })
+        }
+        core::cmp::Ordering::Greater => {
+            return Err(WireError::TrailingBytes {
+                extra: payload.len() - declared,
+            })
+        }
+        core::cmp::Ordering::Equal => {}
     }
+    if payload.len() > max {
+        return Err(WireError::TooLarge {
+            kind: header.kind,
+            len: header.payload_len,
+            max,
+        });
+    }
+    if payload.len() < min {
+        return Err(WireError::TooShort {
+            kind: header.kind,
+            len: header.payload_len,
+        });
+    }
+    Ok(())
 }
 
 /// Writes a header and reserves room for the payload.
@@ -535,22 +558,7 @@ impl Request {
     /// Parses the payload of a request whose header was checked by [`Request::decode_header`];
     /// `payload` must be exactly the declared length.
     pub fn decode_payload(header: Header, payload: &[u8]) -> Result<Request, WireError> {
-        let (min, max) =
-            Request::bounds(header.kind).ok_or(WireError::UnknownKind { kind: header.kind })?;
-        check_payload_len(header, payload)?;
-        if payload.len() > max {
-            return Err(WireError::TooLarge {
-                kind: header.kind,
-                len: header.payload_len,
-                max,
-            });
-        }
-        if payload.len() < min {
-            return Err(WireError::TooShort {
-                kind: header.kind,
-                len: header.payload_len,
-            });
-        }
+        check_payload_len(header, payload, Request::bounds)?;
         let mut r = Reader { rest: payload };
         let request = match header.kind {
             kind::AUTH => Request::Auth { proof: r.array()? },
@@ -705,22 +713,7 @@ impl Response {
     /// Parses the payload of a response whose header was checked by [`Response::decode_header`];
     /// `payload` must be exactly the declared length.
     pub fn decode_payload(header: Header, payload: &[u8]) -> Result<Response, WireError> {
-        let (min, max) =
-            Response::bounds(header.kind).ok_or(WireError::UnknownKind { kind: header.kind })?;
-        check_payload_len(header, payload)?;
-        if payload.len() > max {
-            return Err(WireError::TooLarge {
-                kind: header.kind,
-                len: header.payload_len,
-                max,
-            });
-        }
-        if payload.len() < min {
-            return Err(WireError::TooShort {
-                kind: header.kind,
-                len: header.payload_len,
-            });
-        }
+        check_payload_len(header, payload, Response::bounds)?;
         let mut r = Reader { rest: payload };
         let response = match header.kind {
             kind::AUTH_OK => Response::AuthOk,
