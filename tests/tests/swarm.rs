@@ -14,14 +14,31 @@ async fn start_node(
     peers: Vec<String>,
     key: [u8; 32],
 ) -> Node {
+    start_node_with(origin, dir, peers, key, |_| {}).await
+}
+
+/// [`start_node`] with a last change to the node's swarm configuration.
+async fn start_node_with(
+    origin: &Origin,
+    dir: &std::path::Path,
+    peers: Vec<String>,
+    key: [u8; 32],
+    tweak: impl FnOnce(&mut P2pConfig),
+) -> Node {
     let mut c = Config::new("127.0.0.1:0".parse().unwrap(), dir, &origin.url());
     c.upstream_timeout = Duration::from_secs(10);
     let mut p2p = P2pConfig::new("127.0.0.1:0".parse().unwrap());
     p2p.peers = peers;
     p2p.cluster_key = Some(key);
     p2p.chunk_size = 1 << 20;
+    tweak(&mut p2p);
     c.p2p = Some(p2p);
     Node::start(c).await.expect("node starts")
+}
+
+/// The body of a GET, which must succeed.
+async fn get_bytes(http: &reqwest::Client, url: String) -> bytes::Bytes {
+    http.get(url).send().await.unwrap().bytes().await.unwrap()
 }
 
 fn p2p_addr(n: &Node) -> String {
@@ -58,7 +75,7 @@ async fn a_blob_reaches_the_swarm_from_one_upstream_fetch() {
     let get = |n: &Node| {
         let url = format!("http://{}/v2/x/blobs/{d}", n.addr());
         let http = http.clone();
-        async move { http.get(url).send().await.unwrap().bytes().await.unwrap() }
+        async move { get_bytes(&http, url).await }
     };
     assert_eq!(get(&nodes[0]).await, data);
     assert_eq!(origin.blob_bytes_served(), data.len() as u64);
@@ -109,55 +126,22 @@ async fn a_poisoned_peer_is_banned_and_costs_only_its_chunks() {
     let honest = start_node(&origin, dirs[0].path(), vec![], key).await;
     let seed = p2p_addr(&honest);
     // The poisoned node holds the blob (verified) but corrupts every chunk it serves.
-    let mut c = Config::new(
-        "127.0.0.1:0".parse().unwrap(),
-        dirs[1].path(),
-        &origin.url(),
-    );
-    let mut p2p = P2pConfig::new("127.0.0.1:0".parse().unwrap());
-    p2p.peers = vec![seed.clone()];
-    p2p.cluster_key = Some(key);
-    p2p.chunk_size = 1 << 20;
-    p2p.fault_corrupt_chunks = true;
-    c.p2p = Some(p2p);
-    let poisoned = Node::start(c).await.unwrap();
+    let poisoned = start_node_with(&origin, dirs[1].path(), vec![seed.clone()], key, |p| {
+        p.fault_corrupt_chunks = true
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let http = reqwest::Client::new();
     let url = |n: &Node| format!("http://{}/v2/x/blobs/{d}", n.addr());
-    assert_eq!(
-        http.get(url(&honest))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-        data
-    );
+    assert_eq!(get_bytes(&http, url(&honest)).await, data);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        http.get(url(&poisoned))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-        data
-    );
+    assert_eq!(get_bytes(&http, url(&poisoned)).await, data);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let served_before = origin.blob_bytes_served();
 
     let victim = start_node(&origin, dirs[2].path(), vec![seed], key).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let got = http
-        .get(url(&victim))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let got = get_bytes(&http, url(&victim)).await;
     assert_eq!(got, data, "the victim must end with the right bytes");
     let rec = victim.mirror().pulls.get(&d).unwrap();
     let metrics = http
@@ -234,7 +218,7 @@ async fn followers_fetch_from_a_seeder_while_its_blob_arrives() {
         async move {
             // Staggered a little, so that one node is clearly first.
             tokio::time::sleep(Duration::from_millis(300 * i as u64)).await;
-            http.get(url).send().await.unwrap().bytes().await.unwrap()
+            get_bytes(&http, url).await
         }
     });
     for got in futures::future::join_all(pulls).await {
