@@ -890,6 +890,24 @@ fn pull_all(
         .collect())
 }
 
+/// Verifies every host's pulled copy (recording `verified` and `verify_error` in its entry),
+/// then removes the copy.
+fn verify_copies(hosts: &mut [Value], img: &Image) {
+    for h in hosts.iter_mut() {
+        let d = PathBuf::from(h["dir"].as_str().unwrap_or(""));
+        let v = if h["ok"] == true {
+            verify_copy(&d, img)
+        } else {
+            Some("pull failed".into())
+        };
+        h["verified"] = json!(v.is_none());
+        if let Some(e) = v {
+            h["verify_error"] = json!(e);
+        }
+        let _ = fs::remove_dir_all(&d);
+    }
+}
+
 /// Check a skopeo oci: copy: index.json names the manifest digest, the layout holds exactly the
 /// manifest, config and layers, and every blob hashes to its name. Returns an error, or None.
 fn verify_copy(dir: &Path, img: &Image) -> Option<String> {
@@ -1061,19 +1079,7 @@ fn run_baseline(
     nap(Duration::from_millis(500))?; // the registry logs after the last byte
     let link = qdisc_bytes(&net.reg, "eth0").saturating_sub(link0);
     let egress = registry_egress(reg_log, off, host_of_ip)?;
-    for h in hosts.iter_mut() {
-        let d = PathBuf::from(h["dir"].as_str().unwrap_or(""));
-        let v = if h["ok"] == true {
-            verify_copy(&d, img)
-        } else {
-            Some("pull failed".into())
-        };
-        h["verified"] = json!(v.is_none());
-        if let Some(e) = v {
-            h["verify_error"] = json!(e);
-        }
-        let _ = fs::remove_dir_all(&d);
-    }
+    verify_copies(&mut hosts, img);
     let mut s = summarise("baseline", hosts, egress, link, img, ideal);
     s["machine_cpu_busy"] = cpu;
     Ok(s)
@@ -1340,19 +1346,7 @@ fn run_shoal(
             out.join("logs").join(format!("shoal-h{}.log", i + 1)),
         );
     }
-    for h in hosts.iter_mut() {
-        let d = PathBuf::from(h["dir"].as_str().unwrap_or(""));
-        let v = if h["ok"] == true {
-            verify_copy(&d, img)
-        } else {
-            Some("pull failed".into())
-        };
-        h["verified"] = json!(v.is_none());
-        if let Some(e) = v {
-            h["verify_error"] = json!(e);
-        }
-        let _ = fs::remove_dir_all(&d);
-    }
+    verify_copies(&mut hosts, img);
     let mut s = summarise("shoal", hosts, egress, link, img, ideal);
     let rss: Vec<u64> = s["hosts"]
         .as_array()
