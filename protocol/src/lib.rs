@@ -8,6 +8,7 @@ pub mod auth;
 pub mod chunk;
 pub mod digest;
 pub mod error;
+pub mod grant;
 pub mod media;
 pub mod range;
 pub mod reference;
