@@ -13,7 +13,9 @@
 //!   grows.
 //! - The entry is removed when the download ends (committed: the store serves the blob; failed:
 //!   nothing more is served) — by dropping the [`Registration`].
-//! - Private blobs are never registered: peers are not handed private content.
+//! - A private blob is registered with the registry it comes from ([`Arriving::private`]):
+//!   peers are handed its table and chunks only with a grant that registry accepts, as for a
+//!   stored private blob.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -28,6 +30,8 @@ pub struct Arriving {
     digest: Digest,
     layout: ChunkLayout,
     file: File,
+    /// For a private blob, the registry key it comes from; `None` for a public one.
+    origin: Option<String>,
     /// A std mutex: held for copies of a few KiB, never across I/O or an `.await`.
     state: Mutex<State>,
 }
@@ -55,12 +59,24 @@ impl Arriving {
             digest,
             layout,
             file,
+            origin: None,
             state: Mutex::new(State {
                 prefix: TablePrefix::empty(layout),
                 have: Bitfield::new(layout.count()),
                 first: 0,
             }),
         }
+    }
+
+    /// Marks the blob private, fetched from the registry `registry` (its key).
+    pub fn private(mut self, registry: String) -> Arriving {
+        self.origin = Some(registry);
+        self
+    }
+
+    /// For a private blob, the registry key it comes from; `None` for a public one.
+    pub fn origin(&self) -> Option<&str> {
+        self.origin.as_deref()
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {

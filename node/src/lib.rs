@@ -10,6 +10,7 @@ pub mod config;
 pub mod demo;
 pub mod dht;
 pub mod flight;
+pub mod grants;
 pub mod imagegen;
 pub mod metrics;
 pub mod mirror;
@@ -94,7 +95,7 @@ impl Node {
             path: config.data_dir.clone(),
             source: std::io::Error::other(e),
         })??;
-        let upstreams = Upstreams::new(&config)?;
+        let upstreams = Arc::new(Upstreams::new(&config)?);
         let peer_metrics = Arc::new(peer::Metrics::new());
         let dht_metrics = dht::Metrics::new();
         let metrics = Arc::new(Metrics::new_with(|r| {
@@ -109,6 +110,7 @@ impl Node {
                     store.clone(),
                     dht_metrics,
                     peer_metrics,
+                    Arc::new(grants::RegistryAuthorizer::new(upstreams.clone())),
                 )
                 .await?,
             )),

@@ -163,7 +163,7 @@ pub struct Mirror {
     /// The blob store.
     pub store: Store,
     /// The upstream registries.
-    pub upstreams: Upstreams,
+    pub upstreams: Arc<Upstreams>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Where recent blobs' bytes came from.
@@ -208,7 +208,7 @@ impl Mirror {
     /// A mirror over a store and a set of upstreams.
     pub fn new(
         store: Store,
-        upstreams: Upstreams,
+        upstreams: Arc<Upstreams>,
         metrics: Arc<Metrics>,
         tag_ttl: Duration,
         swarm: Option<Arc<crate::swarm::Swarm>>,
@@ -247,7 +247,7 @@ impl Mirror {
             .inc();
     }
 
-    async fn send(
+    pub(crate) async fn send(
         &self,
         reg: &Registry,
         req: &Request<'_>,
@@ -273,7 +273,13 @@ impl Mirror {
     }
 
     /// Remembers that the upstream let this identity read this content.
-    fn record_access(&self, reg: &Registry, name: &Name, digest: &Digest, auth: &ClientAuth) {
+    pub(crate) fn record_access(
+        &self,
+        reg: &Registry,
+        name: &Name,
+        digest: &Digest,
+        auth: &ClientAuth,
+    ) {
         let key = self.access_key(reg, name, digest, auth);
         let mut m = self.access.lock().unwrap_or_else(|e| e.into_inner());
         if m.len() >= MAX_AUTH_ENTRIES {
@@ -808,9 +814,11 @@ impl Mirror {
         let private = resp.authenticated;
         let mut body = resp.inner;
         let timeout = self.upstreams.timeout();
-        // Shared with peers while it arrives (public blobs of known size only): announced now,
-        // each chunk served once hashed into the table prefix.
-        let sharing = self.share_arriving(&writer, digest, size, private);
+        // Shared with peers while it arrives (blobs of known size; private ones only to peers
+        // showing a grant this registry accepts): announced now, each chunk served once hashed
+        // into the table prefix.
+        let origin = private.then(|| reg.key.clone());
+        let sharing = self.share_arriving(&writer, digest, size, origin.clone());
         let copied: Result<(), String> = loop {
             match tokio::time::timeout(timeout, body.chunk()).await {
                 Err(_) => break Err("upstream stalled".into()),
@@ -838,6 +846,12 @@ impl Mirror {
             Ok(()) => {
                 let store = self.store.clone();
                 match tokio::task::spawn_blocking(move || {
+                    // The origin first: once committed, the blob may be asked for at once.
+                    if let Some(o) = &origin {
+                        store
+                            .set_origin(&digest, o)
+                            .map_err(std::io::Error::other)?;
+                    }
                     writer.commit(&store, size, None, private)
                 })
                 .await
@@ -856,9 +870,7 @@ impl Mirror {
         match &outcome {
             Ok(()) => {
                 info!(registry = %reg.key, digest = %digest, "blob verified and stored");
-                // Private blobs are never served to peers: announcing them would only waste
-                // other nodes' lookups.
-                if let (Some(sw), false) = (&self.swarm, private) {
+                if let Some(sw) = &self.swarm {
                     sw.provide(digest);
                 }
             }
@@ -875,22 +887,24 @@ impl Mirror {
     }
 
     /// Registers a blob streamed from the upstream as arriving, and announces it, when this node
-    /// is in a swarm and the blob is public and of known size.
+    /// is in a swarm and the blob is of known size. `origin`: the registry key of a private
+    /// blob (`None`: public).
     fn share_arriving(
         &self,
         writer: &BlobWriter,
         digest: Digest,
         size: Option<u64>,
-        private: bool,
+        origin: Option<String>,
     ) -> Option<crate::arriving::Registration> {
         let sw = self.swarm.as_ref()?;
-        if private {
-            return None;
-        }
         let layout =
             shoal_protocol::chunk::ChunkLayout::new(size?, self.store.chunk_size()).ok()?;
         let file = writer.reader().ok()?;
-        let arriving = Arc::new(crate::arriving::Arriving::new(digest, layout, file));
+        let mut arriving = crate::arriving::Arriving::new(digest, layout, file);
+        if let Some(o) = origin {
+            arriving = arriving.private(o);
+        }
+        let arriving = Arc::new(arriving);
         let registration = self.store.arriving().register(arriving);
         sw.provide(digest);
         Some(registration)

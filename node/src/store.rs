@@ -38,6 +38,9 @@ use shoal_protocol::Digest;
 const CF_BLOBS: &str = "blobs";
 const CF_TABLES: &str = "tables";
 const CF_TAGS: &str = "tags";
+/// Private blobs: the registry key they were fetched from (peers are handed one only with a
+/// grant that registry accepts).
+const CF_ORIGINS: &str = "origins";
 
 /// What the store keeps about a complete blob.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -393,7 +396,7 @@ impl Store {
         opts.set_write_buffer_size(4 << 20);
         opts.set_max_write_buffer_number(2);
         opts.set_keep_log_file_num(2);
-        let cfs = [CF_BLOBS, CF_TABLES, CF_TAGS]
+        let cfs = [CF_BLOBS, CF_TABLES, CF_TAGS, CF_ORIGINS]
             .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, root.join("meta"), cfs)?;
 
@@ -446,6 +449,7 @@ impl Store {
             let mut batch = WriteBatch::default();
             batch.delete_cf(self.cf(CF_BLOBS), &k);
             batch.delete_cf(self.cf(CF_TABLES), &k);
+            batch.delete_cf(self.cf(CF_ORIGINS), &k);
             self.inner.db.write(batch).map_err(io::Error::other)?;
         }
         let indexed: std::collections::HashSet<Digest> = known.iter().map(|(_, d, _)| *d).collect();
@@ -488,26 +492,25 @@ impl Store {
                 }
             }
         }
-        // Tables whose blob record is gone (a crash between the two deletes cannot happen, as
-        // they share a batch, but tables written by a newer or buggy run might linger).
+        // Tables and origins whose blob record is gone (deletes share a batch, but an origin is
+        // written just after its blob's commit, and records written by a newer or buggy run
+        // might linger).
         let live: std::collections::HashSet<Digest> = known.iter().map(|(_, d, _)| *d).collect();
-        let mut orphan_tables = Vec::new();
-        for item in self
-            .inner
-            .db
-            .iterator_cf(self.cf(CF_TABLES), IteratorMode::Start)
-        {
-            let (k, _) = item.map_err(io::Error::other)?;
-            let digest = <[u8; 32]>::try_from(&k[..]).ok().map(Digest::from_bytes);
-            if !digest.is_some_and(|d| live.contains(&d)) {
-                orphan_tables.push(k);
+        for cf in [CF_TABLES, CF_ORIGINS] {
+            let mut orphans = Vec::new();
+            for item in self.inner.db.iterator_cf(self.cf(cf), IteratorMode::Start) {
+                let (k, _) = item.map_err(io::Error::other)?;
+                let digest = <[u8; 32]>::try_from(&k[..]).ok().map(Digest::from_bytes);
+                if !digest.is_some_and(|d| live.contains(&d)) {
+                    orphans.push(k);
+                }
             }
-        }
-        for k in orphan_tables {
-            self.inner
-                .db
-                .delete_cf(self.cf(CF_TABLES), k)
-                .map_err(io::Error::other)?;
+            for k in orphans {
+                self.inner
+                    .db
+                    .delete_cf(self.cf(cf), k)
+                    .map_err(io::Error::other)?;
+            }
         }
         known.sort();
         let mut lru = self.lock();
@@ -696,6 +699,26 @@ impl Store {
         self.inner.chunk_size
     }
 
+    /// Records the registry a private blob comes from (see [`Store::origin`]); written before
+    /// the blob's commit, so that a committed private blob is never without it. A record left
+    /// by a failed commit is dropped at the next start.
+    pub fn set_origin(&self, d: &Digest, registry: &str) -> Result<(), rocksdb::Error> {
+        self.inner
+            .db
+            .put_cf(self.cf(CF_ORIGINS), d.as_bytes(), registry.as_bytes())
+    }
+
+    /// The registry key a stored private blob was fetched from; `None` when unknown (a peer is
+    /// then never handed the blob).
+    pub fn origin(&self, d: &Digest) -> Option<String> {
+        let v = self
+            .inner
+            .db
+            .get_cf(self.cf(CF_ORIGINS), d.as_bytes())
+            .ok()??;
+        String::from_utf8(v).ok()
+    }
+
     /// The stored midstate table of a complete blob at the store's chunk size, if any.
     ///
     /// `None` when the blob is absent, or when it has no table at this chunk size (stored by a
@@ -751,6 +774,7 @@ impl Store {
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.cf(CF_BLOBS), d.as_bytes());
         batch.delete_cf(self.cf(CF_TABLES), d.as_bytes());
+        batch.delete_cf(self.cf(CF_ORIGINS), d.as_bytes());
         self.inner.db.write(batch).map_err(io::Error::other)?;
         tracing::error!(digest = %d, "stored blob is corrupt on disk; dropped");
         match fs::remove_file(self.blob_path(d)) {
@@ -783,6 +807,7 @@ impl Store {
             let mut batch = WriteBatch::default();
             batch.delete_cf(self.cf(CF_BLOBS), victim.as_bytes());
             batch.delete_cf(self.cf(CF_TABLES), victim.as_bytes());
+            batch.delete_cf(self.cf(CF_ORIGINS), victim.as_bytes());
             self.inner.db.write(batch).map_err(io::Error::other)?;
             match fs::remove_file(self.blob_path(&victim)) {
                 Ok(()) => {}
@@ -812,11 +837,15 @@ impl Store {
             .unwrap_or_else(|e| e.into_inner()) = Some(hook);
     }
 
-    /// Digests of the complete blobs that are not private (what a node may announce).
-    pub fn public_digests(&self) -> Vec<Digest> {
+    /// Digests of the complete blobs a peer may be handed (what a node announces): public ones,
+    /// and private ones whose registry is known (handed only with a grant it accepts).
+    pub fn shareable_digests(&self) -> Vec<Digest> {
         let all: Vec<Digest> = self.lock().entries.keys().copied().collect();
         all.into_iter()
-            .filter(|d| self.meta_unchecked(d).is_some_and(|m| !m.private))
+            .filter(|d| {
+                self.meta_unchecked(d)
+                    .is_some_and(|m| !m.private || self.origin(d).is_some())
+            })
             .collect()
     }
 

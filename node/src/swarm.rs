@@ -14,8 +14,9 @@
 //! - Followers go to the upstream only when the providers stall (no new chunk anywhere for the
 //!   takeover time, staggered by their order among the fetching nodes), not while a seeder is
 //!   still streaming the blob.
-//! - Private blobs never leave a node through the swarm (peers answer `Denied`); a node that
-//!   needs one fetches it from the upstream with its client's credentials.
+//! - A private blob leaves a node through the swarm only to a request with a grant its
+//!   registry accepts ([`crate::grants`]); a node shows a grant only after the registry has
+//!   accepted its own client's credentials for the blob, and keeps its copy private.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -38,7 +39,7 @@ use crate::arriving::{Arriving, Registration};
 use crate::config::P2pConfig;
 use crate::dht::{self, Dht, DhtConfig, DhtHandle, Provider};
 use crate::mirror::{Mirror, Progress};
-use crate::peer::{self, ClusterKey, DenyPrivate, Endpoint, PeerConfig, PeerConn, PeerError};
+use crate::peer::{self, Authorizer, ClusterKey, Endpoint, PeerConfig, PeerConn, PeerError};
 use crate::store::{BlobWriter, Store};
 use crate::upstream::{ClientAuth, Registry};
 
@@ -90,6 +91,7 @@ impl Swarm {
         store: Store,
         dht_metrics: dht::Metrics,
         peer_metrics: Arc<peer::Metrics>,
+        authorizer: Arc<dyn Authorizer>,
     ) -> Result<Swarm, SwarmError> {
         let mut dcfg = DhtConfig::new(config.listen, data_dir);
         dcfg.peers = config.peers.clone();
@@ -105,15 +107,10 @@ impl Swarm {
             fault_corrupt_chunks: config.fault_corrupt_chunks,
             ..PeerConfig::new(listen, key)
         };
-        let endpoint = Endpoint::bind(
-            peer_config,
-            store.clone(),
-            Arc::new(DenyPrivate),
-            peer_metrics,
-        )?;
+        let endpoint = Endpoint::bind(peer_config, store.clone(), authorizer, peer_metrics)?;
         // Announce what the cache already holds, and withdraw what it evicts.
         let handle = dht.handle();
-        let held = store.public_digests();
+        let held = store.shareable_digests();
         if !held.is_empty() {
             let h = handle.clone();
             tokio::spawn(async move {
@@ -385,11 +382,25 @@ impl Mirror {
         let chunk_size = sw.config.chunk_size;
         // The longest table known among the providers (a whole one ends the search).
         let mut table: Option<TablePrefix> = None;
+        // Empty while the blob looks public; the grant for this client once a provider says
+        // it is private (`Denied`).
+        let mut authz: Vec<u8> = Vec::new();
         for p in &providers {
-            let got = match sw.conn(p.chunk_addr).await {
-                Ok(c) => c.table_prefix(&digest, chunk_size, None, &[]).await,
+            let mut got = match sw.conn(p.chunk_addr).await {
+                Ok(c) => c.table_prefix(&digest, chunk_size, None, &authz).await,
                 Err(e) => Err(e),
             };
+            if matches!(got, Err(PeerError::Denied)) && authz.is_empty() {
+                let Some(grant) = self.peer_grant(reg, name, &digest, auth).await else {
+                    info!(digest = %digest, "private blob and no grant to show for this client: not fetched from peers");
+                    return None;
+                };
+                authz = grant;
+                got = match sw.conn(p.chunk_addr).await {
+                    Ok(c) => c.table_prefix(&digest, chunk_size, None, &authz).await,
+                    Err(e) => Err(e),
+                };
+            }
             match got {
                 Ok(t) => {
                     let better = table.as_ref().is_none_or(|b| {
@@ -416,7 +427,12 @@ impl Mirror {
         let writer = self.store.writer(&digest).ok()?;
         let file = writer.reader().ok()?;
         let shared_file = writer.reader().ok()?;
-        let arriving = Arc::new(Arriving::new(digest, layout, shared_file));
+        let private = !authz.is_empty();
+        let mut arriving = Arriving::new(digest, layout, shared_file);
+        if private {
+            arriving = arriving.private(reg.key.clone());
+        }
+        let arriving = Arc::new(arriving);
         let _ = arriving.merge_prefix(&table);
         let registration = self.store.arriving().register(arriving);
         sw.provide(digest);
@@ -426,7 +442,7 @@ impl Mirror {
             size: Some(size),
             file,
             progress: rx,
-            private: false,
+            private,
             source: "peer",
         });
         self.insert_arriving(digest, transfer.clone());
@@ -473,6 +489,7 @@ impl Mirror {
             reg,
             name,
             auth,
+            authz: authz.into(),
             digest,
             config,
         };
@@ -497,6 +514,7 @@ impl Mirror {
             reg,
             name,
             auth,
+            authz,
             digest,
             config,
         } = job;
@@ -523,11 +541,11 @@ impl Mirror {
         };
         // Asks `addr` for its table; `event` wraps the answer for the driver.
         let ask_table = |addr: SocketAddr, event: TableEvent| {
-            let (sw, etx) = (sw.clone(), etx.clone());
+            let (sw, etx, authz) = (sw.clone(), etx.clone(), authz.clone());
             tokio::spawn(async move {
                 let result = match sw.conn(addr).await {
                     Ok(c) => {
-                        c.table_prefix(&digest, chunk_size, Some(layout.blob_size()), &[])
+                        c.table_prefix(&digest, chunk_size, Some(layout.blob_size()), &authz)
                             .await
                     }
                     Err(e) => Err(e),
@@ -578,9 +596,10 @@ impl Mirror {
                             continue;
                         };
                         let (sw, view, etx) = (sw.clone(), view.clone(), etx.clone());
+                        let authz = authz.clone();
                         tokio::spawn(async move {
                             let result = match sw.conn(addr).await {
-                                Ok(c) => c.chunk_prefix(&digest, &view, index, &[]).await,
+                                Ok(c) => c.chunk_prefix(&digest, &view, index, &authz).await,
                                 Err(e) => Err(e),
                             };
                             if matches!(result, Err(PeerError::Connection(_))) {
@@ -932,8 +951,15 @@ impl Mirror {
             Some(e) => Err(e),
             None => {
                 let store = self.store.clone();
+                let origin = (!authz.is_empty()).then(|| reg.key.clone());
                 match tokio::task::spawn_blocking(move || {
-                    writer.commit(&store, Some(layout.blob_size()), None, false)
+                    // The origin first: once committed, the blob may be asked for at once.
+                    if let Some(o) = &origin {
+                        store
+                            .set_origin(&digest, o)
+                            .map_err(std::io::Error::other)?;
+                    }
+                    writer.commit(&store, Some(layout.blob_size()), None, origin.is_some())
                 })
                 .await
                 {
@@ -958,6 +984,31 @@ impl Mirror {
         }
         drop(registration);
         self.finish_arriving(&digest, outcome, &tx);
+    }
+
+    /// The grant to show providers of a private blob for this client: only once the registry
+    /// has accepted the client's own credentials for it (a HEAD, which also leaves the
+    /// registry's token for them in the cache). `None`: no grant can be shown.
+    async fn peer_grant(
+        &self,
+        reg: &Registry,
+        name: &shoal_protocol::Name,
+        digest: &Digest,
+        auth: &ClientAuth,
+    ) -> Option<Vec<u8>> {
+        let req = crate::upstream::Request {
+            method: http::Method::HEAD,
+            repo: name.as_str(),
+            path: format!("/v2/{name}/blobs/{digest}"),
+            accept: None,
+            range: None,
+        };
+        let resp = self.send(reg, &req, auth).await.ok()?;
+        if !resp.inner.status().is_success() || !resp.authenticated {
+            return None;
+        }
+        self.record_access(reg, name, digest, auth);
+        crate::grants::grant_for(&self.upstreams, reg, name, auth)
     }
 
     /// One chunk from the upstream with a `Range` request, verified against the table when it
@@ -1015,6 +1066,8 @@ struct Job {
     reg: Registry,
     name: shoal_protocol::Name,
     auth: ClientAuth,
+    /// The grant shown to providers of a private blob (empty: public).
+    authz: Arc<[u8]>,
     digest: Digest,
     config: DownloadConfig,
 }

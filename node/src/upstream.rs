@@ -8,6 +8,7 @@
 //!
 //! Non-goals: pushing, and registries that need anything beyond Basic and Bearer.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Mutex;
@@ -304,6 +305,71 @@ impl Upstreams {
         }
     }
 
+    /// What a request for `client` to `repo` goes out with: the client's own Bearer header
+    /// (forwarded as is), the Basic credentials for the token flow (the client's, else the
+    /// configured ones), and the key of the cached token.
+    fn credentials_for<'a>(
+        &'a self,
+        reg: &Registry,
+        repo: &str,
+        client: &'a ClientAuth,
+    ) -> (Option<&'a str>, Option<Cow<'a, Credentials>>, TokenKey) {
+        let client_header = client.0.as_ref().and_then(|v| v.to_str().ok());
+        let client_basic = client_header.and_then(Credentials::from_basic_header);
+        let client_bearer =
+            client_header.filter(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer "));
+        let creds = match client_basic {
+            Some(c) => Some(Cow::Owned(c)),
+            None if client_bearer.is_some() => None,
+            None => self.configured_creds(reg).map(Cow::Borrowed),
+        };
+        let identity = match (client_bearer, &creds) {
+            (Some(_), _) => String::new(),
+            (None, Some(c)) => c.fingerprint(),
+            (None, None) => "anon".into(),
+        };
+        let key = TokenKey {
+            registry: reg.key.clone(),
+            repo: repo.to_owned(),
+            identity,
+        };
+        (client_bearer, creds, key)
+    }
+
+    /// The registry's bearer token that requests for `client` to `repo` carry now: the client's
+    /// own, or one the token flow gave for its credentials (cached, unexpired); `None` when
+    /// there is none (anonymous, Basic-only registries, or no request made yet).
+    pub fn bearer_for(&self, reg: &Registry, repo: &str, client: &ClientAuth) -> Option<String> {
+        let (client_bearer, creds, key) = self.credentials_for(reg, repo, client);
+        match client_bearer {
+            Some(b) => Some(b[7..].trim().to_owned()),
+            None if creds.is_some() => self.cached_token(&key),
+            None => None,
+        }
+    }
+
+    /// Asks the registry whether `token` opens `path` (a HEAD with it, no token flow): the
+    /// status it answers.
+    pub async fn check_bearer(
+        &self,
+        reg: &Registry,
+        repo: &str,
+        path: String,
+        token: &str,
+    ) -> Result<StatusCode, UpstreamError> {
+        let req = Request {
+            method: Method::HEAD,
+            repo,
+            path,
+            accept: None,
+            range: None,
+        };
+        let resp = self
+            .send_once(reg, &req, Some(&format!("Bearer {token}")))
+            .await?;
+        Ok(resp.status())
+    }
+
     /// Sends a request, doing the token flow if challenged.
     pub async fn send(
         &self,
@@ -311,27 +377,8 @@ impl Upstreams {
         req: &Request<'_>,
         client: &ClientAuth,
     ) -> Result<Response, UpstreamError> {
-        let client_header = client.0.as_ref().and_then(|v| v.to_str().ok());
-        let client_basic = client_header.and_then(Credentials::from_basic_header);
-        let client_bearer =
-            client_header.filter(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer "));
-        let creds = client_basic.as_ref().or_else(|| {
-            if client_bearer.is_some() {
-                None
-            } else {
-                self.configured_creds(reg)
-            }
-        });
-        let identity = match (client_bearer, creds) {
-            (Some(_), _) => String::new(),
-            (None, Some(c)) => c.fingerprint(),
-            (None, None) => "anon".into(),
-        };
-        let key = TokenKey {
-            registry: reg.key.clone(),
-            repo: req.repo.to_owned(),
-            identity,
-        };
+        let (client_bearer, creds, key) = self.credentials_for(reg, req.repo, client);
+        let creds = creds.as_deref();
 
         // First attempt: a forwarded bearer, a cached token, or nothing.
         let first_auth = match client_bearer {

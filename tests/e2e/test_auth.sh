@@ -6,7 +6,10 @@
 #  * a client sending its own Authorization: Basic to that shoal gets through;
 #  * what one client pulled with its credentials is not handed to clients without (or with
 #    wrong) credentials;
-#  * the public repo works anonymously through shoal.
+#  * the public repo works anonymously through shoal;
+#  * in a swarm of two nodes, private content one node holds reaches the other's client from
+#    that peer only when the registry accepts the client's credentials (the registry sends the
+#    layer once), and never reaches a client without (or with wrong) credentials.
 source "$(dirname "$0")/lib.sh"
 e2e_init test_auth
 
@@ -148,6 +151,39 @@ public_anon() {
     skopeo_verify_pull "$SANON" public/e2e-open v1 "$OPEN"
 }
 run_case "shoal without credentials: public/ repo pulls anonymously (token flow)" public_anon
+
+# --- private content through the swarm -------------------------------------------------------------
+swarm_private() {
+    need_shoal
+    local ports l size sent from_peers
+    printf 'shoal-e2e-auth-%s\n' "$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')" >"$T/cluster.key"
+    chmod 600 "$T/cluster.key"
+    start_counting_proxy UPP "$AREG"
+    mapfile -t ports < <(free_ports 2)
+    start_swarm_node P1 "$T/swarm-p1" "$UPP" "${ports[0]}" --cluster-key-file "$T/cluster.key"
+    start_swarm_node P2 "$T/swarm-p2" "$UPP" "${ports[1]}" --cluster-key-file "$T/cluster.key" \
+        --peer "$P1_P2P"
+    sleep 3 # the DHT forms
+    l=$(jq -r '.manifests[0].layers[1]' "$SECRET")
+    size=$(jq -r --arg d "$l" '.blobs[] | select(.digest == $d) | .size' "$SECRET")
+    fetch_verify_blob "http://$P1" private/e2e-secret "$l" -u "$USER_NAME:$USER_PASS"
+    sleep 1 # P1's provider record spreads
+    # P2 finds P1 holding it, but has no grant to show for these clients.
+    expect_401 "http://$P2/v2/private/e2e-secret/blobs/$l"
+    expect_401 "http://$P2/v2/private/e2e-secret/blobs/$l" -u "$USER_NAME:wrong"
+    fetch_verify_blob "http://$P2" private/e2e-secret "$l" -u "$USER_NAME:$USER_PASS"
+    # Blob bytes in successful answers (401 error bodies are not the layer).
+    proxy_stat UPP .seq >/dev/null
+    sent=$(awk -v p="/blobs/$l" '$3 == "GET" && index($4, p) && ($6 == 200 || $6 == 206) { n += $7 }
+        END { print n + 0 }' "$UPP_LOG")
+    from_peers=$(shoal_pull_record "$P2" "$l" | jq -r '[.fetched_from_peers // {} | .[]] | add // 0')
+    log "private layer of $size B: the registry sent $sent B; P2 got $from_peers B from its peer"
+    ((sent == size)) || die "the registry sent $sent B of the private layer ($size B): want exactly one copy"
+    ((from_peers == size)) || die "P2 got $from_peers B of the private layer from its peer, want $size"
+    # What P2 now holds is private on P2 too.
+    expect_401 "http://$P2/v2/private/e2e-secret/blobs/$l"
+}
+run_case "swarm: private layer reaches a peer's client only with credentials the registry accepts" swarm_private
 
 alive() {
     need_shoal

@@ -244,3 +244,81 @@ async fn followers_fetch_from_a_seeder_while_its_blob_arrives() {
         n.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_blobs_go_through_the_swarm_only_to_pullers_the_registry_accepts() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("SHOAL_LOG"))
+        .with_test_writer()
+        .try_init();
+    let origin = Origin::start().await.unwrap();
+    origin.set_auth(
+        shoal_node::origin::Auth::Bearer("u".into(), "p".into()),
+        &[],
+    );
+    let data = pseudo_random(6 << 20, 91);
+    let d = origin.put_blob(data.clone());
+    let key = [7u8; 32];
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let first = start_node(&origin, dirs[0].path(), vec![], key).await;
+    let seed = p2p_addr(&first);
+    let mut nodes = vec![first];
+    for dir in &dirs[1..] {
+        nodes.push(start_node(&origin, dir.path(), vec![seed.clone()], key).await);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let http = reqwest::Client::new();
+    let url = |n: &Node| format!("http://{}/v2/team/app/blobs/{d}", n.addr());
+
+    // The first puller's credentials fetch it from the registry.
+    let r = http
+        .get(url(&nodes[0]))
+        .basic_auth("u", Some("p"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), data);
+    assert_eq!(origin.blob_bytes_served(), data.len() as u64);
+    tokio::time::sleep(Duration::from_millis(500)).await; // let the provider record spread
+
+    // A client without credentials, or with wrong ones, gets nothing, from the registry or
+    // from the peer that holds it.
+    for creds in [None, Some("wrong")] {
+        let mut req = http.get(url(&nodes[1]));
+        if let Some(p) = creds {
+            req = req.basic_auth("u", Some(p));
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 401, "credentials {creds:?}");
+    }
+    assert!(nodes[1].mirror().store.open_blob(&d).is_none());
+
+    // A client the registry accepts gets it from the peer: the registry is asked (HEAD), but
+    // sends no blob bytes again.
+    let r = http
+        .get(url(&nodes[2]))
+        .basic_auth("u", Some("p"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), data);
+    assert_eq!(
+        origin.blob_bytes_served(),
+        data.len() as u64,
+        "the second puller must get it from its peer"
+    );
+    let rec = nodes[2].mirror().pulls.get(&d).expect("pull recorded");
+    assert_eq!(
+        rec.fetched_from_peers.values().sum::<u64>(),
+        data.len() as u64,
+        "{rec:?}"
+    );
+    // Stored as private on the second node too: its other clients must show credentials.
+    let r = http.get(url(&nodes[2])).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    for n in nodes {
+        n.shutdown().await;
+    }
+}

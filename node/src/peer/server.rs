@@ -26,6 +26,8 @@ use crate::store::BlobMeta;
 pub struct AuthzRequest<'a> {
     /// The private blob.
     pub digest: &'a Digest,
+    /// The registry key this node fetched the blob from: a grant is only good for that one.
+    pub origin: &'a str,
     /// The request's token (empty: none; `Have` requests carry none).
     pub authz: &'a [u8],
     /// The authenticated peer asking.
@@ -279,7 +281,7 @@ async fn serve_stream(
         }
         Request::Have { digest, chunk_size } => {
             let digest = Digest::from_bytes(digest);
-            serve_have(&shared, &mut send, &digest, chunk_size, remote).await
+            serve_have(&shared, &mut send, &digest, chunk_size).await
         }
     };
     match result {
@@ -298,26 +300,59 @@ async fn respond(
     Ok(frame::write_response(send, &response, limit).await?)
 }
 
+/// Who may be handed a blob.
+enum Access {
+    /// Every authenticated peer.
+    Public,
+    /// Requests the authorizer approves for the blob's origin registry (`None`: unknown, so
+    /// nobody).
+    Private(Option<String>),
+}
+
+impl Access {
+    fn stored(shared: &Shared, meta: &BlobMeta, digest: &Digest) -> Access {
+        if meta.private {
+            Access::Private(shared.store.origin(digest))
+        } else {
+            Access::Public
+        }
+    }
+
+    fn arriving(a: &crate::arriving::Arriving) -> Access {
+        match a.origin() {
+            Some(o) => Access::Private(Some(o.to_owned())),
+            None => Access::Public,
+        }
+    }
+}
+
 /// `Some(response)` when the request may not be served: `Denied` for a private blob the
 /// authorizer does not approve.
 async fn check_private(
     shared: &Shared,
-    meta: &BlobMeta,
+    access: Access,
     digest: &Digest,
     authz: &[u8],
     peer: SocketAddr,
 ) -> Option<Response> {
-    if !meta.private {
-        return None;
-    }
-    let request = AuthzRequest {
-        digest,
-        authz,
-        peer,
+    let origin = match access {
+        Access::Public => return None,
+        Access::Private(origin) => origin,
     };
-    let allowed = timeout(shared.config.timeout, shared.authorizer.authorize(request))
-        .await
-        .unwrap_or(false);
+    let allowed = match origin {
+        Some(origin) if !authz.is_empty() => {
+            let request = AuthzRequest {
+                digest,
+                origin: &origin,
+                authz,
+                peer,
+            };
+            timeout(shared.config.timeout, shared.authorizer.authorize(request))
+                .await
+                .unwrap_or(false)
+        }
+        _ => false,
+    };
     if allowed {
         None
     } else {
@@ -353,14 +388,20 @@ async fn serve_table(
     let Some(meta) = shared.store.meta(digest) else {
         // Still arriving: what is known of its table so far.
         let answer = match shared.store.arriving().get(digest) {
-            Some(a) if a.layout().chunk_size() == chunk_size => Response::Table {
-                table: a.prefix().encode(),
-            },
+            Some(a) if a.layout().chunk_size() == chunk_size => {
+                match check_private(shared, Access::arriving(&a), digest, authz, remote).await {
+                    Some(denied) => denied,
+                    None => Response::Table {
+                        table: a.prefix().encode(),
+                    },
+                }
+            }
             _ => Response::NotFound,
         };
         return respond(send, answer, limit).await;
     };
-    if let Some(denied) = check_private(shared, &meta, digest, authz, remote).await {
+    let access = Access::stored(shared, &meta, digest);
+    if let Some(denied) = check_private(shared, access, digest, authz, remote).await {
         return respond(send, denied, limit).await;
     }
     // Only tables at the store's chunk size are kept; computing others on request would let a
@@ -417,9 +458,13 @@ async fn serve_chunk(
     };
     // Pinned until dropped: not evicted while it is being sent.
     let Some(blob) = shared.store.open_blob(digest) else {
-        return serve_arriving_chunk(shared, send, digest, chunk_size, index, label).await;
+        return serve_arriving_chunk(
+            shared, send, digest, chunk_size, index, authz, remote, label,
+        )
+        .await;
     };
-    if let Some(denied) = check_private(shared, &blob.meta, digest, authz, remote).await {
+    let access = Access::stored(shared, &blob.meta, digest);
+    if let Some(denied) = check_private(shared, access, digest, authz, remote).await {
         return respond(send, denied, limit).await;
     }
     let Ok(layout) = ChunkLayout::new(blob.meta.size, chunk_size) else {
@@ -483,12 +528,15 @@ async fn send_chunk(
 }
 
 /// A chunk of a blob still arriving, if it is on disk and checked (see [`crate::arriving`]).
+#[allow(clippy::too_many_arguments)]
 async fn serve_arriving_chunk(
     shared: &Shared,
     send: &mut SendStream,
     digest: &Digest,
     chunk_size: u32,
     index: u32,
+    authz: &[u8],
+    remote: SocketAddr,
     label: &PeerLabels,
 ) -> Result<(), ServeError> {
     let limit = shared.config.timeout;
@@ -496,6 +544,10 @@ async fn serve_arriving_chunk(
         Some(a) if a.layout().chunk_size() == chunk_size && a.has(index) => a,
         _ => return respond(send, Response::NotFound, limit).await,
     };
+    let access = Access::arriving(&arriving);
+    if let Some(denied) = check_private(shared, access, digest, authz, remote).await {
+        return respond(send, denied, limit).await;
+    }
     let read = tokio::task::spawn_blocking(move || arriving.read_chunk(index)).await;
     let data = match read {
         Ok(Ok(Some(d))) => Bytes::from(d),
@@ -538,7 +590,6 @@ async fn serve_have(
     send: &mut SendStream,
     digest: &Digest,
     chunk_size: u32,
-    remote: SocketAddr,
 ) -> Result<(), ServeError> {
     let limit = shared.config.timeout;
     let Some(meta) = shared.store.meta(digest) else {
@@ -550,9 +601,8 @@ async fn serve_have(
         };
         return respond(send, answer, limit).await;
     };
-    if let Some(denied) = check_private(shared, &meta, digest, &[], remote).await {
-        return respond(send, denied, limit).await;
-    }
+    // A private blob's bitfield is answered too: it tells only that this node holds the digest,
+    // which its provider record in the DHT tells already; its table and chunks need a grant.
     let Ok(layout) = ChunkLayout::new(meta.size, chunk_size) else {
         return respond(
             send,
