@@ -1186,9 +1186,30 @@ fn peer_id_from_log(log: &Path) -> Option<String> {
 }
 
 fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmHWM:")
+}
+
+/// A `/proc/PID/status` field in KiB.
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let l = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let l = s.lines().find(|l| l.starts_with(field))?;
     l.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Samples each process's anonymous resident memory (`RssAnon`: heap and buffers, without the
+/// page-cache pages of memory-mapped blobs that `VmHWM` also counts) every 100 ms until
+/// `stop`; the largest sample of each.
+fn sample_rss_anon(pids: Vec<u32>, stop: &AtomicBool) -> Vec<Option<u64>> {
+    let mut peak: Vec<Option<u64>> = vec![None; pids.len()];
+    while !stop.load(Ordering::Relaxed) {
+        for (p, pid) in peak.iter_mut().zip(&pids) {
+            if let Some(v) = status_kib(*pid, "RssAnon:") {
+                *p = Some(p.map_or(v, |q| q.max(v)));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    peak
 }
 
 /// Sum of the samples of a metric (any labels) grouped by the value of LABEL.
@@ -1257,7 +1278,15 @@ fn run_shoal(
     let dir = tmp.join("pull-shoal");
     let cpu0 = cpu_jiffies();
     let node_cpu0: Vec<Option<f64>> = nodes.iter().map(|n| proc_cpu_s(n.child.id())).collect();
-    let mut hosts = pull_all(net, &dir, &src, a.timeout)?;
+    let pids: Vec<u32> = nodes.iter().map(|n| n.child.id()).collect();
+    let stop = AtomicBool::new(false);
+    let (pulled, rss_anon) = std::thread::scope(|sc| {
+        let sampler = sc.spawn(|| sample_rss_anon(pids, &stop));
+        let pulled = pull_all(net, &dir, &src, a.timeout);
+        stop.store(true, Ordering::Relaxed);
+        (pulled, sampler.join().unwrap_or_default())
+    });
+    let mut hosts = pulled?;
     let cpu = cpu_busy(cpu0, cpu_jiffies());
     nap(Duration::from_millis(500))?;
     let link = qdisc_bytes(&net.reg, "eth0").saturating_sub(link0);
@@ -1267,6 +1296,7 @@ fn run_shoal(
         let n = &mut nodes[i];
         let pid = n.child.id();
         h["rss_peak_kib"] = json!(vm_hwm_kib(pid));
+        h["rss_anon_peak_kib"] = json!(rss_anon.get(i).copied().flatten());
         h["rss_idle_kib"] = json!(rss_idle[i]);
         h["node_cpu_s"] = match (proc_cpu_s(pid), node_cpu0[i]) {
             (Some(b), Some(a0)) => r3(b - a0),
@@ -1355,6 +1385,13 @@ fn run_shoal(
         .filter_map(|h| h["rss_peak_kib"].as_u64())
         .collect();
     s["rss_peak_kib"] = json!({"max": rss.iter().max(), "mean": if rss.is_empty() { Value::Null } else { json!(rss.iter().sum::<u64>() / rss.len() as u64) }});
+    let anon: Vec<u64> = s["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|h| h["rss_anon_peak_kib"].as_u64())
+        .collect();
+    s["rss_anon_peak_kib"] = json!({"max": anon.iter().max(), "mean": if anon.is_empty() { Value::Null } else { json!(anon.iter().sum::<u64>() / anon.len() as u64) }});
     s["peer_names"] = json!(peer_names);
     s["machine_cpu_busy"] = cpu;
     let cpus: Vec<f64> = s["hosts"]
@@ -1826,7 +1863,7 @@ fn print_phase(p: &Value) {
         p["phase"].as_str().unwrap_or("?"),
         p["hosts_completed"], p["hosts_total"], p["digests_ok"], p["p50_s"], p["p99_s"], p["max_s"],
         p["ratio_to_ideal"]["max"], p["upstream"]["copies"], p["upstream"]["registry_link_copies_tc"],
-        if p["rss_peak_kib"].is_null() { String::new() } else { format!("; peak RSS max {} KiB", p["rss_peak_kib"]["max"]) }
+        if p["rss_peak_kib"].is_null() { String::new() } else { format!("; peak RSS max {} KiB (anonymous {} KiB)", p["rss_peak_kib"]["max"], p["rss_anon_peak_kib"]["max"]) }
     );
     eprintln!(
         "[cluster] {}: machine CPU busy {} (all cores){}",
