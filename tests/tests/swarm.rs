@@ -36,6 +36,24 @@ async fn start_node_with(
     Node::start(c).await.expect("node starts")
 }
 
+/// `n` nodes sharing `key`, each joining through the first, after 2 s for the DHT to form
+/// (with the data directories to keep alive).
+async fn start_cluster(
+    origin: &Origin,
+    n: usize,
+    key: [u8; 32],
+) -> (Vec<tempfile::TempDir>, Vec<Node>) {
+    let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+    let first = start_node(origin, dirs[0].path(), vec![], key).await;
+    let seed = p2p_addr(&first);
+    let mut nodes = vec![first];
+    for dir in &dirs[1..] {
+        nodes.push(start_node(origin, dir.path(), vec![seed.clone()], key).await);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    (dirs, nodes)
+}
+
 /// The body of a GET, which must succeed.
 async fn get_bytes(http: &reqwest::Client, url: String) -> bytes::Bytes {
     http.get(url).send().await.unwrap().bytes().await.unwrap()
@@ -202,14 +220,7 @@ async fn followers_fetch_from_a_seeder_while_its_blob_arrives() {
     let d = origin.put_blob(data.clone());
     origin.set_fault(shoal_node::origin::Fault::SlowBlobs(2 << 20));
     let key = [5u8; 32];
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let first = start_node(&origin, dirs[0].path(), vec![], key).await;
-    let seed = p2p_addr(&first);
-    let mut nodes = vec![first];
-    for dir in &dirs[1..] {
-        nodes.push(start_node(&origin, dir.path(), vec![seed.clone()], key).await);
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_dirs, nodes) = start_cluster(&origin, 3, key).await;
 
     let http = reqwest::Client::new();
     let pulls = nodes.iter().enumerate().map(|(i, n)| {
@@ -259,14 +270,7 @@ async fn private_blobs_go_through_the_swarm_only_to_pullers_the_registry_accepts
     let data = pseudo_random(6 << 20, 91);
     let d = origin.put_blob(data.clone());
     let key = [7u8; 32];
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let first = start_node(&origin, dirs[0].path(), vec![], key).await;
-    let seed = p2p_addr(&first);
-    let mut nodes = vec![first];
-    for dir in &dirs[1..] {
-        nodes.push(start_node(&origin, dir.path(), vec![seed.clone()], key).await);
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_dirs, nodes) = start_cluster(&origin, 3, key).await;
     let http = reqwest::Client::new();
     let url = |n: &Node| format!("http://{}/v2/team/app/blobs/{d}", n.addr());
 

@@ -1212,6 +1212,18 @@ fn sample_rss_anon(pids: Vec<u32>, stop: &AtomicBool) -> Vec<Option<u64>> {
     peak
 }
 
+/// `{max, mean}` of an integer field over the hosts that have it.
+fn max_mean(hosts: &Value, field: &str) -> Value {
+    let v: Vec<u64> = hosts
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|h| h[field].as_u64())
+        .collect();
+    let mean = (!v.is_empty()).then(|| v.iter().sum::<u64>() / v.len() as u64);
+    json!({"max": v.iter().max(), "mean": mean})
+}
+
 /// Sum of the samples of a metric (any labels) grouped by the value of LABEL.
 fn metric_by_label(text: &str, name: &str, label: &str) -> BTreeMap<String, f64> {
     let mut m = BTreeMap::new();
@@ -1378,20 +1390,9 @@ fn run_shoal(
     }
     verify_copies(&mut hosts, img);
     let mut s = summarise("shoal", hosts, egress, link, img, ideal);
-    let rss: Vec<u64> = s["hosts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|h| h["rss_peak_kib"].as_u64())
-        .collect();
-    s["rss_peak_kib"] = json!({"max": rss.iter().max(), "mean": if rss.is_empty() { Value::Null } else { json!(rss.iter().sum::<u64>() / rss.len() as u64) }});
-    let anon: Vec<u64> = s["hosts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|h| h["rss_anon_peak_kib"].as_u64())
-        .collect();
-    s["rss_anon_peak_kib"] = json!({"max": anon.iter().max(), "mean": if anon.is_empty() { Value::Null } else { json!(anon.iter().sum::<u64>() / anon.len() as u64) }});
+    for field in ["rss_peak_kib", "rss_anon_peak_kib"] {
+        s[field] = max_mean(&s["hosts"], field);
+    }
     s["peer_names"] = json!(peer_names);
     s["machine_cpu_busy"] = cpu;
     let cpus: Vec<f64> = s["hosts"]
