@@ -336,6 +336,26 @@ impl PeerInfo {
     }
 }
 
+/// The provider to ask for the table when `suspect`'s chunk or table disagrees with the one in
+/// use: another, not banned, holding the whole blob if possible, else the most of it.
+fn arbiter(
+    peers: &HashMap<PeerId, PeerInfo>,
+    dl: &Download,
+    suspect: PeerId,
+) -> Option<SocketAddr> {
+    peers
+        .iter()
+        .filter(|(id, _)| **id != suspect && !dl.is_banned(id))
+        .max_by_key(|(id, p)| {
+            (
+                p.complete(),
+                p.bits.as_ref().map_or(0, Bitfield::count_ones),
+                **id,
+            )
+        })
+        .map(|(_, p)| p.addr)
+}
+
 impl Mirror {
     /// Tries to get a blob from the swarm. `Ok(None)`: go to the upstream (this node is a
     /// designated seeder, nobody provides it within the takeover time, or no provider gives a
@@ -647,19 +667,8 @@ impl Mirror {
                         // A chunk from `exclude` does not chain with the table in use: ask
                         // another provider (one holding the whole blob if possible) for the
                         // table before blaming anyone.
-                        let other = peers
-                            .iter()
-                            .filter(|(id, _)| **id != exclude && !dl.is_banned(id))
-                            .max_by_key(|(id, p)| {
-                                (
-                                    p.complete(),
-                                    p.bits.as_ref().map_or(0, Bitfield::count_ones),
-                                    **id,
-                                )
-                            })
-                            .map(|(id, p)| (*id, p.addr));
-                        match other {
-                            Some((_, addr)) => ask_table(
+                        match arbiter(&peers, &dl, exclude) {
+                            Some(addr) => ask_table(
                                 addr,
                                 Box::new(move |result| Event::Refetched { exclude, result }),
                             ),
@@ -881,10 +890,33 @@ impl Mirror {
                         }
                         Ok(false) => {}
                         Err(e) => {
-                            // Two providers disagree on the table: one of them lies. Keep the
-                            // table already in use (the whole blob is checked at the end).
-                            warn!(digest = %digest, error = %e, "a provider's table disagrees with the one in use: banned");
-                            dl.ban_peer(peer, now());
+                            // Two providers disagree on the table: one of them lies, and the
+                            // table in use is no more trusted than this one. A third provider
+                            // decides, as for a chunk that does not chain (`Refetched`): if it
+                            // agrees with ours, this one is banned; if not, the table is cut
+                            // back to the agreed part and nobody is blamed yet.
+                            match arbiter(&peers, &dl, peer) {
+                                Some(addr) => {
+                                    warn!(digest = %digest, error = %e, "a provider's table disagrees with the one in use: asking a third provider");
+                                    if let Some(p) = peers.get_mut(&peer) {
+                                        // Not asked again until the dispute is settled.
+                                        p.table_pending = true;
+                                    }
+                                    ask_table(
+                                        addr,
+                                        Box::new(move |result| Event::Refetched {
+                                            exclude: peer,
+                                            result,
+                                        }),
+                                    );
+                                }
+                                None => {
+                                    // Nobody else to ask: keep the table in use (the whole
+                                    // blob is checked at the end) and stop using this one.
+                                    warn!(digest = %digest, error = %e, "a provider's table disagrees with the one in use and nobody else can decide: banned");
+                                    dl.ban_peer(peer, now());
+                                }
+                            }
                         }
                     }
                 }
@@ -893,11 +925,15 @@ impl Mirror {
                     add_providers(list, &mut peers);
                 }
                 Event::Refetched { exclude, result } => {
+                    if let Some(p) = peers.get_mut(&exclude) {
+                        p.table_pending = false;
+                    }
                     let mut merged = (*view).clone();
                     match result.map(|t| merged.merge(&t)) {
                         Ok(Ok(grew)) => {
-                            // Another provider's table agrees with ours: the chunk was wrong.
-                            warn!(digest = %digest, "a chunk disagreed with a table another provider confirms: its sender is banned");
+                            // Another provider's table agrees with ours: the chunk (or table)
+                            // that disagreed with it was wrong.
+                            warn!(digest = %digest, "a chunk or table disagreed with a table another provider confirms: its sender is banned");
                             dl.ban_peer(exclude, now());
                             if grew {
                                 adopt_view(&mut view, merged, &arriving, &mut dl, &peers, now());
@@ -939,7 +975,7 @@ impl Mirror {
                             debug!(digest = %digest, error = %e, "refetched table unusable")
                         }
                         Err(e) => {
-                            debug!(digest = %digest, error = %e, "no table to compare with; the chunk's sender is banned");
+                            debug!(digest = %digest, error = %e, "no table to compare with; the disagreeing provider is banned");
                             dl.ban_peer(exclude, now());
                         }
                     }
