@@ -29,20 +29,24 @@
 //! Every wait has a timeout ([`PeerConfig::timeout`]). Inbound connections are capped
 //! ([`PeerConfig::max_connections`]: further ones are refused during the handshake), so are
 //! concurrent streams per connection (a QUIC transport parameter, so a peer cannot even open
-//! more), and concurrent table and chunk serves across all connections
-//! ([`PeerConfig::max_concurrent_serves`]: further requests are answered `Busy`). A server
-//! holds at most one chunk mapping per serve, and QUIC keeps at most
+//! more), concurrent table serves across all connections
+//! ([`PeerConfig::max_concurrent_serves`]: further requests are answered `Busy`), and chunk
+//! uploads ([`PeerConfig::serve`], the sans-IO [`shoal_protocol::serve::ServeScheduler`]: a few
+//! at once, a bounded queue served first copies first, `Busy` when it is full or after a
+//! bounded wait). A server holds at most one chunk mapping per upload, and QUIC keeps at most
 //! [`PeerConfig::send_window`] unacknowledged bytes per connection.
 //!
 //! # Private blobs
 //!
 //! A blob the upstream served only with credentials ([`crate::store::BlobMeta::private`]) is
-//! served to a peer only if the node's [`Authorizer`] approves the request's `authz` token; the
-//! default ([`DenyPrivate`]) answers `Denied`.
+//! served to a peer only if the node's [`Authorizer`] approves the request's `authz` token for
+//! the registry the blob came from ([`crate::store::Store::origin`]); the daemon's is
+//! [`crate::grants::RegistryAuthorizer`], [`DenyPrivate`] answers `Denied` to all.
 
 mod auth;
 mod client;
 mod frame;
+mod gate;
 mod metrics;
 mod server;
 mod tls;
@@ -54,6 +58,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use shoal_protocol::serve::ServeConfig;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -98,8 +103,10 @@ pub struct PeerConfig {
     pub max_connections: usize,
     /// Most concurrent requests (streams) a peer may have open on one connection.
     pub max_streams_per_connection: u32,
-    /// Most table and chunk requests served at once across all connections; more get `Busy`.
+    /// Most table requests served at once across all connections; more get `Busy`.
     pub max_concurrent_serves: usize,
+    /// How chunk uploads are scheduled: how many at once, how many wait and how long.
+    pub serve: ServeConfig,
     /// The `retry_after_ms` a `Busy` answer carries.
     pub busy_retry_after: Duration,
     /// Per-stream receive window of outgoing connections (bytes a server may send on one
@@ -115,7 +122,8 @@ pub struct PeerConfig {
 
 impl PeerConfig {
     /// Defaults for `listen` and `cluster_key`: 10 s waits, 256 connections, 16 streams per
-    /// connection, 32 concurrent serves, and windows sized for GB/s on a LAN.
+    /// connection, 32 concurrent table serves, the scheduler's default chunk uploads, and
+    /// windows sized for GB/s on a LAN.
     pub fn new(listen: SocketAddr, cluster_key: ClusterKey) -> PeerConfig {
         PeerConfig {
             listen,
@@ -125,6 +133,7 @@ impl PeerConfig {
             max_connections: 256,
             max_streams_per_connection: 16,
             max_concurrent_serves: 32,
+            serve: ServeConfig::default(),
             busy_retry_after: Duration::from_millis(250),
             stream_receive_window: 8 << 20,
             receive_window: 32 << 20,
@@ -156,8 +165,10 @@ pub(crate) struct Shared {
     pub(crate) store: Store,
     pub(crate) authorizer: Arc<dyn Authorizer>,
     pub(crate) metrics: Arc<Metrics>,
-    /// One permit per table or chunk serve in progress.
+    /// One permit per table serve in progress.
     pub(crate) serves: Arc<Semaphore>,
+    /// Chunk uploads.
+    pub(crate) uploads: Arc<gate::ServeGate>,
     /// One permit per inbound connection.
     pub(crate) connections: Arc<Semaphore>,
 }
@@ -192,6 +203,7 @@ impl Endpoint {
         endpoint.set_default_client_config(client_config);
         let shared = Arc::new(Shared {
             serves: Arc::new(Semaphore::new(config.max_concurrent_serves)),
+            uploads: Arc::new(gate::ServeGate::new(config.serve.clone())),
             connections: Arc::new(Semaphore::new(config.max_connections)),
             config,
             store,

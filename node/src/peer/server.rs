@@ -361,15 +361,22 @@ async fn check_private(
     }
 }
 
-/// A serving permit, or the `Busy` answer.
+/// A table serving permit, or the `Busy` answer.
 fn serve_permit(shared: &Shared) -> Result<OwnedSemaphorePermit, Response> {
-    shared.serves.clone().try_acquire_owned().map_err(|_| {
-        shared.metrics.busy.inc();
-        Response::Busy {
-            retry_after_ms: u32::try_from(shared.config.busy_retry_after.as_millis())
-                .unwrap_or(u32::MAX),
-        }
-    })
+    shared
+        .serves
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| busy(shared))
+}
+
+/// The `Busy` answer (counted).
+fn busy(shared: &Shared) -> Response {
+    shared.metrics.busy.inc();
+    Response::Busy {
+        retry_after_ms: u32::try_from(shared.config.busy_retry_after.as_millis())
+            .unwrap_or(u32::MAX),
+    }
 }
 
 async fn serve_table(
@@ -452,11 +459,7 @@ async fn serve_chunk(
     label: &PeerLabels,
 ) -> Result<(), ServeError> {
     let limit = shared.config.timeout;
-    let _permit = match serve_permit(shared) {
-        Ok(p) => p,
-        Err(busy) => return respond(send, busy, limit).await,
-    };
-    // Pinned until dropped: not evicted while it is being sent.
+    // Pinned until dropped: not evicted while it waits or is being sent.
     let Some(blob) = shared.store.open_blob(digest) else {
         return serve_arriving_chunk(
             shared, send, digest, chunk_size, index, authz, remote, label,
@@ -478,6 +481,9 @@ async fn serve_chunk(
     let Some((start, len)) = layout.range(index) else {
         return respond(send, Response::error("chunk index out of range"), limit).await;
     };
+    let Some(mut upload) = shared.uploads.admit(*digest, index).await else {
+        return respond(send, busy(shared), limit).await;
+    };
     // The whole chunk, mapped (and paged in) off the async threads; its bytes then go from the
     // page cache into QUIC packets without an intermediate copy.
     let file = blob.file;
@@ -491,6 +497,7 @@ async fn serve_chunk(
             Err(e) => return Err(std::io::Error::other(e).into()),
         };
     send_chunk(shared, send, index, mapped, label).await?;
+    upload.sent();
     drop(blob.pin);
     Ok(())
 }
@@ -548,6 +555,9 @@ async fn serve_arriving_chunk(
     if let Some(denied) = check_private(shared, access, digest, authz, remote).await {
         return respond(send, denied, limit).await;
     }
+    let Some(mut upload) = shared.uploads.admit(*digest, index).await else {
+        return respond(send, busy(shared), limit).await;
+    };
     let read = tokio::task::spawn_blocking(move || arriving.read_chunk(index)).await;
     let data = match read {
         Ok(Ok(Some(d))) => Bytes::from(d),
@@ -558,7 +568,9 @@ async fn serve_arriving_chunk(
         }
         Err(e) => return Err(std::io::Error::other(e).into()),
     };
-    send_chunk(shared, send, index, data, label).await
+    send_chunk(shared, send, index, data, label).await?;
+    upload.sent();
+    Ok(())
 }
 
 /// Maps `len` bytes of a complete blob's file at `offset` (any alignment), paged in.
