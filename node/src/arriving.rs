@@ -150,16 +150,22 @@ impl Arriving {
 
     /// Reads chunk `index` from the partial file (blocking), if it is marked.
     pub fn read_chunk(&self, index: u32) -> std::io::Result<Option<Vec<u8>>> {
-        use std::os::unix::fs::FileExt;
         if !self.has(index) {
             return Ok(None);
         }
         let Some((start, len)) = self.layout.range(index) else {
             return Ok(None);
         };
-        let mut buf = vec![0u8; len as usize];
-        self.file.read_exact_at(&mut buf, start)?;
-        Ok(Some(buf))
+        self.read_at(start, len as usize).map(Some)
+    }
+
+    /// `len` bytes of the partial file at `offset` (blocking). The caller checks that they lie
+    /// in chunks it found marked.
+    pub fn read_at(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; len];
+        self.file.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
     }
 }
 

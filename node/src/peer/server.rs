@@ -496,36 +496,61 @@ async fn serve_chunk(
             }
             Err(e) => return Err(std::io::Error::other(e).into()),
         };
-    send_chunk(shared, send, index, mapped, label).await?;
+    send_chunk(shared, send, index, ChunkBytes::Mapped(mapped), label).await?;
     upload.sent();
     drop(blob.pin);
     Ok(())
 }
 
-/// Sends a chunk's header and bytes (corrupted first under the test-only fault injection).
+/// Where the bytes of a chunk being sent come from.
+enum ChunkBytes {
+    /// A complete blob's range, memory-mapped.
+    Mapped(Bytes),
+    /// A range of a blob still arriving, read from its partial file one piece at a time, so
+    /// that an upload holds at most one piece in memory.
+    Arriving {
+        blob: Arc<crate::arriving::Arriving>,
+        start: u64,
+        len: u32,
+    },
+}
+
+/// Sends a chunk's header and bytes in pieces of [`SERVE_PIECE`] (one byte corrupted under the
+/// test-only fault injection).
 async fn send_chunk(
     shared: &Shared,
     send: &mut SendStream,
     index: u32,
-    data: Bytes,
+    bytes: ChunkBytes,
     label: &PeerLabels,
 ) -> Result<(), ServeError> {
     let limit = shared.config.timeout;
-    let data = if shared.config.fault_corrupt_chunks && !data.is_empty() {
-        let mut v = data.to_vec();
-        let mid = v.len() / 2;
-        v[mid] ^= 0xff;
-        Bytes::from(v)
-    } else {
-        data
+    let len = match &bytes {
+        ChunkBytes::Mapped(b) => u32::try_from(b.len()).map_err(std::io::Error::other)?,
+        ChunkBytes::Arriving { len, .. } => *len,
     };
-    let len = u32::try_from(data.len()).map_err(std::io::Error::other)?;
+    let total = len as usize;
+    let corrupt_at = (shared.config.fault_corrupt_chunks && total > 0).then_some(total / 2);
     respond(send, Response::ChunkHeader { index, len }, limit).await?;
     let counter = shared.metrics.served_bytes.get_or_create(label).clone();
     let mut offset = 0;
-    while offset < data.len() {
-        let piece = data.slice(offset..(offset + SERVE_PIECE).min(data.len()));
-        let n = piece.len();
+    while offset < total {
+        let n = SERVE_PIECE.min(total - offset);
+        let mut piece = match &bytes {
+            ChunkBytes::Mapped(b) => b.slice(offset..offset + n),
+            ChunkBytes::Arriving { blob, start, .. } => {
+                let (blob, at) = (blob.clone(), start + offset as u64);
+                let read = tokio::task::spawn_blocking(move || blob.read_at(at, n))
+                    .await
+                    .map_err(std::io::Error::other)?;
+                Bytes::from(read?)
+            }
+        };
+        if let Some(at) = corrupt_at.filter(|at| (offset..offset + n).contains(at)) {
+            let mut v = piece.to_vec();
+            v[at - offset] ^= 0xff;
+            piece = Bytes::from(v);
+        }
         frame::write(send, piece, limit).await?;
         counter.inc_by(n as u64);
         offset += n;
@@ -558,17 +583,18 @@ async fn serve_arriving_chunk(
     let Some(mut upload) = shared.uploads.admit(*digest, index).await else {
         return respond(send, busy(shared), limit).await;
     };
-    let read = tokio::task::spawn_blocking(move || arriving.read_chunk(index)).await;
-    let data = match read {
-        Ok(Ok(Some(d))) => Bytes::from(d),
-        Ok(Ok(None)) => return respond(send, Response::NotFound, limit).await,
-        Ok(Err(e)) => {
-            warn!(digest = %digest, error = %e, "cannot read an arriving blob for a peer");
-            return respond(send, Response::error("cannot read the blob"), limit).await;
-        }
-        Err(e) => return Err(std::io::Error::other(e).into()),
+    // Marked when asked; after the wait it still must be (a disputed chunk is unmarked), and
+    // a piece that cannot be read then resets the stream (the header has gone out).
+    let range = arriving.layout().range(index);
+    let (Some((start, len)), true) = (range, arriving.has(index)) else {
+        return respond(send, Response::NotFound, limit).await;
     };
-    send_chunk(shared, send, index, data, label).await?;
+    let bytes = ChunkBytes::Arriving {
+        blob: arriving,
+        start,
+        len,
+    };
+    send_chunk(shared, send, index, bytes, label).await?;
     upload.sent();
     Ok(())
 }
