@@ -6,6 +6,12 @@
 //! registry cannot be asked (a grant the registry confirmed within [`GRANT_TTL`] still works;
 //! otherwise the asking node goes to the upstream itself, which is down too).
 //!
+//! Trust: a grant shows the token to the providers asked, which are cluster members (they
+//! hold the cluster key, and the QUIC session is authenticated with it). A member that
+//! announces digests it does not hold could collect such tokens: each opens one repository
+//! for pulling, for the token's short life (minutes), and nothing else. The client's password
+//! never leaves its node.
+//!
 //! Invariants:
 //! - A grant is honoured only for the registry the blob was fetched from (recorded with the
 //!   blob, [`crate::store::Store::origin`], or on the arriving entry): a node cannot name a
