@@ -27,6 +27,8 @@
 //! `SHOAL_BENCH_IN_FLIGHT` (default 4) change the blob size, the rounds and the chunk requests
 //! in flight. `SHOAL_BENCH_JOIN=1` joins each verified chunk into one buffer
 //! (`PeerConn::chunk`, one copy) instead of keeping its segments (`PeerConn::chunk_segments`);
+//! each chunk request runs as its own task, as in the daemon (`SHOAL_BENCH_ONE_TASK=1` polls
+//! them all from one task instead);
 //! `SHOAL_BENCH_STREAM_WINDOW` and `SHOAL_BENCH_RECEIVE_WINDOW` override the client's receive
 //! windows (bytes), for both the exchange and the raw baseline.
 
@@ -121,18 +123,29 @@ async fn exchange(
     // `SHOAL_BENCH_JOIN=1`: each chunk joined into one buffer (`PeerConn::chunk`, one copy)
     // rather than kept as received (`PeerConn::chunk_segments`).
     let join = std::env::var("SHOAL_BENCH_JOIN").is_ok_and(|v| v == "1");
+    // Each request is its own task, as in the daemon's swarm driver (`SHOAL_BENCH_ONE_TASK=1`:
+    // all polled from this one, so their verification shares one thread).
+    let one_task = std::env::var("SHOAL_BENCH_ONE_TASK").is_ok_and(|v| v == "1");
+    let table = Arc::new(table);
     let received: u64 = futures::stream::iter(0..count)
         .map(|i| {
-            let (conn, table) = (conn.clone(), &table);
-            async move {
+            let (conn, table) = (conn.clone(), table.clone());
+            let fetch = async move {
                 let len = if join {
-                    conn.chunk(&digest, table, i, &[]).await.map(|c| c.len())
+                    conn.chunk(&digest, &table, i, &[]).await.map(|c| c.len())
                 } else {
-                    conn.chunk_segments(&digest, table, i, &[])
+                    conn.chunk_segments(&digest, &table, i, &[])
                         .await
                         .map(|c| c.len())
                 };
                 len.expect("verified chunk") as u64
+            };
+            async move {
+                if one_task {
+                    fetch.await
+                } else {
+                    tokio::spawn(fetch).await.expect("chunk task")
+                }
             }
         })
         .buffered(in_flight)
