@@ -42,7 +42,7 @@ pub trait Authorizer: Send + Sync + 'static {
     fn authorize<'a>(&'a self, request: AuthzRequest<'a>) -> BoxFuture<'a, bool>;
 }
 
-/// The default [`Authorizer`]: private blobs are never served to peers.
+/// An [`Authorizer`] that serves private blobs to no peer (for endpoints with no registry to ask).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DenyPrivate;
 
