@@ -12,6 +12,7 @@ pub mod media;
 pub mod range;
 pub mod reference;
 pub mod route;
+pub mod serve;
 pub mod swarm;
 pub mod wire;
 

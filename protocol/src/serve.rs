@@ -1,0 +1,557 @@
+//! The sender's side of the swarm: which of the chunk requests reaching a node it uploads now,
+//! which wait, and which it turns away.
+//!
+//! Goal: a sans-IO state machine ([`ServeScheduler`]) that the daemon's peer server and the
+//! simulator drive alike, so that a seeder spends its uplink on the chunks the swarm lacks most.
+//! Non-goal: sending bytes, measuring the uplink or reading a clock (`now` is the caller's
+//! milliseconds, kept monotonic).
+//!
+//! # The policy
+//!
+//! * **Few uploads at once.** At most `max_active` requests are served at a time. A sender whose
+//!   uplink is shared among 32 uploads (the old fixed limit) finishes its first copy of anything
+//!   only after 32 chunk times; with a few, each chunk lands quickly and its receiver can pass
+//!   it on while the sender sends the next.
+//! * **A bounded queue.** Further requests wait, up to `max_queued` of them; beyond that the
+//!   request is answered `Busy` at once. A request that has waited `max_wait_ms` is answered
+//!   `Busy` (see [`ServeScheduler::poll_timeouts`]), so its requester can go elsewhere long
+//!   before its own request timeout.
+//! * **First copies first** (super-seeding). When a slot frees, the waiting request for the chunk
+//!   this node has started serving the fewest times goes first; ties go to the request that
+//!   waited longest. A seeder that every follower asks at once thus sends each fresh chunk once
+//!   before it sends any chunk twice, and the followers spread the copies among themselves.
+//! * **Bounded memory.** Per-chunk counts are kept for at most `max_blobs` blobs and
+//!   `max_counters` chunks in all; the least recently served blob is forgotten first (its
+//!   chunks then count as never served).
+//!
+//! # Driving a [`ServeScheduler`]
+//!
+//! `R` identifies a request (a stream id, say), `K` a blob (its digest). For every chunk request
+//! that passed the caller's own checks (the blob and chunk exist and may be served), call
+//! [`ServeScheduler::offer`]: [`Offer::Admit`] → start sending; [`Offer::Queued`] → hold the
+//! request; [`Offer::Busy`] → answer `Busy`. When an upload ends (sent, failed or reset by the
+//! requester) call [`ServeScheduler::finished`]; when a queued request's stream is reset, call
+//! [`ServeScheduler::cancelled`]. Both return the queued requests admitted in its place: start
+//! sending each. Wake up at [`ServeScheduler::next_wakeup`] and answer every request
+//! [`ServeScheduler::poll_timeouts`] returns with `Busy`. Unknown requests are ignored, so the
+//! caller need not filter races.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The knobs of a [`ServeScheduler`]. Times in milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeConfig {
+    /// The most requests uploading at once (at least 1).
+    pub max_active: u32,
+    /// The most requests waiting for a slot; further ones are answered `Busy` at once.
+    pub max_queued: u32,
+    /// A request that waited this long is answered `Busy` (it should be well below the
+    /// requester's own request timeout, `DownloadConfig::timeout_floor_ms`).
+    pub max_wait_ms: u64,
+    /// Blobs whose per-chunk serve counts are kept.
+    pub max_blobs: usize,
+    /// Per-chunk serve counts kept in all.
+    pub max_counters: usize,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            max_active: 4,
+            max_queued: 64,
+            max_wait_ms: 2_000,
+            max_blobs: 64,
+            max_counters: 1 << 16,
+        }
+    }
+}
+
+/// The answer to [`ServeScheduler::offer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offer {
+    /// Start sending now.
+    Admit,
+    /// Hold the request: it is admitted later by [`ServeScheduler::finished`] or
+    /// [`ServeScheduler::cancelled`], or answered `Busy` by [`ServeScheduler::poll_timeouts`].
+    Queued,
+    /// Answer `Busy` now.
+    Busy,
+}
+
+#[derive(Debug, Clone)]
+struct Waiting<R, K> {
+    req: R,
+    key: K,
+    index: u32,
+    deadline: u64,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Counts {
+    /// Chunk index → uploads started (and not cancelled).
+    served: BTreeMap<u32, u32>,
+    /// The scheduler's serial number of the latest upload of this blob (for eviction).
+    used: u64,
+}
+
+/// The sender-side serve scheduler; see the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct ServeScheduler<R, K> {
+    config: ServeConfig,
+    /// Uploading: request → (blob, chunk).
+    active: BTreeMap<R, (K, u32)>,
+    /// Waiting, by arrival serial (FIFO order).
+    queue: BTreeMap<u64, Waiting<R, K>>,
+    /// Waiting request → its arrival serial.
+    queued: BTreeMap<R, u64>,
+    /// (deadline, arrival serial) of every waiting request.
+    deadlines: BTreeSet<(u64, u64)>,
+    counts: BTreeMap<K, Counts>,
+    /// (last use, blob): the eviction order of `counts`.
+    lru: BTreeSet<(u64, K)>,
+    counters: usize,
+    serial: u64,
+}
+
+impl<R: Ord + Copy, K: Ord + Clone> ServeScheduler<R, K> {
+    /// An idle scheduler. `max_active` below 1 counts as 1.
+    pub fn new(mut config: ServeConfig) -> ServeScheduler<R, K> {
+        config.max_active = config.max_active.max(1);
+        ServeScheduler {
+            config,
+            active: BTreeMap::new(),
+            queue: BTreeMap::new(),
+            queued: BTreeMap::new(),
+            deadlines: BTreeSet::new(),
+            counts: BTreeMap::new(),
+            lru: BTreeSet::new(),
+            counters: 0,
+            serial: 0,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ServeConfig {
+        &self.config
+    }
+
+    /// Requests uploading now.
+    pub fn active(&self) -> usize {
+        self.active.len()
+    }
+
+    /// Requests waiting for a slot.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Whether `req` is uploading.
+    pub fn is_active(&self, req: &R) -> bool {
+        self.active.contains_key(req)
+    }
+
+    /// Whether `req` is waiting.
+    pub fn is_queued(&self, req: &R) -> bool {
+        self.queued.contains_key(req)
+    }
+
+    /// Uploads of chunk `index` of `key` started (and not cancelled) as far as this scheduler
+    /// remembers.
+    pub fn served(&self, key: &K, index: u32) -> u32 {
+        self.counts
+            .get(key)
+            .and_then(|c| c.served.get(&index))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Per-chunk counts held (bounded by `max_counters`).
+    pub fn counters(&self) -> usize {
+        self.counters
+    }
+
+    /// A new request `req` for chunk `index` of blob `key`. A request already known (uploading
+    /// or waiting) is answered as it stands (`Admit` or `Queued`) and not counted again.
+    pub fn offer(&mut self, req: R, key: K, index: u32, now: u64) -> Offer {
+        if self.active.contains_key(&req) {
+            return Offer::Admit;
+        }
+        if self.queued.contains_key(&req) {
+            return Offer::Queued;
+        }
+        if self.active.len() < self.config.max_active as usize && self.queue.is_empty() {
+            self.start(req, key, index);
+            return Offer::Admit;
+        }
+        if self.queue.len() >= self.config.max_queued as usize {
+            return Offer::Busy;
+        }
+        self.serial += 1;
+        let s = self.serial;
+        let deadline = now.saturating_add(self.config.max_wait_ms);
+        self.queue.insert(
+            s,
+            Waiting {
+                req,
+                key,
+                index,
+                deadline,
+            },
+        );
+        self.queued.insert(req, s);
+        self.deadlines.insert((deadline, s));
+        Offer::Queued
+    }
+
+    /// The upload of `req` ended (sent, failed or reset): its slot goes to the waiting requests.
+    /// Returns the requests admitted now (start sending each). A waiting `req` is treated as
+    /// [`ServeScheduler::cancelled`].
+    pub fn finished(&mut self, req: R, now: u64) -> Vec<R> {
+        let _ = now;
+        if self.active.remove(&req).is_none() {
+            self.unqueue(&req);
+        }
+        self.fill()
+    }
+
+    /// The requester gave `req` up before it was sent (its stream was reset): forgotten, and
+    /// an upload that had started does not count as a copy served. Returns the requests
+    /// admitted in its place.
+    pub fn cancelled(&mut self, req: R, now: u64) -> Vec<R> {
+        let _ = now;
+        if let Some((key, index)) = self.active.remove(&req) {
+            if let Some(c) = self.counts.get_mut(&key) {
+                if let Some(n) = c.served.get_mut(&index) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+        } else {
+            self.unqueue(&req);
+        }
+        self.fill()
+    }
+
+    /// Removes and returns the waiting requests whose wait reached `max_wait_ms` by `now`,
+    /// oldest first: answer each `Busy`.
+    pub fn poll_timeouts(&mut self, now: u64) -> Vec<R> {
+        let mut out = Vec::new();
+        while let Some(&(deadline, s)) = self.deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            if let Some(w) = self.queue.remove(&s) {
+                self.queued.remove(&w.req);
+                out.push(w.req);
+            }
+        }
+        out
+    }
+
+    /// When [`ServeScheduler::poll_timeouts`] next has something to do, if ever.
+    pub fn next_wakeup(&self) -> Option<u64> {
+        self.deadlines.first().map(|&(d, _)| d)
+    }
+
+    /// Forgets every request (the node is shutting down): returns the waiting ones, to be
+    /// answered `Busy`. The serve counts are kept.
+    pub fn drain(&mut self) -> Vec<R> {
+        self.active.clear();
+        self.deadlines.clear();
+        self.queued.clear();
+        std::mem::take(&mut self.queue)
+            .into_values()
+            .map(|w| w.req)
+            .collect()
+    }
+
+    fn unqueue(&mut self, req: &R) {
+        if let Some(s) = self.queued.remove(req) {
+            if let Some(w) = self.queue.remove(&s) {
+                self.deadlines.remove(&(w.deadline, s));
+            }
+        }
+    }
+
+    /// Admits waiting requests while slots are free: fewest copies served first, then FIFO.
+    fn fill(&mut self) -> Vec<R> {
+        let mut out = Vec::new();
+        while self.active.len() < self.config.max_active as usize {
+            let mut best: Option<(u32, u64)> = None;
+            for (&s, w) in &self.queue {
+                let n = self.served(&w.key, w.index);
+                if best.is_none_or(|(bn, _)| n < bn) {
+                    best = Some((n, s));
+                    if n == 0 {
+                        break;
+                    }
+                }
+            }
+            let Some((_, s)) = best else {
+                break;
+            };
+            let Some(w) = self.queue.remove(&s) else {
+                break;
+            };
+            self.queued.remove(&w.req);
+            self.deadlines.remove(&(w.deadline, s));
+            out.push(w.req);
+            self.start(w.req, w.key, w.index);
+        }
+        out
+    }
+
+    fn start(&mut self, req: R, key: K, index: u32) {
+        self.serial += 1;
+        let serial = self.serial;
+        match self.counts.get_mut(&key) {
+            Some(c) => {
+                self.lru.remove(&(c.used, key.clone()));
+                c.used = serial;
+            }
+            None => {
+                self.counts.insert(
+                    key.clone(),
+                    Counts {
+                        served: BTreeMap::new(),
+                        used: serial,
+                    },
+                );
+            }
+        }
+        self.lru.insert((serial, key.clone()));
+        let c = self.counts.get_mut(&key).expect("inserted above");
+        match c.served.get_mut(&index) {
+            Some(n) => *n = n.saturating_add(1),
+            None => {
+                c.served.insert(index, 1);
+                self.counters += 1;
+            }
+        }
+        self.active.insert(req, (key.clone(), index));
+        self.evict(&key);
+    }
+
+    /// Forgets the least recently served blobs (never `keep`) beyond the bounds; if `keep` alone
+    /// is over `max_counters`, its counts start over.
+    fn evict(&mut self, keep: &K) {
+        while self.counts.len() > self.config.max_blobs.max(1)
+            || self.counters > self.config.max_counters.max(1)
+        {
+            let victim = self
+                .lru
+                .iter()
+                .find(|(_, k)| k != keep)
+                .map(|(u, k)| (*u, k.clone()));
+            match victim {
+                Some((u, k)) => {
+                    self.lru.remove(&(u, k.clone()));
+                    if let Some(c) = self.counts.remove(&k) {
+                        self.counters -= c.served.len();
+                    }
+                }
+                None => {
+                    if let Some(c) = self.counts.get_mut(keep) {
+                        self.counters -= c.served.len();
+                        c.served.clear();
+                    }
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sched(active: u32, queued: u32) -> ServeScheduler<u32, u8> {
+        ServeScheduler::new(ServeConfig {
+            max_active: active,
+            max_queued: queued,
+            max_wait_ms: 1_000,
+            max_blobs: 4,
+            max_counters: 64,
+        })
+    }
+
+    #[test]
+    fn admits_up_to_the_limit_then_queues_then_busy() {
+        let mut s = sched(2, 2);
+        assert_eq!(s.offer(1, 0, 0, 0), Offer::Admit);
+        assert_eq!(s.offer(2, 0, 1, 0), Offer::Admit);
+        assert_eq!(s.offer(3, 0, 2, 0), Offer::Queued);
+        assert_eq!(s.offer(4, 0, 3, 0), Offer::Queued);
+        assert_eq!(s.offer(5, 0, 4, 0), Offer::Busy);
+        assert_eq!((s.active(), s.queued()), (2, 2));
+        // Repeated offers are idempotent.
+        assert_eq!(s.offer(1, 0, 0, 0), Offer::Admit);
+        assert_eq!(s.offer(3, 0, 2, 0), Offer::Queued);
+        assert_eq!(s.finished(1, 10), vec![3]);
+        assert_eq!(s.finished(2, 10), vec![4]);
+        assert_eq!(s.finished(3, 10), Vec::<u32>::new());
+        assert_eq!((s.active(), s.queued()), (1, 0));
+    }
+
+    #[test]
+    fn first_copies_first_then_fifo() {
+        let mut s = sched(1, 8);
+        assert_eq!(s.offer(1, 0, 7, 0), Offer::Admit);
+        // Chunk 7 has been served once; 8 and 9 never.
+        assert_eq!(s.offer(2, 0, 7, 0), Offer::Queued);
+        assert_eq!(s.offer(3, 0, 8, 0), Offer::Queued);
+        assert_eq!(s.offer(4, 0, 9, 0), Offer::Queued);
+        assert_eq!(s.offer(5, 0, 8, 0), Offer::Queued);
+        assert_eq!(s.finished(1, 1), vec![3]);
+        assert_eq!(s.finished(3, 2), vec![4]);
+        // 7 and 8 both served once now: FIFO picks 2 (chunk 7) before 5.
+        assert_eq!(s.finished(4, 3), vec![2]);
+        assert_eq!(s.finished(2, 4), vec![5]);
+        assert_eq!(s.served(&0, 7), 2);
+        assert_eq!(s.served(&0, 8), 2);
+        assert_eq!(s.served(&0, 9), 1);
+    }
+
+    #[test]
+    fn a_cancelled_upload_is_not_a_copy() {
+        let mut s = sched(1, 8);
+        assert_eq!(s.offer(1, 0, 0, 0), Offer::Admit);
+        assert_eq!(s.offer(2, 0, 1, 0), Offer::Queued);
+        assert_eq!(s.offer(3, 0, 0, 0), Offer::Queued);
+        // Chunk 0's only upload is reset: chunk 0 counts as never served, FIFO picks 2.
+        assert_eq!(s.cancelled(1, 1), vec![2]);
+        assert_eq!(s.served(&0, 0), 0);
+        // A waiting request cancelled frees nothing.
+        assert_eq!(s.cancelled(3, 2), Vec::<u32>::new());
+        assert_eq!((s.active(), s.queued()), (1, 0));
+        assert_eq!(s.next_wakeup(), None);
+    }
+
+    #[test]
+    fn waiting_too_long_is_busy() {
+        let mut s = sched(1, 8);
+        assert_eq!(s.offer(1, 0, 0, 0), Offer::Admit);
+        assert_eq!(s.offer(2, 0, 1, 100), Offer::Queued);
+        assert_eq!(s.offer(3, 0, 2, 500), Offer::Queued);
+        assert_eq!(s.next_wakeup(), Some(1_100));
+        assert_eq!(s.poll_timeouts(1_099), Vec::<u32>::new());
+        assert_eq!(s.poll_timeouts(1_100), vec![2]);
+        assert_eq!(s.next_wakeup(), Some(1_500));
+        assert_eq!(s.finished(1, 1_200), vec![3]);
+        assert_eq!(s.next_wakeup(), None);
+        assert_eq!(s.poll_timeouts(5_000), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn counts_are_bounded_by_blob_and_in_all() {
+        let mut s = sched(1_000, 0);
+        for blob in 0..10u8 {
+            for i in 0..10 {
+                let req = u32::from(blob) * 100 + i;
+                assert_eq!(s.offer(req, blob, i, 0), Offer::Admit);
+                s.finished(req, 0);
+            }
+        }
+        assert!(s.counts.len() <= 4);
+        assert!(s.counters() <= 64);
+        // The latest blob is remembered.
+        assert_eq!(s.served(&9, 9), 1);
+        // One blob bigger than every bound starts over rather than grow.
+        for i in 0..200 {
+            s.offer(10_000 + i, 42, i, 0);
+        }
+        assert!(s.counters() <= 64);
+    }
+
+    #[test]
+    fn drain_returns_the_waiting() {
+        let mut s = sched(1, 8);
+        s.offer(1, 0, 0, 0);
+        s.offer(2, 0, 1, 0);
+        s.offer(3, 0, 2, 0);
+        assert_eq!(s.drain(), vec![2, 3]);
+        assert_eq!((s.active(), s.queued(), s.next_wakeup()), (0, 0, None));
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Offer(u32, u8, u32),
+        Finish(u32),
+        Cancel(u32),
+        Advance(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..64u32, 0..6u8, 0..40u32).prop_map(|(r, k, i)| Op::Offer(r, k, i)),
+            2 => (0..64u32).prop_map(Op::Finish),
+            1 => (0..64u32).prop_map(Op::Cancel),
+            1 => (0..800u64).prop_map(Op::Advance),
+        ]
+    }
+
+    proptest! {
+        /// Never more than `max_active` uploading or `max_queued` waiting; every waiting request
+        /// is admitted or answered `Busy` within `max_wait_ms`; a free slot never sits beside a
+        /// waiting request; the counts stay within their bounds.
+        #[test]
+        fn invariants(active in 1..5u32, queued in 0..6u32, ops in proptest::collection::vec(op(), 1..200)) {
+            let mut s = sched(active, queued);
+            let mut now = 0u64;
+            // Our model: request → (state, since).
+            let mut waiting: BTreeMap<u32, u64> = BTreeMap::new();
+            let mut uploading: BTreeSet<u32> = BTreeSet::new();
+            let mut admit = |uploading: &mut BTreeSet<u32>, waiting: &mut BTreeMap<u32, u64>, got: Vec<u32>| {
+                for r in got {
+                    prop_assert!(waiting.remove(&r).is_some(), "admitted a request not waiting");
+                    uploading.insert(r);
+                }
+                Ok(())
+            };
+            for op in ops {
+                match op {
+                    Op::Offer(r, k, i) => match s.offer(r, k, i, now) {
+                        Offer::Admit => { prop_assert!(!waiting.contains_key(&r)); uploading.insert(r); }
+                        Offer::Queued => { prop_assert!(!uploading.contains(&r)); waiting.entry(r).or_insert(now); }
+                        Offer::Busy => prop_assert!(!uploading.contains(&r) && !waiting.contains_key(&r)),
+                    },
+                    Op::Finish(r) => {
+                        uploading.remove(&r);
+                        waiting.remove(&r);
+                        let got = s.finished(r, now);
+                        admit(&mut uploading, &mut waiting, got)?;
+                    }
+                    Op::Cancel(r) => {
+                        uploading.remove(&r);
+                        waiting.remove(&r);
+                        let got = s.cancelled(r, now);
+                        admit(&mut uploading, &mut waiting, got)?;
+                    }
+                    Op::Advance(dt) => {
+                        now += dt;
+                        while let Some(w) = s.next_wakeup().filter(|&w| w <= now) {
+                            for r in s.poll_timeouts(w) {
+                                let since = waiting.remove(&r);
+                                prop_assert_eq!(since.map(|t| t + 1_000), Some(w));
+                            }
+                        }
+                    }
+                }
+                prop_assert!(s.active() <= active as usize);
+                prop_assert!(s.queued() <= queued as usize);
+                prop_assert_eq!(s.active(), uploading.len());
+                prop_assert_eq!(s.queued(), waiting.len());
+                prop_assert!(s.queued() == 0 || s.active() == active as usize);
+                for (&r, &since) in &waiting {
+                    prop_assert!(s.is_queued(&r));
+                    prop_assert!(since + 1_000 > now || s.next_wakeup().is_some_and(|w| w <= now));
+                }
+                prop_assert!(s.counts.len() <= 4 && s.counters() <= 64);
+                prop_assert_eq!(s.counters(), s.counts.values().map(|c| c.served.len()).sum::<usize>());
+                prop_assert_eq!(s.deadlines.len(), s.queue.len());
+            }
+        }
+    }
+}
