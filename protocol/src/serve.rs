@@ -13,7 +13,8 @@
 //!   completed; further requests for it wait while requests for other chunks take the free
 //!   slots. With the old model (up to 32 uploads sharing the uplink, whatever they were for) a
 //!   seeder asked by every follower for the chunk only it holds sent that chunk to all of them
-//!   at once, and the first copy landed only after as many chunk times.
+//!   at once, and the first copy landed only after as many chunk times. Below `min_active`
+//!   uploads these caps are waived, so the uplink is not left idle for them.
 //! * **A bounded number of uploads.** At most `max_active` at a time (sharing the uplink); a
 //!   slot is taken only by a request allowed by the rule above.
 //! * **A bounded queue.** Further requests wait, up to `max_queued` of them; beyond that the
@@ -62,6 +63,9 @@ pub struct ServeConfig {
     /// Until one upload of a chunk has completed, at most one upload of it at a time (the first
     /// copy goes out at full speed); `max_active_per_chunk` applies after.
     pub first_copy_alone: bool,
+    /// While fewer uploads than this run, the two rules above are waived (the uplink is not
+    /// left idle for them; the fewest-copies order still holds).
+    pub min_active: u32,
     /// Blobs whose per-chunk serve counts are kept.
     pub max_blobs: usize,
     /// Per-chunk serve counts kept in all.
@@ -69,14 +73,17 @@ pub struct ServeConfig {
 }
 
 impl Default for ServeConfig {
-    /// 16 uploads, 32 waiting for at most 1 s, 2 uploads per chunk once its first copy is out.
-    /// Measured with `shoal-sim` (seed 1), against the old fixed 32 uploads without a queue:
-    /// the 8-host calibration case (100 Mbit/s, 128 MiB in 4 layers) p99 29.8 → 16.3 s,
-    /// cold-start at 1,000 nodes 12.66 → 11.97 s, Kraken's test at 1,000 nodes 19.5 → 13.4 s.
-    /// Fewer uploads (4) suit 8 nodes but cost 1,000 nodes (13.6 s: receivers limited by their
-    /// own downlink leave the sender's uplink idle); one upload per chunk suits 8–16 nodes and
-    /// costs Kraken's test; `Busy` instead of waiting for a chunk at its cap, or a 2 s wait,
-    /// made every case slower.
+    /// 16 uploads, 32 waiting for at most 1 s, 2 uploads per chunk once its first copy is out,
+    /// the per-chunk rules waived below 4 uploads. Measured with `shoal-sim` (seed 1, with
+    /// `HAVE_POLL_MS` = 100) against the old fixed 32 uploads without a queue
+    /// (`SHOAL_SIM_TUNE=serve_limit=32`): the 8-host calibration case (100 Mbit/s, 128 MiB in 4
+    /// layers) p99 29.7 → 16.4 s, 16 hosts 33.1 s and 8.5 upstream copies → 18.7 s and 1.00;
+    /// cold-start at 1,000 nodes 11.74 → 11.35 s; Kraken's test at 1,000 nodes 12.51 → 12.98 s
+    /// (the one case the old model wins). Fewer uploads (4) suit 8 nodes but cost 1,000 nodes
+    /// (13.6 s: receivers limited by their own downlink leave the sender's uplink idle); one
+    /// upload per chunk suits 8–16 nodes and costs Kraken's test; `Busy` instead of waiting for
+    /// a chunk at its cap, or a 2 s wait, made every case slower; without `min_active` a sender
+    /// asked only for chunks at their cap leaves its uplink idle (Kraken at 1,000: 13.02 s).
     fn default() -> Self {
         ServeConfig {
             max_active: 16,
@@ -84,6 +91,7 @@ impl Default for ServeConfig {
             max_wait_ms: 1_000,
             max_active_per_chunk: 2,
             first_copy_alone: true,
+            min_active: 4,
             max_blobs: 64,
             max_counters: 1 << 16,
         }
@@ -331,7 +339,9 @@ impl<R: Ord + Copy, K: Ord + Clone> ServeScheduler<R, K> {
     /// Whether another upload of chunk `index` of `key` may start (`max_active_per_chunk`).
     fn startable(&self, key: &K, index: u32) -> bool {
         let cap = self.config.max_active_per_chunk;
-        if cap == 0 && !self.config.first_copy_alone {
+        if (cap == 0 && !self.config.first_copy_alone)
+            || self.active.len() < self.config.min_active as usize
+        {
             return true;
         }
         let active = self
@@ -418,6 +428,7 @@ mod tests {
             max_wait_ms: 1_000,
             max_active_per_chunk: 0,
             first_copy_alone: false,
+            min_active: 0,
             max_blobs: 4,
             max_counters: 64,
         })
@@ -428,6 +439,20 @@ mod tests {
         s.config.max_active_per_chunk = cap;
         s.config.first_copy_alone = alone;
         s
+    }
+
+    #[test]
+    fn below_min_active_the_per_chunk_rules_are_waived() {
+        let mut s = per_chunk(4, 8, 1, true);
+        s.config.min_active = 2;
+        assert_eq!(s.offer(1, 0, 0, 0), Offer::Admit);
+        // One upload runs, fewer than 2: a second copy of chunk 0 may start.
+        assert_eq!(s.offer(2, 0, 0, 0), Offer::Admit);
+        // Two run: the cap holds again.
+        assert_eq!(s.offer(3, 0, 0, 0), Offer::Queued);
+        assert_eq!(s.offer(4, 0, 1, 0), Offer::Admit);
+        assert_eq!(s.finished(4, 1), Vec::<u32>::new());
+        assert_eq!(s.finished(1, 2), vec![3]);
     }
 
     #[test]
@@ -577,9 +602,11 @@ mod tests {
             queued in 0..6u32,
             cap in 0..3u32,
             alone in any::<bool>(),
+            min_active in 0..3u32,
             ops in proptest::collection::vec(op(), 1..200),
         ) {
             let mut s = per_chunk(active, queued, cap, alone);
+            s.config.min_active = min_active;
             let mut now = 0u64;
             // Our model: request → (state, since).
             let mut waiting: BTreeMap<u32, u64> = BTreeMap::new();
@@ -631,7 +658,7 @@ mod tests {
                 );
                 for (k, i) in s.active.values() {
                     let n = s.active.values().filter(|(k2, i2)| k2 == k && i2 == i).count() as u32;
-                    prop_assert!(cap == 0 || n <= cap);
+                    prop_assert!(cap == 0 || min_active > 0 || n <= cap);
                 }
                 for (&r, &since) in &waiting {
                     prop_assert!(s.is_queued(&r));

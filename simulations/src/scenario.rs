@@ -144,7 +144,8 @@ impl Params {
 
     /// Overrides for experiments, `key=value` separated by commas (the `SHOAL_SIM_TUNE`
     /// environment variable): `provider_limit`, `lookup_interval_ms`, `have_poll_ms`,
-    /// `serve_active`, `serve_queue`, `serve_wait_ms` (the `ServeConfig`), `serve_limit=N`
+    /// `serve_active`, `serve_queue`, `serve_wait_ms`, `serve_per_chunk`, `serve_first_alone`,
+    /// `serve_min_active` (the `ServeConfig`), `serve_limit=N`
     /// (the old sender model: N uploads at once, no queue), `rtt_us`, `detect_us`, and the `DownloadConfig` fields `min_pipeline`,
     /// `max_pipeline`, `pipeline_target_ms`, `in_order_bias`, `initial_peer_rate`,
     /// `endgame_max_requests`, `busy_backoff_ms`, `timeout_floor_ms`, `upstream_grace_ms`,
@@ -178,6 +179,7 @@ impl Params {
                 "serve_wait_ms" => self.serve.max_wait_ms = v,
                 "serve_per_chunk" => self.serve.max_active_per_chunk = v as u32,
                 "serve_first_alone" => self.serve.first_copy_alone = v != 0,
+                "serve_min_active" => self.serve.min_active = v as u32,
                 "rtt_us" => self.rtt_us = v,
                 "detect_us" => self.detect_us = v,
                 "min_pipeline" => d.min_pipeline = v as u32,
