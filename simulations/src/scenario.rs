@@ -1,6 +1,7 @@
 //! The named scenarios and their parameters.
 
 use shoal_protocol::chunk::DEFAULT_CHUNK_SIZE;
+use shoal_protocol::serve::ServeConfig;
 use shoal_protocol::swarm::{DownloadConfig, HAVE_POLL_MS, LOOKUP_INTERVAL_MS, PROVIDER_LIMIT};
 
 /// Decimal megabyte, as Kraken's published numbers use.
@@ -55,9 +56,9 @@ pub struct Params {
     pub wan: u64,
     /// The site the upstream sits in; `None`: outside every site (reached over the WAN).
     pub upstream_site: Option<usize>,
-    /// Most chunk requests a node serves at once; more are answered `Busy`
-    /// (the daemon's `PeerConfig::max_concurrent_serves`).
-    pub serve_limit: u32,
+    /// How a node schedules the chunk requests it serves (`shoal_protocol::serve`): uploads
+    /// at once, requests queued, the longest wait.
+    pub serve: ServeConfig,
     /// Simulated time after which the run stops even if nodes are incomplete.
     pub time_limit_us: u64,
     /// Providers per lookup and most peers per download (`swarm::PROVIDER_LIMIT`).
@@ -97,7 +98,7 @@ impl Params {
             sites: 1,
             wan: u64::MAX,
             upstream_site: None,
-            serve_limit: 32,
+            serve: ServeConfig::default(),
             time_limit_us: 3_600_000_000,
             provider_limit: PROVIDER_LIMIT,
             lookup_interval_ms: LOOKUP_INTERVAL_MS,
@@ -143,7 +144,9 @@ impl Params {
 
     /// Overrides for experiments, `key=value` separated by commas (the `SHOAL_SIM_TUNE`
     /// environment variable): `provider_limit`, `lookup_interval_ms`, `have_poll_ms`,
-    /// `serve_limit`, `rtt_us`, `detect_us`, and the `DownloadConfig` fields `min_pipeline`,
+    /// `serve_active`, `serve_queue`, `serve_wait_ms`, `serve_per_chunk`, `serve_first_alone`,
+    /// `serve_min_active` (the `ServeConfig`), `serve_limit=N`
+    /// (the old sender model: N uploads at once, no queue), `rtt_us`, `detect_us`, and the `DownloadConfig` fields `min_pipeline`,
     /// `max_pipeline`, `pipeline_target_ms`, `in_order_bias`, `initial_peer_rate`,
     /// `endgame_max_requests`, `busy_backoff_ms`, `timeout_floor_ms`, `upstream_grace_ms`,
     /// `takeover_after_ms`, `slow_swarm_percent`, `max_in_flight_bytes`; `shared_seed=1` (every
@@ -164,7 +167,19 @@ impl Params {
                 "provider_limit" => self.provider_limit = v as usize,
                 "lookup_interval_ms" => self.lookup_interval_ms = v,
                 "have_poll_ms" => self.have_poll_ms = v,
-                "serve_limit" => self.serve_limit = v as u32,
+                // The old sender model: `v` uploads at once, no queue, more get `Busy`.
+                "serve_limit" => {
+                    self.serve.max_active = v as u32;
+                    self.serve.max_queued = 0;
+                    self.serve.max_active_per_chunk = 0;
+                    self.serve.first_copy_alone = false;
+                }
+                "serve_active" => self.serve.max_active = v as u32,
+                "serve_queue" => self.serve.max_queued = v as u32,
+                "serve_wait_ms" => self.serve.max_wait_ms = v,
+                "serve_per_chunk" => self.serve.max_active_per_chunk = v as u32,
+                "serve_first_alone" => self.serve.first_copy_alone = v != 0,
+                "serve_min_active" => self.serve.min_active = v as u32,
                 "rtt_us" => self.rtt_us = v,
                 "detect_us" => self.detect_us = v,
                 "min_pipeline" => d.min_pipeline = v as u32,

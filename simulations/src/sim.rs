@@ -6,6 +6,7 @@ use std::time::Instant;
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 use shoal_protocol::chunk::ChunkLayout;
+use shoal_protocol::serve::{Offer, ServeScheduler};
 use shoal_protocol::swarm::{
     designated_seeders, Action, Download, DownloadConfig, FailReason, Have, PeerId, SeedPlan,
 };
@@ -56,6 +57,8 @@ enum Ev {
     Die { node: u32 },
     /// Recompute the rates of a busy node's flows.
     Rebalance { node: u32 },
+    /// The node's `ServeScheduler::next_wakeup`: requests that waited too long get `Busy`.
+    ServeWake { node: u32 },
     /// Print a progress line to stderr (`SHOAL_SIM_TRACE=1`; not part of the log).
     Trace,
 }
@@ -76,6 +79,7 @@ impl Ev {
             Ev::Die { node } => (8, node, 0),
             Ev::Rebalance { node } => (9, node, 0),
             Ev::Trace => (10, 0, 0),
+            Ev::ServeWake { node } => (11, node, 0),
         }
     }
 }
@@ -127,7 +131,11 @@ struct Node {
     poisoned: bool,
     up_flows: Vec<u32>,
     down_flows: Vec<u32>,
-    serving: u32,
+    /// Which chunk requests reaching this node it uploads, queues or refuses (by flow id,
+    /// blob index).
+    serve: ServeScheduler<u32, u32>,
+    /// The pending `ServeWake` event's time (`u64::MAX`: none).
+    serve_wake_at: u64,
     start: u64,
     done_blobs: u32,
     done_at: Option<u64>,
@@ -219,8 +227,12 @@ pub struct Report {
     pub wasted_bytes: u64,
     /// `Action::Ban`s emitted (a node banning a peer).
     pub bans: u64,
-    /// Chunk requests answered `Busy` (sender at its serving limit).
+    /// Chunk requests answered `Busy` (sender's serve queue full, or waited too long).
     pub busy: u64,
+    /// Of which after waiting in the sender's queue for `max_wait_ms`.
+    pub busy_after_wait: u64,
+    /// Chunk requests that waited in a sender's queue before their upload started.
+    pub queued: u64,
     /// Chunk requests to dead nodes.
     pub dead_requests: u64,
     /// Nodes that died.
@@ -267,7 +279,7 @@ pub struct Sim {
     logbuf: Vec<u8>,
     unfinished: usize,
     scratch: Vec<u64>,
-    kinds: [u64; 11],
+    kinds: [u64; 12],
     r: Report,
 }
 
@@ -312,7 +324,8 @@ impl Sim {
                 poisoned: false,
                 up_flows: Vec::new(),
                 down_flows: Vec::new(),
-                serving: 0,
+                serve: ServeScheduler::new(p.serve.clone()),
+                serve_wake_at: u64::MAX,
                 start: 0,
                 done_blobs: 0,
                 done_at: None,
@@ -386,6 +399,8 @@ impl Sim {
             wasted_bytes: 0,
             bans: 0,
             busy: 0,
+            busy_after_wait: 0,
+            queued: 0,
             dead_requests: 0,
             deaths: 0,
             poisoned: poisoned.len(),
@@ -418,7 +433,7 @@ impl Sim {
             logbuf: Vec::with_capacity(1 << 16),
             unfinished: p.nodes,
             scratch: Vec::new(),
-            kinds: [0; 11],
+            kinds: [0; 12],
             r,
             p,
         };
@@ -587,6 +602,7 @@ impl Sim {
             }
             Ev::Die { node } => self.on_die(node),
             Ev::Trace => {}
+            Ev::ServeWake { node } => self.on_serve_wake(node),
             Ev::Rebalance { node } => {
                 self.nodes[node as usize].rebalance_pending = false;
                 self.level(node, true);
@@ -1056,16 +1072,66 @@ impl Sim {
                 );
                 return;
             }
-            if s.serving >= self.p.serve_limit {
-                self.r.busy += 1;
-                self.take_inflight(task, flow);
-                self.kill_flow(flow);
-                self.on_fail(task, src, index, FailReason::Busy);
-                return;
+            let b = task % self.nb;
+            match self.nodes[src as usize]
+                .serve
+                .offer(flow, b, index, ms(self.now))
+            {
+                Offer::Admit => {}
+                Offer::Queued => {
+                    self.r.queued += 1;
+                    self.serve_wake(src);
+                    return;
+                }
+                Offer::Busy => {
+                    self.r.busy += 1;
+                    self.take_inflight(task, flow);
+                    self.kill_flow(flow);
+                    self.on_fail(task, src, index, FailReason::Busy);
+                    return;
+                }
             }
-            self.nodes[src as usize].serving += 1;
         }
         self.activate(flow);
+    }
+
+    /// Arms the sender's `ServeWake` for its scheduler's next deadline (if earlier than the one
+    /// pending).
+    fn serve_wake(&mut self, node: u32) {
+        let n = &self.nodes[node as usize];
+        let Some(w) = n.serve.next_wakeup() else {
+            return;
+        };
+        let at = (w * 1000).max(self.now);
+        if at < n.serve_wake_at {
+            self.nodes[node as usize].serve_wake_at = at;
+            self.push(at, Ev::ServeWake { node });
+        }
+    }
+
+    /// A sender's queued requests that waited too long are answered `Busy`.
+    fn on_serve_wake(&mut self, node: u32) {
+        if self.nodes[node as usize].serve_wake_at != self.now {
+            return;
+        }
+        self.nodes[node as usize].serve_wake_at = u64::MAX;
+        if !self.nodes[node as usize].alive {
+            return;
+        }
+        let expired = self.nodes[node as usize].serve.poll_timeouts(ms(self.now));
+        for flow in expired {
+            let f = &self.flows[flow as usize];
+            if !f.live {
+                continue;
+            }
+            let (task, index) = (f.task, f.index);
+            self.r.busy += 1;
+            self.r.busy_after_wait += 1;
+            self.take_inflight(task, flow);
+            self.kill_flow(flow);
+            self.on_fail(task, node, index, FailReason::Busy);
+        }
+        self.serve_wake(node);
     }
 
     fn activate(&mut self, flow: u32) {
@@ -1106,8 +1172,7 @@ impl Sim {
         if !f.active {
             return;
         }
-        let (src, dst, up_pos, down_pos, wan, kind) =
-            (f.src, f.dst, f.up_pos, f.down_pos, f.wan, f.kind);
+        let (src, dst, up_pos, down_pos, wan) = (f.src, f.dst, f.up_pos, f.down_pos, f.wan);
         let list = &mut self.nodes[src as usize].up_flows;
         list.swap_remove(up_pos as usize);
         if let Some(&moved) = list.get(up_pos as usize) {
@@ -1117,10 +1182,6 @@ impl Sim {
         list.swap_remove(down_pos as usize);
         if let Some(&moved) = list.get(down_pos as usize) {
             self.flows[moved as usize].down_pos = down_pos;
-        }
-        if kind == Kind::Chunk {
-            let s = &mut self.nodes[src as usize];
-            s.serving = s.serving.saturating_sub(1);
         }
         if wan {
             let (ss, ds) = (self.nodes[src as usize].site, self.nodes[dst as usize].site);
@@ -1154,7 +1215,22 @@ impl Sim {
         f.live = false;
         f.active = false;
         f.gen = f.gen.wrapping_add(1);
+        let (src, kind, sent) = (f.src, f.kind, f.done >= f.total);
         self.free.push(flow);
+        // A chunk request the sender had admitted or queued frees its place: the sender's
+        // scheduler admits queued requests in its stead.
+        if kind == Kind::Chunk && self.nodes[src as usize].alive {
+            let now = ms(self.now);
+            let s = &mut self.nodes[src as usize].serve;
+            let admitted = if sent {
+                s.finished(flow, now)
+            } else {
+                s.cancelled(flow, now)
+            };
+            for a in admitted {
+                self.activate(a);
+            }
+        }
     }
 
     /// After a node's flow count changed: recompute the rates of its flows in that direction
@@ -1403,8 +1479,10 @@ impl Sim {
         if n.done_at.is_none() {
             self.unfinished -= 1;
         }
-        // Its uploads stop; their receivers notice after the detection delay.
-        let ups = self.nodes[node as usize].up_flows.clone();
+        // Its uploads stop; their receivers notice after the detection delay, as do those of
+        // the requests it had queued.
+        let mut ups = self.nodes[node as usize].up_flows.clone();
+        ups.extend(self.nodes[node as usize].serve.drain());
         let at = self.now + self.p.detect_us;
         for f in ups {
             let fl = &self.flows[f as usize];

@@ -91,3 +91,21 @@ fn radix_queue_pops_in_key_order_like_a_heap() {
         }
     }
 }
+
+#[test]
+fn the_serve_scheduler_beats_the_old_fixed_limit_at_8_nodes() {
+    // The namespace harness's case (tools/cluster): 8 hosts at 100 Mbit/s, 128 MiB in 4 layers.
+    let cal = "rate=12500000,upstream_egress=125000000,image_bytes=134217728,layers=4";
+    let mut new = Params::scenario("cold-start").expect("scenario");
+    new.nodes = 8;
+    new.tune(cal).expect("tune");
+    let mut old = new.clone();
+    old.tune("serve_limit=32").expect("tune");
+    assert_eq!((old.serve.max_active, old.serve.max_queued), (32, 0));
+    let (new, old) = (run(new), run(old));
+    assert_eq!(new.completed, 8, "{new:?}");
+    assert!(new.queued > 0, "{new:?}");
+    assert_eq!(old.queued, 0, "{old:?}");
+    assert!(new.p99_s * 1.5 < old.p99_s, "new {new:?} old {old:?}");
+    assert!(new.upstream_copies <= 1.01, "{new:?}");
+}
