@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
+use shoal_protocol::serve::ServeConfig;
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
@@ -113,6 +114,15 @@ pub struct RunArgs {
     /// Test-only fault injection: serve corrupt chunks to peers (a poisoned peer).
     #[arg(long, hide = true)]
     pub fault_corrupt_chunks: bool,
+    /// Experiments: chunk uploads at once [default: the serve scheduler's].
+    #[arg(long, hide = true)]
+    pub serve_uploads: Option<u32>,
+    /// Experiments: chunk requests waiting for an upload slot (0: `Busy` when all are taken).
+    #[arg(long, hide = true)]
+    pub serve_queue: Option<u32>,
+    /// Experiments: uploads of one chunk at once (0: no cap, and no first copy alone).
+    #[arg(long, hide = true)]
+    pub serve_per_chunk: Option<u32>,
 }
 
 /// A size in the config file: a number of bytes or a string such as `"10GiB"`.
@@ -215,6 +225,8 @@ pub struct P2pConfig {
     pub seeders: usize,
     /// Fault injection for tests: serve corrupt chunks to peers.
     pub fault_corrupt_chunks: bool,
+    /// How chunk uploads are scheduled.
+    pub serve: ServeConfig,
 }
 
 /// Default chunk size for peer transfers.
@@ -233,6 +245,7 @@ impl P2pConfig {
             chunk_size: DEFAULT_CHUNK_SIZE,
             seeders: DEFAULT_SEEDERS,
             fault_corrupt_chunks: false,
+            serve: ServeConfig::default(),
         }
     }
 }
@@ -475,6 +488,20 @@ impl RunArgs {
                         return Err(invalid("peer", p, "empty peer address"));
                     }
                 }
+                let mut serve = ServeConfig::default();
+                if let Some(n) = self.serve_uploads {
+                    if n == 0 {
+                        return Err(invalid("serve-uploads", "0", "at least one upload"));
+                    }
+                    serve.max_active = n;
+                }
+                if let Some(n) = self.serve_queue {
+                    serve.max_queued = n;
+                }
+                if let Some(n) = self.serve_per_chunk {
+                    serve.max_active_per_chunk = n;
+                    serve.first_copy_alone = n != 0;
+                }
                 Some(P2pConfig {
                     listen,
                     peers,
@@ -483,6 +510,7 @@ impl RunArgs {
                     chunk_size: chunk_size as u32,
                     seeders,
                     fault_corrupt_chunks: self.fault_corrupt_chunks,
+                    serve,
                 })
             }
         };

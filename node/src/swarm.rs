@@ -105,6 +105,7 @@ impl Swarm {
         let key = ClusterKey::new(config.cluster_key.unwrap_or([0u8; 32]));
         let peer_config = PeerConfig {
             fault_corrupt_chunks: config.fault_corrupt_chunks,
+            serve: config.serve.clone(),
             ..PeerConfig::new(listen, key)
         };
         let endpoint = Endpoint::bind(peer_config, store.clone(), authorizer, peer_metrics)?;
