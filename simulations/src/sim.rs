@@ -250,7 +250,6 @@ pub struct Sim {
     nb: u32,
     up_node: u32,
     now: u64,
-    seq: u64,
     heap: RadixQueue<Ev>,
     nodes: Vec<Node>,
     tasks: Vec<Task>,
@@ -402,7 +401,6 @@ impl Sim {
             nb,
             up_node: n,
             now: 0,
-            seq: 0,
             heap: RadixQueue::default(),
             nodes,
             tasks,
@@ -449,9 +447,7 @@ impl Sim {
     }
 
     fn push(&mut self, time: u64, ev: Ev) {
-        self.seq += 1;
-        self.heap
-            .push((u128::from(time) << 64) | u128::from(self.seq), ev);
+        self.heap.push(time, ev);
     }
 
     fn log_event(&mut self, ev: &Ev) {
@@ -470,13 +466,10 @@ impl Sim {
     pub fn run(mut self) -> Report {
         let wall = Instant::now();
         while self.unfinished > 0 {
-            let Some((key, ev)) = self.heap.pop() else {
+            let Some((time, ev)) = self.heap.pop() else {
                 break;
             };
-            let e = Entry {
-                time: (key >> 64) as u64,
-                ev,
-            };
+            let e = Entry { time, ev };
             if e.time > self.p.time_limit_us {
                 break;
             }
