@@ -101,6 +101,8 @@ enum State {
 struct Known {
     id: u32,
     last: Bitfield,
+    /// `last.count_ones()`.
+    last_count: u32,
     complete: bool,
 }
 
@@ -265,8 +267,19 @@ pub struct Sim {
     log: Sha256,
     logbuf: Vec<u8>,
     unfinished: usize,
+    /// Per node: when it died (`u64::MAX`: alive); a compact copy of `Node::died_at` for the
+    /// loops over many nodes (lookups, Have polls).
+    died: Vec<u64>,
+    /// Per task: `have.count_ones()`, so a Have poll sees an unchanged provider without
+    /// touching its bitfield.
+    have_count: Vec<u32>,
     scratch: Vec<u64>,
+    /// A lookup's answer (reused).
+    found: Vec<u32>,
+    /// When the run was set up (for the trace).
+    started: Instant,
     kinds: [u64; 11],
+
     r: Report,
 }
 
@@ -415,8 +428,13 @@ impl Sim {
             log: Sha256::new(),
             logbuf: Vec::with_capacity(1 << 16),
             unfinished: p.nodes,
+            died: vec![u64::MAX; p.nodes + 1],
+            have_count: vec![0; (n * nb) as usize],
             scratch: Vec::new(),
+            found: Vec::new(),
+            started: Instant::now(),
             kinds: [0; 11],
+
             r,
             p,
         };
@@ -648,10 +666,11 @@ impl Sim {
         }
         let dl = states[3].max(1);
         eprintln!(
-            "t={:.1}s states(idle,lookup,wait,dl,stream,done,dead)={states:?} flows={flows} \
+            "t={:.1}s wall={:.1}s states(idle,lookup,wait,dl,stream,done,dead)={states:?} flows={flows} \
              rate={:.1}GB/s/{:.1}GB/s mean_rate={:.1}MB/s uploaders={ups} downloaders={downs} max_up={maxup} \
              heap={} kinds={:?} inflight/dl={:.1} peers/dl={:.1} excl/dl={:.1} useful/dl={:.1} known_useful/dl={:.1} held/dl={:.1} busy={} up_copies={:.2}",
             self.now as f64 / 1e6,
+            self.started.elapsed().as_secs_f64(),
             rate as f64 / 1e9,
             (self.p.up * self.p.nodes as u64) as f64 / 1e9,
             rate as f64 / flows.max(1) as f64 / 1e6,
@@ -685,7 +704,8 @@ impl Sim {
         let (node, b) = self.split(task);
         let list = &self.providers[b as usize];
         let visible = list.partition_point(|&(v, _)| v <= self.now);
-        let mut out: Vec<u32> = Vec::with_capacity(self.p.provider_limit);
+        let mut out = std::mem::take(&mut self.found);
+        out.clear();
         if visible <= self.p.provider_limit {
             out.extend(list[..visible].iter().map(|&(_, p)| p));
         } else {
@@ -698,7 +718,7 @@ impl Sim {
                 tries += 1;
             }
         }
-        out.retain(|&p| p != node && self.nodes[p as usize].alive);
+        out.retain(|&p| p != node && self.died[p as usize] == u64::MAX);
         out
     }
 
@@ -727,9 +747,11 @@ impl Sim {
                     if let State::Waiting(plan) = &mut t.state {
                         plan.provider_appeared(now_ms);
                     }
-                    self.start_download(task, found);
+                    self.start_download(task, &found);
+                    self.found = found;
                     return;
                 }
+                self.found = found;
                 if matches!(t.state, State::Lookup) {
                     if t.designated {
                         self.r.seeder_streams += 1;
@@ -755,6 +777,7 @@ impl Sim {
             true => {
                 let found = self.sample(task);
                 self.add_peers(task, &found);
+                self.found = found;
                 self.drive(task);
                 self.push(
                     self.now + self.p.lookup_interval_ms * 1000,
@@ -764,7 +787,7 @@ impl Sim {
         }
     }
 
-    fn start_download(&mut self, task: u32, found: Vec<u32>) {
+    fn start_download(&mut self, task: u32, found: &[u32]) {
         let (_, b) = self.split(task);
         let t = &mut self.tasks[task as usize];
         let config = DownloadConfig {
@@ -783,7 +806,7 @@ impl Sim {
         )));
         t.state = State::Downloading;
         self.announce(task);
-        self.add_peers(task, &found);
+        self.add_peers(task, found);
         self.push(self.now + self.p.have_poll_ms * 1000, Ev::HavePoll { task });
         self.push(
             self.now + self.p.lookup_interval_ms * 1000,
@@ -818,6 +841,7 @@ impl Sim {
             self.tasks[task as usize].peers.push(Known {
                 id: p,
                 last: have,
+                last_count: self.have_count[(p * self.nb + b) as usize],
                 complete,
             });
         }
@@ -837,9 +861,9 @@ impl Sim {
         };
         let mut peers = std::mem::take(&mut self.tasks[task as usize].peers);
         peers.retain_mut(|k| {
-            let node = &self.nodes[k.id as usize];
-            if !node.alive {
-                if self.now >= node.died_at.saturating_add(detect) {
+            let died = self.died[k.id as usize];
+            if died != u64::MAX {
+                if self.now >= died.saturating_add(detect) {
                     dl.remove_peer(pid(k.id), now_ms);
                     return false;
                 }
@@ -848,10 +872,11 @@ impl Sim {
             if k.complete {
                 return true;
             }
-            let cur = &self.tasks[(k.id * self.nb + b) as usize].have;
-            if cur.count_ones() == k.last.count_ones() {
+            let count = self.have_count[(k.id * self.nb + b) as usize];
+            if count == k.last_count {
                 return true;
             }
+            let cur = &self.tasks[(k.id * self.nb + b) as usize].have;
             for (i, (&c, &l)) in cur.as_bytes().iter().zip(k.last.as_bytes()).enumerate() {
                 let new = c & !l;
                 if new == 0 {
@@ -863,7 +888,8 @@ impl Sim {
                     }
                 }
             }
-            k.last = cur.clone();
+            k.last.clone_from(cur);
+            k.last_count = count;
             k.complete = cur.is_full();
             true
         });
@@ -1319,7 +1345,7 @@ impl Sim {
         let now_ms = ms(self.now);
         match kind {
             Kind::Stream => {
-                self.tasks[task as usize].have.set(index);
+                self.mark_have(task, index);
                 let count = self.tasks[task as usize].have.len();
                 if index + 1 >= count {
                     self.deactivate(flow);
@@ -1345,7 +1371,7 @@ impl Sim {
                     dl.chunk_failed(pid(src), index, FailReason::Corrupt, now_ms);
                 } else {
                     self.r.peer_bytes += total;
-                    self.tasks[task as usize].have.set(index);
+                    self.mark_have(task, index);
                     dl.chunk_received(pid(src), index, total, now_ms);
                 }
                 self.tasks[task as usize].dl = Some(dl);
@@ -1358,12 +1384,19 @@ impl Sim {
                 if !matches!(self.tasks[task as usize].state, State::Downloading) {
                     return;
                 }
-                self.tasks[task as usize].have.set(index);
+                self.mark_have(task, index);
                 if let Some(dl) = self.tasks[task as usize].dl.as_mut() {
                     dl.upstream_received(index, now_ms);
                 }
                 self.drive(task);
             }
+        }
+    }
+
+    /// The task now holds chunk `index` verified (and serves it).
+    fn mark_have(&mut self, task: u32, index: u32) {
+        if self.tasks[task as usize].have.set(index) {
+            self.have_count[task as usize] += 1;
         }
     }
 
@@ -1393,6 +1426,7 @@ impl Sim {
         let n = &mut self.nodes[node as usize];
         n.alive = false;
         n.died_at = self.now;
+        self.died[node as usize] = self.now;
         if n.done_at.is_none() {
             self.unfinished -= 1;
         }
