@@ -58,6 +58,9 @@ enum Ev {
     Rebalance { node: u32 },
     /// Print a progress line to stderr (`SHOAL_SIM_TRACE=1`; not part of the log).
     Trace,
+    /// Recompute the levels and rates of the nodes whose flows changed in this microsecond
+    /// (queued behind the events of the same time known so far; not part of the log).
+    Flush,
 }
 
 impl Ev {
@@ -76,6 +79,7 @@ impl Ev {
             Ev::Die { node } => (8, node, 0),
             Ev::Rebalance { node } => (9, node, 0),
             Ev::Trace => (10, 0, 0),
+            Ev::Flush => (11, 0, 0),
         }
     }
 }
@@ -134,6 +138,8 @@ struct Node {
     done_blobs: u32,
     done_at: Option<u64>,
     rebalance_pending: bool,
+    /// Levels to recompute at the next [`Ev::Flush`]: bit 0 upload, bit 1 download.
+    dirty: u8,
     /// Water levels: the most any one upload (download) flow of this node may get; see
     /// [`Sim::level`].
     lvl_up: u64,
@@ -279,7 +285,10 @@ pub struct Sim {
     /// When the run was set up (for the trace).
     started: Instant,
     kinds: [u64; 11],
-
+    /// (node, upload?) whose level and flow rates are to be recomputed at the pending
+    /// [`Ev::Flush`], in the order they changed.
+    dirty: Vec<(u32, bool)>,
+    flush_pending: bool,
     r: Report,
 }
 
@@ -329,6 +338,7 @@ impl Sim {
                 done_blobs: 0,
                 done_at: None,
                 rebalance_pending: false,
+                dirty: 0,
                 lvl_up: if i == n { p.upstream_egress } else { p.up },
                 lvl_down: p.down,
             })
@@ -434,7 +444,8 @@ impl Sim {
             found: Vec::new(),
             started: Instant::now(),
             kinds: [0; 11],
-
+            dirty: Vec::new(),
+            flush_pending: false,
             r,
             p,
         };
@@ -492,9 +503,16 @@ impl Sim {
                 break;
             }
             self.now = e.time;
-            if matches!(e.ev, Ev::Trace) {
-                self.trace();
-                continue;
+            match e.ev {
+                Ev::Trace => {
+                    self.trace();
+                    continue;
+                }
+                Ev::Flush => {
+                    self.flush();
+                    continue;
+                }
+                _ => {}
             }
             self.r.events += 1;
             self.kinds[e.ev.log_fields().0 as usize] += 1;
@@ -597,7 +615,7 @@ impl Sim {
                 self.on_fail(task, peer, index, reason);
             }
             Ev::Die { node } => self.on_die(node),
-            Ev::Trace => {}
+            Ev::Trace | Ev::Flush => {}
             Ev::Rebalance { node } => {
                 self.nodes[node as usize].rebalance_pending = false;
                 self.level(node, true);
@@ -1177,7 +1195,8 @@ impl Sim {
     }
 
     /// After a node's flow count changed: recompute the rates of its flows in that direction
-    /// (at once if few, else within `REBALANCE_US`).
+    /// (once every flow start and end of this microsecond is known, if few; else within
+    /// `REBALANCE_US`).
     fn recompute(&mut self, node: u32, up: bool) {
         let n = &self.nodes[node as usize];
         let len = if up {
@@ -1192,6 +1211,38 @@ impl Sim {
             }
             return;
         }
+        let bit = if up { 1 } else { 2 };
+        if n.dirty & bit == 0 {
+            self.nodes[node as usize].dirty |= bit;
+            self.dirty.push((node, up));
+            if !self.flush_pending {
+                self.flush_pending = true;
+                self.push(self.now, Ev::Flush);
+            }
+        }
+    }
+
+    /// The recomputations [`Sim::recompute`] deferred to the end of the microsecond: each
+    /// node's level and its flows' rates once, however many of its flows started or ended.
+    fn flush(&mut self) {
+        self.flush_pending = false;
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for &(node, up) in &dirty {
+            self.nodes[node as usize].dirty &= if up { !1 } else { !2 };
+            self.rates_now(node, up);
+        }
+        dirty.clear();
+        self.dirty = dirty;
+    }
+
+    /// Recomputes a node's level in one direction and the rates of its flows in it.
+    fn rates_now(&mut self, node: u32, up: bool) {
+        let n = &self.nodes[node as usize];
+        let len = if up {
+            n.up_flows.len()
+        } else {
+            n.down_flows.len()
+        };
         self.level(node, up);
         for i in 0..len {
             let n = &self.nodes[node as usize];
