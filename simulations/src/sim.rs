@@ -131,8 +131,10 @@ struct Node {
     alive: bool,
     died_at: u64,
     poisoned: bool,
-    up_flows: Vec<u32>,
-    down_flows: Vec<u32>,
+    /// Active flows out of (into) this node, each with the node at its other end (so a level
+    /// is computed from [`Sim::lvl`] without reading the flows).
+    up_flows: Vec<(u32, u32)>,
+    down_flows: Vec<(u32, u32)>,
     serving: u32,
     start: u64,
     done_blobs: u32,
@@ -140,10 +142,6 @@ struct Node {
     rebalance_pending: bool,
     /// Levels to recompute at the next [`Ev::Flush`]: bit 0 upload, bit 1 download.
     dirty: u8,
-    /// Water levels: the most any one upload (download) flow of this node may get; see
-    /// [`Sim::level`].
-    lvl_up: u64,
-    lvl_down: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,6 +274,10 @@ pub struct Sim {
     /// Per node: when it died (`u64::MAX`: alive); a compact copy of `Node::died_at` for the
     /// loops over many nodes (lookups, Have polls).
     died: Vec<u64>,
+    /// Per node: its water levels, upload and download: the most any one upload (download)
+    /// flow of the node may get; see [`Sim::level`]. Apart from the nodes for the loops over
+    /// many flows.
+    lvl: Vec<[u64; 2]>,
     /// Per task: `have.count_ones()`, so a Have poll sees an unchanged provider without
     /// touching its bitfield.
     have_count: Vec<u32>,
@@ -301,6 +303,11 @@ fn pidx(p: &PeerId) -> u32 {
     let mut be = [0u8; 8];
     be.copy_from_slice(&b[..8]);
     u64::from_be_bytes(be) as u32
+}
+
+/// The flows of a node's flow list.
+fn flow_ids(list: &[(u32, u32)]) -> Vec<u32> {
+    list.iter().map(|e| e.0).collect()
 }
 
 fn ms(us: u64) -> u64 {
@@ -339,8 +346,6 @@ impl Sim {
                 done_at: None,
                 rebalance_pending: false,
                 dirty: 0,
-                lvl_up: if i == n { p.upstream_egress } else { p.up },
-                lvl_down: p.down,
             })
             .collect();
         let poisoned = rng.pick(
@@ -439,6 +444,9 @@ impl Sim {
             logbuf: Vec::with_capacity(1 << 16),
             unfinished: p.nodes,
             died: vec![u64::MAX; p.nodes + 1],
+            lvl: (0..=n)
+                .map(|i| [if i == n { p.upstream_egress } else { p.up }, p.down])
+                .collect(),
             have_count: vec![0; (n * nb) as usize],
             scratch: Vec::new(),
             found: Vec::new(),
@@ -524,7 +532,7 @@ impl Sim {
 
     fn finish(mut self, wall: Instant) -> Report {
         // Settle the upstream's bytes in flight at the end (only if the run was cut short).
-        let ups: Vec<u32> = self.nodes[self.up_node as usize].up_flows.clone();
+        let ups: Vec<u32> = flow_ids(&self.nodes[self.up_node as usize].up_flows);
         for f in ups {
             self.settle(f);
         }
@@ -620,8 +628,13 @@ impl Sim {
                 self.nodes[node as usize].rebalance_pending = false;
                 self.level(node, true);
                 self.level(node, false);
-                let mut all = self.nodes[node as usize].up_flows.clone();
-                all.extend_from_slice(&self.nodes[node as usize].down_flows);
+                let n = &self.nodes[node as usize];
+                let all: Vec<u32> = n
+                    .up_flows
+                    .iter()
+                    .chain(&n.down_flows)
+                    .map(|e| e.0)
+                    .collect();
                 for f in all {
                     self.update_rate(f);
                 }
@@ -1114,9 +1127,9 @@ impl Sim {
             (f.src, f.dst)
         };
         let up_pos = self.nodes[src as usize].up_flows.len() as u32;
-        self.nodes[src as usize].up_flows.push(flow);
+        self.nodes[src as usize].up_flows.push((flow, dst));
         let down_pos = self.nodes[dst as usize].down_flows.len() as u32;
-        self.nodes[dst as usize].down_flows.push(flow);
+        self.nodes[dst as usize].down_flows.push((flow, src));
         let (ss, ds) = (self.nodes[src as usize].site, self.nodes[dst as usize].site);
         let wan = self.p.sites > 1 && ss != ds;
         if wan {
@@ -1147,12 +1160,12 @@ impl Sim {
             (f.src, f.dst, f.up_pos, f.down_pos, f.wan, f.kind);
         let list = &mut self.nodes[src as usize].up_flows;
         list.swap_remove(up_pos as usize);
-        if let Some(&moved) = list.get(up_pos as usize) {
+        if let Some(&(moved, _)) = list.get(up_pos as usize) {
             self.flows[moved as usize].up_pos = up_pos;
         }
         let list = &mut self.nodes[dst as usize].down_flows;
         list.swap_remove(down_pos as usize);
-        if let Some(&moved) = list.get(down_pos as usize) {
+        if let Some(&(moved, _)) = list.get(down_pos as usize) {
             self.flows[moved as usize].down_pos = down_pos;
         }
         if kind == Kind::Chunk {
@@ -1246,7 +1259,11 @@ impl Sim {
         self.level(node, up);
         for i in 0..len {
             let n = &self.nodes[node as usize];
-            let f = if up { n.up_flows[i] } else { n.down_flows[i] };
+            let f = if up {
+                n.up_flows[i].0
+            } else {
+                n.down_flows[i].0
+            };
             self.update_rate(f);
         }
     }
@@ -1259,14 +1276,15 @@ impl Sim {
         caps.clear();
         let n = &self.nodes[node as usize];
         let list = if up { &n.up_flows } else { &n.down_flows };
-        for &f in list {
-            let fl = &self.flows[f as usize];
-            let other = if up {
-                self.nodes[fl.dst as usize].lvl_down
-            } else {
-                self.nodes[fl.src as usize].lvl_up
-            };
-            caps.push(other.min(self.wan_share(fl)));
+        // The other end's level in the other direction.
+        let od = usize::from(up);
+        if self.p.sites > 1 {
+            for &(f, other) in list {
+                let wan = self.wan_share(&self.flows[f as usize]);
+                caps.push(self.lvl[other as usize][od].min(wan));
+            }
+        } else {
+            caps.extend(list.iter().map(|&(_, other)| self.lvl[other as usize][od]));
         }
         caps.sort_unstable();
         let cap = if up { n.up } else { n.down };
@@ -1281,12 +1299,7 @@ impl Sim {
             }
             left -= c;
         }
-        let n = &mut self.nodes[node as usize];
-        if up {
-            n.lvl_up = level.max(1);
-        } else {
-            n.lvl_down = level.max(1);
-        }
+        self.lvl[node as usize][usize::from(!up)] = level.max(1);
         self.scratch = caps;
     }
 
@@ -1311,10 +1324,10 @@ impl Sim {
     /// and its WAN share.
     fn fair_rate(&self, flow: u32) -> u64 {
         let f = &self.flows[flow as usize];
-        let s = &self.nodes[f.src as usize];
-        let d = &self.nodes[f.dst as usize];
-        let mut rate = s.lvl_up.min(d.lvl_down);
+        let mut rate = self.lvl[f.src as usize][0].min(self.lvl[f.dst as usize][1]);
         if f.wan {
+            let s = &self.nodes[f.src as usize];
+            let d = &self.nodes[f.dst as usize];
             if s.site != OUTSIDE {
                 rate = rate.min(self.p.wan / u64::from(self.wan_out[s.site as usize].max(1)));
             }
@@ -1482,7 +1495,7 @@ impl Sim {
             self.unfinished -= 1;
         }
         // Its uploads stop; their receivers notice after the detection delay.
-        let ups = self.nodes[node as usize].up_flows.clone();
+        let ups = flow_ids(&self.nodes[node as usize].up_flows);
         let at = self.now + self.p.detect_us;
         for f in ups {
             let fl = &self.flows[f as usize];
@@ -1513,7 +1526,7 @@ impl Sim {
                 self.kill_flow(f);
             }
         }
-        let downs = self.nodes[node as usize].down_flows.clone();
+        let downs = flow_ids(&self.nodes[node as usize].down_flows);
         for f in downs {
             self.kill_flow(f);
         }
