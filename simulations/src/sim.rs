@@ -281,6 +281,11 @@ pub struct Sim {
     /// Per task: `have.count_ones()`, so a Have poll sees an unchanged provider without
     /// touching its bitfield.
     have_count: Vec<u32>,
+    /// Per task: the tasks that added it as a provider (stale entries are harmless), so a
+    /// chunk it gains marks their next Have poll as having something to read.
+    watchers: Vec<Vec<u32>>,
+    /// Per task: a provider it added gained a chunk since its last Have poll.
+    poll_dirty: Vec<bool>,
     scratch: Vec<u64>,
     /// A lookup's answer (reused).
     found: Vec<u32>,
@@ -448,6 +453,8 @@ impl Sim {
                 .map(|i| [if i == n { p.upstream_egress } else { p.up }, p.down])
                 .collect(),
             have_count: vec![0; (n * nb) as usize],
+            watchers: vec![Vec::new(); (n * nb) as usize],
+            poll_dirty: vec![false; (n * nb) as usize],
             scratch: Vec::new(),
             found: Vec::new(),
             started: Instant::now(),
@@ -869,6 +876,7 @@ impl Sim {
                 Have::Bits(have.clone())
             };
             dl.add_peer(pid(p), h, now_ms);
+            self.watchers[(p * self.nb + b) as usize].push(task);
             self.tasks[task as usize].peers.push(Known {
                 id: p,
                 last: have,
@@ -887,6 +895,14 @@ impl Sim {
         let (_, b) = self.split(task);
         let now_ms = ms(self.now);
         let detect = self.p.detect_us;
+        // Nothing to learn from the providers (none gained a chunk since the last poll, and no
+        // node died): straight to driving the download, as the full pass would.
+        if !self.poll_dirty[task as usize] && self.r.deaths == 0 {
+            self.drive(task);
+            self.push(self.now + self.p.have_poll_ms * 1000, Ev::HavePoll { task });
+            return;
+        }
+        self.poll_dirty[task as usize] = false;
         let Some(mut dl) = self.tasks[task as usize].dl.take() else {
             return;
         };
@@ -1461,6 +1477,9 @@ impl Sim {
     fn mark_have(&mut self, task: u32, index: u32) {
         if self.tasks[task as usize].have.set(index) {
             self.have_count[task as usize] += 1;
+            for &w in &self.watchers[task as usize] {
+                self.poll_dirty[w as usize] = true;
+            }
         }
     }
 
