@@ -104,8 +104,8 @@ enum State {
 /// A provider this task's `Download` knows, and what it was last seen to hold.
 struct Known {
     id: u32,
-    last: Bitfield,
-    /// `last.count_ones()`.
+    /// How many chunks it held when last seen: the first `last_count` of its
+    /// [`Sim::gained`].
     last_count: u32,
     complete: bool,
 }
@@ -281,6 +281,11 @@ pub struct Sim {
     /// Per task: `have.count_ones()`, so a Have poll sees an unchanged provider without
     /// touching its bitfield.
     have_count: Vec<u32>,
+    /// Per task: its verified chunks in the order it got them (a Have poll reads what a
+    /// provider gained since the last one from the tail).
+    gained: Vec<Vec<u32>>,
+    /// A Have poll's new chunks of one provider (reused).
+    new_chunks: Vec<u32>,
     /// Per task: the tasks that added it as a provider (stale entries are harmless), so a
     /// chunk it gains marks their next Have poll as having something to read.
     watchers: Vec<Vec<u32>>,
@@ -308,6 +313,23 @@ fn pidx(p: &PeerId) -> u32 {
     let mut be = [0u8; 8];
     be.copy_from_slice(&b[..8]);
     u64::from_be_bytes(be) as u32
+}
+
+/// `a * b / c` rounded down, in 64 bits when the product fits (it does for any chunk or blob
+/// size and time span the simulator sees), else in 128.
+fn mul_div(a: u64, b: u64, c: u64) -> u64 {
+    match a.checked_mul(b) {
+        Some(p) => p / c,
+        None => (u128::from(a) * u128::from(b) / u128::from(c)) as u64,
+    }
+}
+
+/// `a * b / c` rounded up; see [`mul_div`].
+fn mul_div_ceil(a: u64, b: u64, c: u64) -> u64 {
+    match a.checked_mul(b) {
+        Some(p) => p.div_ceil(c),
+        None => (u128::from(a) * u128::from(b)).div_ceil(u128::from(c)) as u64,
+    }
 }
 
 /// The flows of a node's flow list.
@@ -453,6 +475,8 @@ impl Sim {
                 .map(|i| [if i == n { p.upstream_egress } else { p.up }, p.down])
                 .collect(),
             have_count: vec![0; (n * nb) as usize],
+            gained: vec![Vec::new(); (n * nb) as usize],
+            new_chunks: Vec::new(),
             watchers: vec![Vec::new(); (n * nb) as usize],
             poll_dirty: vec![false; (n * nb) as usize],
             scratch: Vec::new(),
@@ -666,12 +690,9 @@ impl Sim {
                         .zip(t.have.as_bytes())
                         .any(|(c, m)| c & !m != 0);
                     useful += usize::from(u);
-                    let ku = k
-                        .last
-                        .as_bytes()
+                    let ku = self.gained[(k.id * self.nb + b) as usize][..k.last_count as usize]
                         .iter()
-                        .zip(t.have.as_bytes())
-                        .any(|(c, m)| c & !m != 0);
+                        .any(|&i| !t.have.get(i));
                     known_useful += usize::from(ku);
                 }
             }
@@ -868,7 +889,7 @@ impl Sim {
             {
                 continue;
             }
-            let have = self.tasks[(p * self.nb + b) as usize].have.clone();
+            let have = &self.tasks[(p * self.nb + b) as usize].have;
             let complete = have.is_full();
             let h = if complete {
                 Have::All
@@ -879,7 +900,6 @@ impl Sim {
             self.watchers[(p * self.nb + b) as usize].push(task);
             self.tasks[task as usize].peers.push(Known {
                 id: p,
-                last: have,
                 last_count: self.have_count[(p * self.nb + b) as usize],
                 complete,
             });
@@ -907,6 +927,8 @@ impl Sim {
             return;
         };
         let mut peers = std::mem::take(&mut self.tasks[task as usize].peers);
+        let mut new = std::mem::take(&mut self.new_chunks);
+        let full = self.layouts[b as usize].count();
         peers.retain_mut(|k| {
             let died = self.died[k.id as usize];
             if died != u64::MAX {
@@ -923,23 +945,21 @@ impl Sim {
             if count == k.last_count {
                 return true;
             }
-            let cur = &self.tasks[(k.id * self.nb + b) as usize].have;
-            for (i, (&c, &l)) in cur.as_bytes().iter().zip(k.last.as_bytes()).enumerate() {
-                let new = c & !l;
-                if new == 0 {
-                    continue;
-                }
-                for bit in 0..8u32 {
-                    if new & (0x80 >> bit) != 0 {
-                        dl.peer_has(pid(k.id), i as u32 * 8 + bit, now_ms);
-                    }
-                }
+            // Chunks are only ever gained: the new ones are the log's tail, reported in index
+            // order (as a pass over the bitfield would).
+            new.clear();
+            new.extend_from_slice(
+                &self.gained[(k.id * self.nb + b) as usize][k.last_count as usize..count as usize],
+            );
+            new.sort_unstable();
+            for &i in &new {
+                dl.peer_has(pid(k.id), i, now_ms);
             }
-            k.last.clone_from(cur);
             k.last_count = count;
-            k.complete = cur.is_full();
+            k.complete = count == full;
             true
         });
+        self.new_chunks = new;
         self.tasks[task as usize].peers = peers;
         self.tasks[task as usize].dl = Some(dl);
         self.drive(task);
@@ -1360,7 +1380,7 @@ impl Sim {
         if !f.active || now <= f.last {
             return;
         }
-        let add = (u128::from(f.rate) * u128::from(now - f.last) / 1_000_000) as u64;
+        let add = mul_div(f.rate, now - f.last, 1_000_000);
         let add = add.min(f.total - f.done);
         f.done += add;
         f.last = now;
@@ -1397,7 +1417,7 @@ impl Sim {
         let f = &self.flows[flow as usize];
         let target = self.boundary(f);
         let left = target.saturating_sub(f.done);
-        let dt = (u128::from(left) * 1_000_000).div_ceil(u128::from(f.rate.max(1))) as u64;
+        let dt = mul_div_ceil(left, 1_000_000, f.rate.max(1));
         let due = self.now + dt;
         // A finish less than STEP_SLACK_US, or 1/STEP_SLACK_DIV of the time left, earlier than
         // the pending step is left to that step: fewer queue entries, a chunk completing at most
@@ -1477,6 +1497,7 @@ impl Sim {
     fn mark_have(&mut self, task: u32, index: u32) {
         if self.tasks[task as usize].have.set(index) {
             self.have_count[task as usize] += 1;
+            self.gained[task as usize].push(index);
             for &w in &self.watchers[task as usize] {
                 self.poll_dirty[w as usize] = true;
             }
