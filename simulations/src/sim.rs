@@ -58,9 +58,6 @@ enum Ev {
     Rebalance { node: u32 },
     /// Print a progress line to stderr (`SHOAL_SIM_TRACE=1`; not part of the log).
     Trace,
-    /// Recompute the levels and rates of the nodes whose flows changed in this microsecond
-    /// (queued behind the events of the same time known so far; not part of the log).
-    Flush,
 }
 
 impl Ev {
@@ -79,7 +76,6 @@ impl Ev {
             Ev::Die { node } => (8, node, 0),
             Ev::Rebalance { node } => (9, node, 0),
             Ev::Trace => (10, 0, 0),
-            Ev::Flush => (11, 0, 0),
         }
     }
 }
@@ -140,8 +136,6 @@ struct Node {
     done_blobs: u32,
     done_at: Option<u64>,
     rebalance_pending: bool,
-    /// Levels to recompute at the next [`Ev::Flush`]: bit 0 upload, bit 1 download.
-    dirty: u8,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -297,10 +291,7 @@ pub struct Sim {
     /// When the run was set up (for the trace).
     started: Instant,
     kinds: [u64; 11],
-    /// (node, upload?) whose level and flow rates are to be recomputed at the pending
-    /// [`Ev::Flush`], in the order they changed.
-    dirty: Vec<(u32, bool)>,
-    flush_pending: bool,
+
     r: Report,
 }
 
@@ -372,7 +363,6 @@ impl Sim {
                 done_blobs: 0,
                 done_at: None,
                 rebalance_pending: false,
-                dirty: 0,
             })
             .collect();
         let poisoned = rng.pick(
@@ -483,8 +473,7 @@ impl Sim {
             found: Vec::new(),
             started: Instant::now(),
             kinds: [0; 11],
-            dirty: Vec::new(),
-            flush_pending: false,
+
             r,
             p,
         };
@@ -542,16 +531,9 @@ impl Sim {
                 break;
             }
             self.now = e.time;
-            match e.ev {
-                Ev::Trace => {
-                    self.trace();
-                    continue;
-                }
-                Ev::Flush => {
-                    self.flush();
-                    continue;
-                }
-                _ => {}
+            if matches!(e.ev, Ev::Trace) {
+                self.trace();
+                continue;
             }
             self.r.events += 1;
             self.kinds[e.ev.log_fields().0 as usize] += 1;
@@ -654,7 +636,7 @@ impl Sim {
                 self.on_fail(task, peer, index, reason);
             }
             Ev::Die { node } => self.on_die(node),
-            Ev::Trace | Ev::Flush => {}
+            Ev::Trace => {}
             Ev::Rebalance { node } => {
                 self.nodes[node as usize].rebalance_pending = false;
                 self.level(node, true);
@@ -1244,8 +1226,7 @@ impl Sim {
     }
 
     /// After a node's flow count changed: recompute the rates of its flows in that direction
-    /// (once every flow start and end of this microsecond is known, if few; else within
-    /// `REBALANCE_US`).
+    /// (at once if few, else within `REBALANCE_US`).
     fn recompute(&mut self, node: u32, up: bool) {
         let n = &self.nodes[node as usize];
         let len = if up {
@@ -1260,38 +1241,6 @@ impl Sim {
             }
             return;
         }
-        let bit = if up { 1 } else { 2 };
-        if n.dirty & bit == 0 {
-            self.nodes[node as usize].dirty |= bit;
-            self.dirty.push((node, up));
-            if !self.flush_pending {
-                self.flush_pending = true;
-                self.push(self.now, Ev::Flush);
-            }
-        }
-    }
-
-    /// The recomputations [`Sim::recompute`] deferred to the end of the microsecond: each
-    /// node's level and its flows' rates once, however many of its flows started or ended.
-    fn flush(&mut self) {
-        self.flush_pending = false;
-        let mut dirty = std::mem::take(&mut self.dirty);
-        for &(node, up) in &dirty {
-            self.nodes[node as usize].dirty &= if up { !1 } else { !2 };
-            self.rates_now(node, up);
-        }
-        dirty.clear();
-        self.dirty = dirty;
-    }
-
-    /// Recomputes a node's level in one direction and the rates of its flows in it.
-    fn rates_now(&mut self, node: u32, up: bool) {
-        let n = &self.nodes[node as usize];
-        let len = if up {
-            n.up_flows.len()
-        } else {
-            n.down_flows.len()
-        };
         self.level(node, up);
         for i in 0..len {
             let n = &self.nodes[node as usize];
