@@ -1,16 +1,28 @@
-//! The event queue: a radix heap over `(time, sequence)` keys.
+//! The event queue: a radix heap over event times, first in first out among equal times.
 //!
-//! Goal: the order of a binary heap of `(time, sequence)` (so a run's event log is unchanged) at
-//! less cost at 100,000 nodes: the simulator never schedules an event before the one it is
-//! processing, so keys only grow, and a radix heap moves each entry between at most 128 buckets
-//! over its life instead of sifting it through a heap of millions on every pop.
+//! Goal: the order of a binary heap of `(time, sequence number)` (so a run's event log is the
+//! same) at less cost at 100,000 nodes: the simulator never schedules an event before the one it
+//! is processing, so times only grow, and a radix heap moves each entry between at most 65
+//! buckets over its life instead of sifting it through a heap of millions on every pop.
+//!
+//! Equal times pop in push order without a sequence number: every bucket holds its entries in
+//! push order (a push appends the newest entry, and emptying a bucket into the lower ones, all
+//! empty then, keeps the entries' relative order), and the entries at the current time wait in a
+//! first-in-first-out queue.
 
-/// A min-queue of `(key, value)` for monotone keys: every pushed key is at least the last
-/// popped one (checked in debug builds). Keys are unique in the simulator (the sequence number).
+use std::collections::VecDeque;
+
+/// A min-queue of `(time, value)` for monotone times: every pushed time is at least the last
+/// popped one (checked in debug builds); equal times pop first in, first out.
 pub struct RadixQueue<T> {
-    last: u128,
+    last: u64,
     len: usize,
-    buckets: Vec<Vec<(u128, T)>>,
+    /// The entries at `last`, in push order.
+    current: VecDeque<T>,
+    /// Bit `b` set: `buckets[b]` is not empty.
+    nonempty: u128,
+    /// `buckets[b]` (b ≥ 1): the entries whose highest bit differing from `last` is bit `b - 1`.
+    buckets: Vec<Vec<(u64, T)>>,
 }
 
 impl<T> Default for RadixQueue<T> {
@@ -18,15 +30,18 @@ impl<T> Default for RadixQueue<T> {
         RadixQueue {
             last: 0,
             len: 0,
-            buckets: (0..=128).map(|_| Vec::new()).collect(),
+            current: VecDeque::new(),
+            nonempty: 0,
+            buckets: (0..=64).map(|_| Vec::new()).collect(),
         }
     }
 }
 
 impl<T> RadixQueue<T> {
-    /// The bucket of `key`: the position of the highest bit in which it differs from `last`.
-    fn bucket(last: u128, key: u128) -> usize {
-        (128 - (key ^ last).leading_zeros()) as usize
+    /// The bucket of `time`: one more than the position of the highest bit in which it differs
+    /// from `last` (0: equal).
+    fn bucket(last: u64, time: u64) -> usize {
+        (64 - (time ^ last).leading_zeros()) as usize
     }
 
     /// Entries queued.
@@ -39,32 +54,50 @@ impl<T> RadixQueue<T> {
         self.len == 0
     }
 
-    /// Queues `value` under `key` (not below the last popped key).
-    pub fn push(&mut self, key: u128, value: T) {
-        debug_assert!(key >= self.last, "radix queue: key below the last popped");
-        let b = Self::bucket(self.last, key.max(self.last));
-        self.buckets[b].push((key, value));
+    /// Queues `value` at `time` (not before the last popped time), after every entry already
+    /// queued at that time.
+    pub fn push(&mut self, time: u64, value: T) {
+        debug_assert!(
+            time >= self.last,
+            "radix queue: time before the last popped"
+        );
         self.len += 1;
+        let b = Self::bucket(self.last, time.max(self.last));
+        if b == 0 {
+            self.current.push_back(value);
+        } else {
+            self.buckets[b].push((time, value));
+            self.nonempty |= 1 << b;
+        }
     }
 
-    /// The entry with the least key.
-    pub fn pop(&mut self) -> Option<(u128, T)> {
+    /// The entry with the least time (the first pushed among equals).
+    pub fn pop(&mut self) -> Option<(u64, T)> {
         if self.len == 0 {
             return None;
         }
-        if self.buckets[0].is_empty() {
-            // The first non-empty bucket: its least key becomes `last`, and its entries all move
-            // to lower buckets (they share every bit above the bucket's with the new `last`).
-            let b = (1..self.buckets.len()).find(|&b| !self.buckets[b].is_empty())?;
-            let entries = core::mem::take(&mut self.buckets[b]);
+        if self.current.is_empty() {
+            // The first non-empty bucket: its least time becomes `last`, and its entries all move
+            // to lower buckets (they share every bit above the bucket's with the new `last`), in
+            // order.
+            let b = self.nonempty.trailing_zeros() as usize;
+            let mut entries = core::mem::take(&mut self.buckets[b]);
+            self.nonempty &= !(1 << b);
             let min = entries.iter().map(|e| e.0).min()?;
             self.last = min;
-            for e in entries {
-                let nb = Self::bucket(min, e.0);
-                self.buckets[nb].push(e);
+            for (time, value) in entries.drain(..) {
+                let nb = Self::bucket(min, time);
+                if nb == 0 {
+                    self.current.push_back(value);
+                } else {
+                    self.buckets[nb].push((time, value));
+                    self.nonempty |= 1 << nb;
+                }
             }
+            // Keep the emptied bucket's memory for its next entries.
+            self.buckets[b] = entries;
         }
         self.len -= 1;
-        self.buckets[0].pop()
+        self.current.pop_front().map(|v| (self.last, v))
     }
 }

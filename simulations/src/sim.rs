@@ -104,7 +104,9 @@ enum State {
 /// A provider this task's `Download` knows, and what it was last seen to hold.
 struct Known {
     id: u32,
-    last: Bitfield,
+    /// How many chunks it held when last seen: the first `last_count` of its
+    /// [`Sim::gained`].
+    last_count: u32,
     complete: bool,
 }
 
@@ -129,8 +131,10 @@ struct Node {
     alive: bool,
     died_at: u64,
     poisoned: bool,
-    up_flows: Vec<u32>,
-    down_flows: Vec<u32>,
+    /// Active flows out of (into) this node, each with the node at its other end (so a level
+    /// is computed from [`Sim::lvl`] without reading the flows).
+    up_flows: Vec<(u32, u32)>,
+    down_flows: Vec<(u32, u32)>,
     /// Which chunk requests reaching this node it uploads, queues or refuses (by flow id,
     /// blob index).
     serve: ServeScheduler<u32, u32>,
@@ -140,10 +144,6 @@ struct Node {
     done_blobs: u32,
     done_at: Option<u64>,
     rebalance_pending: bool,
-    /// Water levels: the most any one upload (download) flow of this node may get; see
-    /// [`Sim::level`].
-    lvl_up: u64,
-    lvl_down: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -262,7 +262,6 @@ pub struct Sim {
     nb: u32,
     up_node: u32,
     now: u64,
-    seq: u64,
     heap: RadixQueue<Ev>,
     nodes: Vec<Node>,
     tasks: Vec<Task>,
@@ -278,7 +277,31 @@ pub struct Sim {
     log: Sha256,
     logbuf: Vec<u8>,
     unfinished: usize,
+    /// Per node: when it died (`u64::MAX`: alive); a compact copy of `Node::died_at` for the
+    /// loops over many nodes (lookups, Have polls).
+    died: Vec<u64>,
+    /// Per node: its water levels, upload and download: the most any one upload (download)
+    /// flow of the node may get; see [`Sim::level`]. Apart from the nodes for the loops over
+    /// many flows.
+    lvl: Vec<[u64; 2]>,
+    /// Per task: `have.count_ones()`, so a Have poll sees an unchanged provider without
+    /// touching its bitfield.
+    have_count: Vec<u32>,
+    /// Per task: its verified chunks in the order it got them (a Have poll reads what a
+    /// provider gained since the last one from the tail).
+    gained: Vec<Vec<u32>>,
+    /// A Have poll's new chunks of one provider (reused).
+    new_chunks: Vec<u32>,
+    /// Per task: the tasks that added it as a provider (stale entries are harmless), so a
+    /// chunk it gains marks their next Have poll as having something to read.
+    watchers: Vec<Vec<u32>>,
+    /// Per task: a provider it added gained a chunk since its last Have poll.
+    poll_dirty: Vec<bool>,
     scratch: Vec<u64>,
+    /// A lookup's answer (reused).
+    found: Vec<u32>,
+    /// When the run was set up (for the trace).
+    started: Instant,
     kinds: [u64; 12],
     r: Report,
 }
@@ -292,6 +315,28 @@ fn pidx(p: &PeerId) -> u32 {
     let mut be = [0u8; 8];
     be.copy_from_slice(&b[..8]);
     u64::from_be_bytes(be) as u32
+}
+
+/// `a * b / c` rounded down, in 64 bits when the product fits (it does for any chunk or blob
+/// size and time span the simulator sees), else in 128.
+fn mul_div(a: u64, b: u64, c: u64) -> u64 {
+    match a.checked_mul(b) {
+        Some(p) => p / c,
+        None => (u128::from(a) * u128::from(b) / u128::from(c)) as u64,
+    }
+}
+
+/// `a * b / c` rounded up; see [`mul_div`].
+fn mul_div_ceil(a: u64, b: u64, c: u64) -> u64 {
+    match a.checked_mul(b) {
+        Some(p) => p.div_ceil(c),
+        None => (u128::from(a) * u128::from(b)).div_ceil(u128::from(c)) as u64,
+    }
+}
+
+/// The flows of a node's flow list.
+fn flow_ids(list: &[(u32, u32)]) -> Vec<u32> {
+    list.iter().map(|e| e.0).collect()
 }
 
 fn ms(us: u64) -> u64 {
@@ -330,8 +375,6 @@ impl Sim {
                 done_blobs: 0,
                 done_at: None,
                 rebalance_pending: false,
-                lvl_up: if i == n { p.upstream_egress } else { p.up },
-                lvl_down: p.down,
             })
             .collect();
         let poisoned = rng.pick(
@@ -417,7 +460,6 @@ impl Sim {
             nb,
             up_node: n,
             now: 0,
-            seq: 0,
             heap: RadixQueue::default(),
             nodes,
             tasks,
@@ -432,7 +474,18 @@ impl Sim {
             log: Sha256::new(),
             logbuf: Vec::with_capacity(1 << 16),
             unfinished: p.nodes,
+            died: vec![u64::MAX; p.nodes + 1],
+            lvl: (0..=n)
+                .map(|i| [if i == n { p.upstream_egress } else { p.up }, p.down])
+                .collect(),
+            have_count: vec![0; (n * nb) as usize],
+            gained: vec![Vec::new(); (n * nb) as usize],
+            new_chunks: Vec::new(),
+            watchers: vec![Vec::new(); (n * nb) as usize],
+            poll_dirty: vec![false; (n * nb) as usize],
             scratch: Vec::new(),
+            found: Vec::new(),
+            started: Instant::now(),
             kinds: [0; 12],
             r,
             p,
@@ -464,9 +517,7 @@ impl Sim {
     }
 
     fn push(&mut self, time: u64, ev: Ev) {
-        self.seq += 1;
-        self.heap
-            .push((u128::from(time) << 64) | u128::from(self.seq), ev);
+        self.heap.push(time, ev);
     }
 
     fn log_event(&mut self, ev: &Ev) {
@@ -485,13 +536,10 @@ impl Sim {
     pub fn run(mut self) -> Report {
         let wall = Instant::now();
         while self.unfinished > 0 {
-            let Some((key, ev)) = self.heap.pop() else {
+            let Some((time, ev)) = self.heap.pop() else {
                 break;
             };
-            let e = Entry {
-                time: (key >> 64) as u64,
-                ev,
-            };
+            let e = Entry { time, ev };
             if e.time > self.p.time_limit_us {
                 break;
             }
@@ -510,7 +558,7 @@ impl Sim {
 
     fn finish(mut self, wall: Instant) -> Report {
         // Settle the upstream's bytes in flight at the end (only if the run was cut short).
-        let ups: Vec<u32> = self.nodes[self.up_node as usize].up_flows.clone();
+        let ups: Vec<u32> = flow_ids(&self.nodes[self.up_node as usize].up_flows);
         for f in ups {
             self.settle(f);
         }
@@ -607,8 +655,13 @@ impl Sim {
                 self.nodes[node as usize].rebalance_pending = false;
                 self.level(node, true);
                 self.level(node, false);
-                let mut all = self.nodes[node as usize].up_flows.clone();
-                all.extend_from_slice(&self.nodes[node as usize].down_flows);
+                let n = &self.nodes[node as usize];
+                let all: Vec<u32> = n
+                    .up_flows
+                    .iter()
+                    .chain(&n.down_flows)
+                    .map(|e| e.0)
+                    .collect();
                 for f in all {
                     self.update_rate(f);
                 }
@@ -633,12 +686,9 @@ impl Sim {
                         .zip(t.have.as_bytes())
                         .any(|(c, m)| c & !m != 0);
                     useful += usize::from(u);
-                    let ku = k
-                        .last
-                        .as_bytes()
+                    let ku = self.gained[(k.id * self.nb + b) as usize][..k.last_count as usize]
                         .iter()
-                        .zip(t.have.as_bytes())
-                        .any(|(c, m)| c & !m != 0);
+                        .any(|&i| !t.have.get(i));
                     known_useful += usize::from(ku);
                 }
             }
@@ -671,10 +721,11 @@ impl Sim {
         }
         let dl = states[3].max(1);
         eprintln!(
-            "t={:.1}s states(idle,lookup,wait,dl,stream,done,dead)={states:?} flows={flows} \
+            "t={:.1}s wall={:.1}s states(idle,lookup,wait,dl,stream,done,dead)={states:?} flows={flows} \
              rate={:.1}GB/s/{:.1}GB/s mean_rate={:.1}MB/s uploaders={ups} downloaders={downs} max_up={maxup} \
              heap={} kinds={:?} inflight/dl={:.1} peers/dl={:.1} excl/dl={:.1} useful/dl={:.1} known_useful/dl={:.1} held/dl={:.1} busy={} up_copies={:.2}",
             self.now as f64 / 1e6,
+            self.started.elapsed().as_secs_f64(),
             rate as f64 / 1e9,
             (self.p.up * self.p.nodes as u64) as f64 / 1e9,
             rate as f64 / flows.max(1) as f64 / 1e6,
@@ -708,7 +759,8 @@ impl Sim {
         let (node, b) = self.split(task);
         let list = &self.providers[b as usize];
         let visible = list.partition_point(|&(v, _)| v <= self.now);
-        let mut out: Vec<u32> = Vec::with_capacity(self.p.provider_limit);
+        let mut out = std::mem::take(&mut self.found);
+        out.clear();
         if visible <= self.p.provider_limit {
             out.extend(list[..visible].iter().map(|&(_, p)| p));
         } else {
@@ -721,7 +773,7 @@ impl Sim {
                 tries += 1;
             }
         }
-        out.retain(|&p| p != node && self.nodes[p as usize].alive);
+        out.retain(|&p| p != node && self.died[p as usize] == u64::MAX);
         out
     }
 
@@ -750,9 +802,11 @@ impl Sim {
                     if let State::Waiting(plan) = &mut t.state {
                         plan.provider_appeared(now_ms);
                     }
-                    self.start_download(task, found);
+                    self.start_download(task, &found);
+                    self.found = found;
                     return;
                 }
+                self.found = found;
                 if matches!(t.state, State::Lookup) {
                     if t.designated {
                         self.r.seeder_streams += 1;
@@ -778,6 +832,7 @@ impl Sim {
             true => {
                 let found = self.sample(task);
                 self.add_peers(task, &found);
+                self.found = found;
                 self.drive(task);
                 self.push(
                     self.now + self.p.lookup_interval_ms * 1000,
@@ -787,7 +842,7 @@ impl Sim {
         }
     }
 
-    fn start_download(&mut self, task: u32, found: Vec<u32>) {
+    fn start_download(&mut self, task: u32, found: &[u32]) {
         let (_, b) = self.split(task);
         let t = &mut self.tasks[task as usize];
         let config = DownloadConfig {
@@ -806,7 +861,7 @@ impl Sim {
         )));
         t.state = State::Downloading;
         self.announce(task);
-        self.add_peers(task, &found);
+        self.add_peers(task, found);
         self.push(self.now + self.p.have_poll_ms * 1000, Ev::HavePoll { task });
         self.push(
             self.now + self.p.lookup_interval_ms * 1000,
@@ -830,7 +885,7 @@ impl Sim {
             {
                 continue;
             }
-            let have = self.tasks[(p * self.nb + b) as usize].have.clone();
+            let have = &self.tasks[(p * self.nb + b) as usize].have;
             let complete = have.is_full();
             let h = if complete {
                 Have::All
@@ -838,9 +893,10 @@ impl Sim {
                 Have::Bits(have.clone())
             };
             dl.add_peer(pid(p), h, now_ms);
+            self.watchers[(p * self.nb + b) as usize].push(task);
             self.tasks[task as usize].peers.push(Known {
                 id: p,
-                last: have,
+                last_count: self.have_count[(p * self.nb + b) as usize],
                 complete,
             });
         }
@@ -855,14 +911,24 @@ impl Sim {
         let (_, b) = self.split(task);
         let now_ms = ms(self.now);
         let detect = self.p.detect_us;
+        // Nothing to learn from the providers (none gained a chunk since the last poll, and no
+        // node died): straight to driving the download, as the full pass would.
+        if !self.poll_dirty[task as usize] && self.r.deaths == 0 {
+            self.drive(task);
+            self.push(self.now + self.p.have_poll_ms * 1000, Ev::HavePoll { task });
+            return;
+        }
+        self.poll_dirty[task as usize] = false;
         let Some(mut dl) = self.tasks[task as usize].dl.take() else {
             return;
         };
         let mut peers = std::mem::take(&mut self.tasks[task as usize].peers);
+        let mut new = std::mem::take(&mut self.new_chunks);
+        let full = self.layouts[b as usize].count();
         peers.retain_mut(|k| {
-            let node = &self.nodes[k.id as usize];
-            if !node.alive {
-                if self.now >= node.died_at.saturating_add(detect) {
+            let died = self.died[k.id as usize];
+            if died != u64::MAX {
+                if self.now >= died.saturating_add(detect) {
                     dl.remove_peer(pid(k.id), now_ms);
                     return false;
                 }
@@ -871,25 +937,25 @@ impl Sim {
             if k.complete {
                 return true;
             }
-            let cur = &self.tasks[(k.id * self.nb + b) as usize].have;
-            if cur.count_ones() == k.last.count_ones() {
+            let count = self.have_count[(k.id * self.nb + b) as usize];
+            if count == k.last_count {
                 return true;
             }
-            for (i, (&c, &l)) in cur.as_bytes().iter().zip(k.last.as_bytes()).enumerate() {
-                let new = c & !l;
-                if new == 0 {
-                    continue;
-                }
-                for bit in 0..8u32 {
-                    if new & (0x80 >> bit) != 0 {
-                        dl.peer_has(pid(k.id), i as u32 * 8 + bit, now_ms);
-                    }
-                }
+            // Chunks are only ever gained: the new ones are the log's tail, reported in index
+            // order (as a pass over the bitfield would).
+            new.clear();
+            new.extend_from_slice(
+                &self.gained[(k.id * self.nb + b) as usize][k.last_count as usize..count as usize],
+            );
+            new.sort_unstable();
+            for &i in &new {
+                dl.peer_has(pid(k.id), i, now_ms);
             }
-            k.last = cur.clone();
-            k.complete = cur.is_full();
+            k.last_count = count;
+            k.complete = count == full;
             true
         });
+        self.new_chunks = new;
         self.tasks[task as usize].peers = peers;
         self.tasks[task as usize].dl = Some(dl);
         self.drive(task);
@@ -1143,9 +1209,9 @@ impl Sim {
             (f.src, f.dst)
         };
         let up_pos = self.nodes[src as usize].up_flows.len() as u32;
-        self.nodes[src as usize].up_flows.push(flow);
+        self.nodes[src as usize].up_flows.push((flow, dst));
         let down_pos = self.nodes[dst as usize].down_flows.len() as u32;
-        self.nodes[dst as usize].down_flows.push(flow);
+        self.nodes[dst as usize].down_flows.push((flow, src));
         let (ss, ds) = (self.nodes[src as usize].site, self.nodes[dst as usize].site);
         let wan = self.p.sites > 1 && ss != ds;
         if wan {
@@ -1175,12 +1241,12 @@ impl Sim {
         let (src, dst, up_pos, down_pos, wan) = (f.src, f.dst, f.up_pos, f.down_pos, f.wan);
         let list = &mut self.nodes[src as usize].up_flows;
         list.swap_remove(up_pos as usize);
-        if let Some(&moved) = list.get(up_pos as usize) {
+        if let Some(&(moved, _)) = list.get(up_pos as usize) {
             self.flows[moved as usize].up_pos = up_pos;
         }
         let list = &mut self.nodes[dst as usize].down_flows;
         list.swap_remove(down_pos as usize);
-        if let Some(&moved) = list.get(down_pos as usize) {
+        if let Some(&(moved, _)) = list.get(down_pos as usize) {
             self.flows[moved as usize].down_pos = down_pos;
         }
         if wan {
@@ -1252,7 +1318,11 @@ impl Sim {
         self.level(node, up);
         for i in 0..len {
             let n = &self.nodes[node as usize];
-            let f = if up { n.up_flows[i] } else { n.down_flows[i] };
+            let f = if up {
+                n.up_flows[i].0
+            } else {
+                n.down_flows[i].0
+            };
             self.update_rate(f);
         }
     }
@@ -1265,14 +1335,15 @@ impl Sim {
         caps.clear();
         let n = &self.nodes[node as usize];
         let list = if up { &n.up_flows } else { &n.down_flows };
-        for &f in list {
-            let fl = &self.flows[f as usize];
-            let other = if up {
-                self.nodes[fl.dst as usize].lvl_down
-            } else {
-                self.nodes[fl.src as usize].lvl_up
-            };
-            caps.push(other.min(self.wan_share(fl)));
+        // The other end's level in the other direction.
+        let od = usize::from(up);
+        if self.p.sites > 1 {
+            for &(f, other) in list {
+                let wan = self.wan_share(&self.flows[f as usize]);
+                caps.push(self.lvl[other as usize][od].min(wan));
+            }
+        } else {
+            caps.extend(list.iter().map(|&(_, other)| self.lvl[other as usize][od]));
         }
         caps.sort_unstable();
         let cap = if up { n.up } else { n.down };
@@ -1287,12 +1358,7 @@ impl Sim {
             }
             left -= c;
         }
-        let n = &mut self.nodes[node as usize];
-        if up {
-            n.lvl_up = level.max(1);
-        } else {
-            n.lvl_down = level.max(1);
-        }
+        self.lvl[node as usize][usize::from(!up)] = level.max(1);
         self.scratch = caps;
     }
 
@@ -1317,10 +1383,10 @@ impl Sim {
     /// and its WAN share.
     fn fair_rate(&self, flow: u32) -> u64 {
         let f = &self.flows[flow as usize];
-        let s = &self.nodes[f.src as usize];
-        let d = &self.nodes[f.dst as usize];
-        let mut rate = s.lvl_up.min(d.lvl_down);
+        let mut rate = self.lvl[f.src as usize][0].min(self.lvl[f.dst as usize][1]);
         if f.wan {
+            let s = &self.nodes[f.src as usize];
+            let d = &self.nodes[f.dst as usize];
             if s.site != OUTSIDE {
                 rate = rate.min(self.p.wan / u64::from(self.wan_out[s.site as usize].max(1)));
             }
@@ -1337,7 +1403,7 @@ impl Sim {
         if !f.active || now <= f.last {
             return;
         }
-        let add = (u128::from(f.rate) * u128::from(now - f.last) / 1_000_000) as u64;
+        let add = mul_div(f.rate, now - f.last, 1_000_000);
         let add = add.min(f.total - f.done);
         f.done += add;
         f.last = now;
@@ -1374,7 +1440,7 @@ impl Sim {
         let f = &self.flows[flow as usize];
         let target = self.boundary(f);
         let left = target.saturating_sub(f.done);
-        let dt = (u128::from(left) * 1_000_000).div_ceil(u128::from(f.rate.max(1))) as u64;
+        let dt = mul_div_ceil(left, 1_000_000, f.rate.max(1));
         let due = self.now + dt;
         // A finish less than STEP_SLACK_US, or 1/STEP_SLACK_DIV of the time left, earlier than
         // the pending step is left to that step: fewer queue entries, a chunk completing at most
@@ -1402,7 +1468,7 @@ impl Sim {
         let now_ms = ms(self.now);
         match kind {
             Kind::Stream => {
-                self.tasks[task as usize].have.set(index);
+                self.mark_have(task, index);
                 let count = self.tasks[task as usize].have.len();
                 if index + 1 >= count {
                     self.deactivate(flow);
@@ -1428,7 +1494,7 @@ impl Sim {
                     dl.chunk_failed(pid(src), index, FailReason::Corrupt, now_ms);
                 } else {
                     self.r.peer_bytes += total;
-                    self.tasks[task as usize].have.set(index);
+                    self.mark_have(task, index);
                     dl.chunk_received(pid(src), index, total, now_ms);
                 }
                 self.tasks[task as usize].dl = Some(dl);
@@ -1441,11 +1507,22 @@ impl Sim {
                 if !matches!(self.tasks[task as usize].state, State::Downloading) {
                     return;
                 }
-                self.tasks[task as usize].have.set(index);
+                self.mark_have(task, index);
                 if let Some(dl) = self.tasks[task as usize].dl.as_mut() {
                     dl.upstream_received(index, now_ms);
                 }
                 self.drive(task);
+            }
+        }
+    }
+
+    /// The task now holds chunk `index` verified (and serves it).
+    fn mark_have(&mut self, task: u32, index: u32) {
+        if self.tasks[task as usize].have.set(index) {
+            self.have_count[task as usize] += 1;
+            self.gained[task as usize].push(index);
+            for &w in &self.watchers[task as usize] {
+                self.poll_dirty[w as usize] = true;
             }
         }
     }
@@ -1476,12 +1553,13 @@ impl Sim {
         let n = &mut self.nodes[node as usize];
         n.alive = false;
         n.died_at = self.now;
+        self.died[node as usize] = self.now;
         if n.done_at.is_none() {
             self.unfinished -= 1;
         }
         // Its uploads stop; their receivers notice after the detection delay, as do those of
         // the requests it had queued.
-        let mut ups = self.nodes[node as usize].up_flows.clone();
+        let mut ups = flow_ids(&self.nodes[node as usize].up_flows);
         ups.extend(self.nodes[node as usize].serve.drain());
         let at = self.now + self.p.detect_us;
         for f in ups {
@@ -1513,7 +1591,7 @@ impl Sim {
                 self.kill_flow(f);
             }
         }
-        let downs = self.nodes[node as usize].down_flows.clone();
+        let downs = flow_ids(&self.nodes[node as usize].down_flows);
         for f in downs {
             self.kill_flow(f);
         }
