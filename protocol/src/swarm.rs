@@ -223,12 +223,13 @@ pub const PROVIDER_LIMIT: usize = 16;
 pub const LOOKUP_INTERVAL_MS: u64 = 1_000;
 /// How often a downloading node asks each partial provider which chunks it holds now
 /// (reported to [`Download::peer_has`], and to [`SeedPlan::provider_progress`] when it grew).
-/// 100 ms rather than 250 ms: a fresh chunk spreads one hop per poll at best, and a swarm of
-/// thousands needs a dozen hops (simulations/, with the serve scheduler of `serve`: Kraken's
-/// test at 1,000 nodes p99 13.43 → 13.02 s, cold-start at 1,000 nodes 11.97 → 11.66 s, the
-/// 8-host calibration case 16.25 → 15.49 s), at 2.5 times the Have requests: at most
-/// `PROVIDER_LIMIT` small requests per poll, answered with a bitfield of one bit per chunk.
-pub const HAVE_POLL_MS: u64 = 100;
+/// 250 ms. A fresh chunk spreads one hop per poll at best, so 100 ms helps a little
+/// (simulations/, with the serve scheduler of `serve`: Kraken's test at 1,000 nodes p99
+/// 13.43 → 13.02 s, cold-start at 1,000 nodes 11.97 → 11.66 s, the 8-host calibration case
+/// 16.25 → 15.49 s), but at 2.5 times the Have requests of every downloading node (at most
+/// `PROVIDER_LIMIT` a poll), which made a 100,000-node simulation twice as long (no longer
+/// within 10 minutes): not worth ~3%.
+pub const HAVE_POLL_MS: u64 = 250;
 
 /// Herd control for a node that wants a blob no peer holds: only the designated seeders (see
 /// [`designated_seeders`]) go to the upstream at once; every other node waits for providers and
