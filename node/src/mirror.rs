@@ -247,7 +247,7 @@ impl Mirror {
             .inc();
     }
 
-    pub(crate) async fn send(
+    async fn send(
         &self,
         reg: &Registry,
         req: &Request<'_>,

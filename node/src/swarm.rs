@@ -1024,8 +1024,9 @@ impl Mirror {
     }
 
     /// The grant to show providers of a private blob for this client: only once the registry
-    /// has accepted the client's own credentials for it (a HEAD, which also leaves the
-    /// registry's token for them in the cache). `None`: no grant can be shown.
+    /// has accepted the client's own credentials for it ([`Mirror::blob_head`]'s HEAD, which
+    /// also leaves the registry's token for them in the cache). `None`: no grant can be shown
+    /// (refused, or no token: an anonymous client has none).
     async fn peer_grant(
         &self,
         reg: &Registry,
@@ -1033,17 +1034,7 @@ impl Mirror {
         digest: &Digest,
         auth: &ClientAuth,
     ) -> Option<Vec<u8>> {
-        let req = crate::upstream::Request {
-            method: http::Method::HEAD,
-            repo: name.as_str(),
-            path: format!("/v2/{name}/blobs/{digest}"),
-            accept: None,
-            range: None,
-        };
-        let resp = self.send(reg, &req, auth).await.ok()?;
-        if !resp.inner.status().is_success() || !resp.authenticated {
-            return None;
-        }
+        self.blob_head(reg, name, digest, auth).await.ok()?;
         self.record_access(reg, name, digest, auth);
         crate::grants::grant_for(&self.upstreams, reg, name, auth)
     }
