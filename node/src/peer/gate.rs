@@ -190,6 +190,20 @@ impl ServeGate {
 mod tests {
     use super::*;
 
+    /// A request for chunk `index` of `d` waiting on `g` in a task of its own: whether it got
+    /// a slot (the slot is given back at once).
+    fn waiter(g: &Arc<ServeGate>, d: Digest, index: u32) -> tokio::task::JoinHandle<bool> {
+        let g = g.clone();
+        tokio::spawn(async move { g.admit(d, index).await.is_some() })
+    }
+
+    /// Yields until `g` holds `load` (uploading, waiting).
+    async fn until_load(g: &ServeGate, load: (usize, usize)) {
+        while g.load() != load {
+            tokio::task::yield_now().await;
+        }
+    }
+
     fn gate(active: u32, queued: u32, wait_ms: u64) -> Arc<ServeGate> {
         Arc::new(ServeGate::new(ServeConfig {
             max_active: active,
@@ -204,24 +218,25 @@ mod tests {
         let g = gate(1, 4, 10_000);
         let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
         let mut first = g.admit(a, 0).await.expect("a free slot");
-        // Chunk a/0 goes out once; then a request for it again and one for b/0 wait.
-        let again = tokio::spawn({
-            let g = g.clone();
-            async move { g.admit(a, 0).await.map(|_| "a0") }
-        });
-        tokio::task::yield_now().await;
-        let fresh = tokio::spawn({
-            let g = g.clone();
-            async move { g.admit(b, 0).await.map(|_| "b0") }
-        });
-        while g.load() != (1, 2) {
-            tokio::task::yield_now().await;
-        }
+        // Chunk a/0 goes out once; then a request for it again and, after it, one for b/0 wait.
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let ask = |d: Digest, label: &'static str| {
+            let (g, order) = (g.clone(), order.clone());
+            tokio::spawn(async move {
+                let slot = g.admit(d, 0).await;
+                order.lock().unwrap().push(label);
+                slot.is_some()
+            })
+        };
+        let again = ask(a, "a0");
+        until_load(&g, (1, 1)).await;
+        let fresh = ask(b, "b0");
+        until_load(&g, (1, 2)).await;
         first.sent();
         drop(first);
+        assert!(fresh.await.unwrap() && again.await.unwrap());
         // The chunk never served goes first, although it was asked for later.
-        assert_eq!(fresh.await.unwrap(), Some("b0"));
-        assert_eq!(again.await.unwrap(), Some("a0"));
+        assert_eq!(*order.lock().unwrap(), ["b0", "a0"]);
         assert_eq!(g.load(), (0, 0));
     }
 
@@ -230,13 +245,8 @@ mod tests {
         let g = gate(1, 1, 50);
         let d = Digest::of(b"x");
         let held = g.admit(d, 0).await.expect("a free slot");
-        let waiter = tokio::spawn({
-            let g = g.clone();
-            async move { g.admit(d, 1).await.is_some() }
-        });
-        while g.load() != (1, 1) {
-            tokio::task::yield_now().await;
-        }
+        let waiter = waiter(&g, d, 1);
+        until_load(&g, (1, 1)).await;
         // The queue is full: at once.
         assert!(g.admit(d, 2).await.is_none());
         // The waiter gives up after the scheduler's wait.
@@ -251,13 +261,8 @@ mod tests {
         let g = gate(1, 4, 10_000);
         let d = Digest::of(b"y");
         let held = g.admit(d, 0).await.expect("a free slot");
-        let waiter = tokio::spawn({
-            let g = g.clone();
-            async move { g.admit(d, 1).await.is_some() }
-        });
-        while g.load() != (1, 1) {
-            tokio::task::yield_now().await;
-        }
+        let waiter = waiter(&g, d, 1);
+        until_load(&g, (1, 1)).await;
         waiter.abort();
         let _ = waiter.await;
         assert_eq!(g.load(), (1, 0));
