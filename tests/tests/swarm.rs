@@ -272,15 +272,17 @@ async fn private_blobs_go_through_the_swarm_only_to_pullers_the_registry_accepts
     let key = [7u8; 32];
     let (_dirs, nodes) = start_cluster(&origin, 3, key).await;
     let http = reqwest::Client::new();
-    let url = |n: &Node| format!("http://{}/v2/team/app/blobs/{d}", n.addr());
+    // A GET of the blob on node `n` by a client with password `creds` for user `u` (or none).
+    let get = |n: &Node, creds: Option<&str>| {
+        let mut req = http.get(format!("http://{}/v2/team/app/blobs/{d}", n.addr()));
+        if let Some(p) = creds {
+            req = req.basic_auth("u", Some(p));
+        }
+        req.send()
+    };
 
     // The first puller's credentials fetch it from the registry.
-    let r = http
-        .get(url(&nodes[0]))
-        .basic_auth("u", Some("p"))
-        .send()
-        .await
-        .unwrap();
+    let r = get(&nodes[0], Some("p")).await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().await.unwrap(), data);
     assert_eq!(origin.blob_bytes_served(), data.len() as u64);
@@ -289,23 +291,14 @@ async fn private_blobs_go_through_the_swarm_only_to_pullers_the_registry_accepts
     // A client without credentials, or with wrong ones, gets nothing, from the registry or
     // from the peer that holds it.
     for creds in [None, Some("wrong")] {
-        let mut req = http.get(url(&nodes[1]));
-        if let Some(p) = creds {
-            req = req.basic_auth("u", Some(p));
-        }
-        let r = req.send().await.unwrap();
+        let r = get(&nodes[1], creds).await.unwrap();
         assert_eq!(r.status(), 401, "credentials {creds:?}");
     }
     assert!(nodes[1].mirror().store.open_blob(&d).is_none());
 
     // A client the registry accepts gets it from the peer: the registry is asked (HEAD), but
     // sends no blob bytes again.
-    let r = http
-        .get(url(&nodes[2]))
-        .basic_auth("u", Some("p"))
-        .send()
-        .await
-        .unwrap();
+    let r = get(&nodes[2], Some("p")).await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().await.unwrap(), data);
     assert_eq!(
@@ -320,7 +313,7 @@ async fn private_blobs_go_through_the_swarm_only_to_pullers_the_registry_accepts
         "{rec:?}"
     );
     // Stored as private on the second node too: its other clients must show credentials.
-    let r = http.get(url(&nodes[2])).send().await.unwrap();
+    let r = get(&nodes[2], None).await.unwrap();
     assert_eq!(r.status(), 401);
     for n in nodes {
         n.shutdown().await;
