@@ -148,17 +148,6 @@ impl Arriving {
         self.state().have.get(index)
     }
 
-    /// Reads chunk `index` from the partial file (blocking), if it is marked.
-    pub fn read_chunk(&self, index: u32) -> std::io::Result<Option<Vec<u8>>> {
-        if !self.has(index) {
-            return Ok(None);
-        }
-        let Some((start, len)) = self.layout.range(index) else {
-            return Ok(None);
-        };
-        self.read_at(start, len as usize).map(Some)
-    }
-
     /// `len` bytes of the partial file at `offset` (blocking). The caller checks that they lie
     /// in chunks it found marked.
     pub fn read_at(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
@@ -258,9 +247,10 @@ mod tests {
         let set = ArrivingSet::default();
         let reg = set.register(a.clone());
         assert!(set.get(&digest).is_some());
-        assert_eq!(a.read_chunk(0).unwrap(), None, "not marked yet");
+        assert!(!a.has(0), "not marked yet");
         a.mark_first(2);
-        assert_eq!(a.read_chunk(1).unwrap().unwrap(), data[128..256].to_vec());
+        assert!(a.has(1));
+        assert_eq!(a.read_at(128, 128).unwrap(), data[128..256].to_vec());
         assert_eq!(a.have().count_ones(), 2);
         let full = TablePrefix::from(MidstateTable::compute(&data, 128).unwrap());
         let first = TablePrefix::from_parts(layout, full.states()[..2].to_vec()).unwrap();
