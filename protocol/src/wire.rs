@@ -13,7 +13,7 @@
 //! ```text
 //! u16  magic   0x5348 ("SH")
 //! u8   version 1
-//! u8   kind    requests 0x01..=0x04, responses 0x81..=0x88
+//! u8   kind    requests 0x01..=0x05, responses 0x81..=0x88
 //! u32  len     payload length; each kind has its own bounds (checked with the header alone)
 //! ```
 //!
@@ -26,6 +26,13 @@
 //! A [`Response::ChunkHeader`] is followed on the stream by exactly `len` raw chunk bytes that are
 //! **not** part of the framed message: the codec never buffers a chunk.
 //!
+//! A [`Request::Watch`] is the one request answered by more than one message: a
+//! [`Response::Have`] at once, then another each time the peer's holding changes (coalesced:
+//! each is the whole current bitfield, sent when the previous one has been written), until the
+//! peer holds every chunk (its last message is the full bitfield, then it finishes the stream)
+//! or no longer has the blob ([`Response::NotFound`]). The asker ends it early by resetting its
+//! end of the stream.
+//!
 //! # Payloads
 //!
 //! ```text
@@ -33,6 +40,7 @@
 //! Request::Table       0x02  digest [u8;32], chunk_size u32, authz_len u16, authz
 //! Request::Chunk       0x03  digest [u8;32], chunk_size u32, index u32, authz_len u16, authz
 //! Request::Have        0x04  digest [u8;32], chunk_size u32
+//! Request::Watch       0x05  digest [u8;32], chunk_size u32
 //! Response::AuthOk     0x81  (empty)
 //! Response::Table      0x82  an encoded midstate table (chunk::MidstateTable::encode), 13 bytes to
 //!                            chunk::MAX_ENCODED_TABLE_LEN
@@ -90,6 +98,7 @@ mod kind {
     pub const TABLE: u8 = 0x02;
     pub const CHUNK: u8 = 0x03;
     pub const HAVE: u8 = 0x04;
+    pub const WATCH: u8 = 0x05;
     pub const AUTH_OK: u8 = 0x81;
     pub const TABLE_DATA: u8 = 0x82;
     pub const CHUNK_HEADER: u8 = 0x83;
@@ -243,6 +252,15 @@ pub enum Request {
     },
     /// Asks which chunks of a blob the peer holds verified.
     Have {
+        /// The blob's sha256 digest.
+        digest: [u8; 32],
+        /// The chunk size.
+        chunk_size: u32,
+    },
+    /// Asks which chunks of a blob the peer holds verified, and to be told again whenever that
+    /// changes (a subscription: see the module documentation). Replaces polling with
+    /// [`Request::Have`]: a chunk a provider verifies reaches its followers one trip later.
+    Watch {
         /// The blob's sha256 digest.
         digest: [u8; 32],
         /// The chunk size.
@@ -468,7 +486,7 @@ impl Request {
             kind::AUTH => (32, 32),
             kind::TABLE => (TABLE_REQUEST_FIXED, TABLE_REQUEST_FIXED + MAX_AUTHZ_LEN),
             kind::CHUNK => (CHUNK_REQUEST_FIXED, CHUNK_REQUEST_FIXED + MAX_AUTHZ_LEN),
-            kind::HAVE => (HAVE_REQUEST_LEN, HAVE_REQUEST_LEN),
+            kind::HAVE | kind::WATCH => (HAVE_REQUEST_LEN, HAVE_REQUEST_LEN),
             _ => return None,
         })
     }
@@ -480,6 +498,7 @@ impl Request {
             Request::Table { .. } => kind::TABLE,
             Request::Chunk { .. } => kind::CHUNK,
             Request::Have { .. } => kind::HAVE,
+            Request::Watch { .. } => kind::WATCH,
         }
     }
 
@@ -495,7 +514,9 @@ impl Request {
             | Request::Chunk {
                 chunk_size, authz, ..
             } => (*chunk_size, &authz[..]),
-            Request::Have { chunk_size, .. } => (*chunk_size, &[][..]),
+            Request::Have { chunk_size, .. } | Request::Watch { chunk_size, .. } => {
+                (*chunk_size, &[][..])
+            }
         };
         if ChunkLayout::new(0, chunk_size).is_err() {
             return Err(WireError::BadChunkSize { chunk_size });
@@ -540,8 +561,8 @@ impl Request {
                 put_authz(&mut out, authz);
                 out
             }
-            Request::Have { digest, chunk_size } => {
-                let mut out = start_message(kind::HAVE, HAVE_REQUEST_LEN);
+            Request::Have { digest, chunk_size } | Request::Watch { digest, chunk_size } => {
+                let mut out = start_message(self.kind(), HAVE_REQUEST_LEN);
                 out.extend_from_slice(digest);
                 out.extend_from_slice(&chunk_size.to_be_bytes());
                 out
@@ -573,7 +594,11 @@ impl Request {
                 index: r.u32()?,
                 authz: r.authz()?,
             },
-            _ => Request::Have {
+            kind::HAVE => Request::Have {
+                digest: r.array()?,
+                chunk_size: r.chunk_size()?,
+            },
+            _ => Request::Watch {
                 digest: r.array()?,
                 chunk_size: r.chunk_size()?,
             },
@@ -951,7 +976,7 @@ mod tests {
 
     #[test]
     fn golden_requests() {
-        let cases: [(Request, &str); 6] = [
+        let cases: [(Request, &str); 7] = [
             (
                 Request::Auth { proof: [0x11; 32] },
                 concat!(
@@ -1041,6 +1066,20 @@ mod tests {
                     "5348",
                     "01",
                     "04",
+                    "00000024",
+                    "abababababababababababababababababababababababababababababababab",
+                    "00400000"
+                ),
+            ),
+            (
+                Request::Watch {
+                    digest: D,
+                    chunk_size: 4 << 20,
+                },
+                concat!(
+                    "5348",
+                    "01",
+                    "05",
                     "00000024",
                     "abababababababababababababababababababababababababababababababab",
                     "00400000"
@@ -1459,6 +1498,8 @@ mod tests {
             ),
             (arb_digest(), arb_chunk_size())
                 .prop_map(|(digest, chunk_size)| Request::Have { digest, chunk_size }),
+            (arb_digest(), arb_chunk_size())
+                .prop_map(|(digest, chunk_size)| Request::Watch { digest, chunk_size }),
         ]
     }
 
