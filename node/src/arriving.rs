@@ -13,6 +13,8 @@
 //!   grows.
 //! - The entry is removed when the download ends (committed: the store serves the blob; failed:
 //!   nothing more is served) — by dropping the [`Registration`].
+//! - Every change of the marked chunks, and the end of the download, wakes the
+//!   [`Arriving::subscribe`] receivers (peers watching the blob's holding).
 //! - A private blob is registered with the registry it comes from ([`Arriving::private`]):
 //!   peers are handed its table and chunks only with a grant that registry accepts, as for a
 //!   stored private blob.
@@ -20,6 +22,8 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
 
 use shoal_protocol::chunk::{ChunkError, ChunkLayout, TablePrefix};
 use shoal_protocol::wire::Bitfield;
@@ -34,6 +38,9 @@ pub struct Arriving {
     origin: Option<String>,
     /// A std mutex: held for copies of a few KiB, never across I/O or an `.await`.
     state: Mutex<State>,
+    /// Touched on every change of `have`; `true` once the download has ended (the
+    /// [`Registration`] dropped).
+    changes: watch::Sender<bool>,
 }
 
 struct State {
@@ -65,6 +72,7 @@ impl Arriving {
                 have: Bitfield::new(layout.count()),
                 first: 0,
             }),
+            changes: watch::channel(false).0,
         }
     }
 
@@ -113,6 +121,17 @@ impl Arriving {
     /// Marks chunk `index` as on disk and checked.
     pub fn mark(&self, index: u32) {
         self.state().have.set(index);
+        self.changed();
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|_| {});
+    }
+
+    /// Woken on every change of [`Arriving::have`]; its value turns `true` when the download
+    /// has ended (committed or failed: the store tells which).
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.changes.subscribe()
     }
 
     /// Withdraws chunk `index`: it was checked against a part of the table since found disputed
@@ -121,6 +140,8 @@ impl Arriving {
         let mut s = self.state();
         s.have.clear(index);
         s.first = s.first.min(index);
+        drop(s);
+        self.changed();
     }
 
     /// Replaces the known prefix by `prefix` (cut back after a dispute, see [`Arriving::unmark`]).
@@ -132,10 +153,15 @@ impl Arriving {
     pub fn mark_first(&self, n: u32) {
         let mut s = self.state();
         let n = n.min(self.layout.count());
+        if n <= s.first {
+            return;
+        }
         for i in s.first..n {
             s.have.set(i);
         }
-        s.first = s.first.max(n);
+        s.first = n;
+        drop(s);
+        self.changed();
     }
 
     /// Which chunks are on disk and checked.
@@ -225,6 +251,8 @@ impl Drop for Registration {
         {
             map.remove(&self.arriving.digest);
         }
+        drop(map);
+        self.arriving.changes.send_replace(true);
     }
 }
 

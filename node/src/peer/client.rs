@@ -641,6 +641,27 @@ impl PeerConn {
     }
 
     /// Which chunks of blob `digest`, cut in chunks of `chunk_size`, the peer holds verified.
+    /// Subscribes to the peer's holding of blob `digest`: the first bitfield now, then one
+    /// after each change (see [`HaveWatch::next`]). A peer that does not take watches answers
+    /// `Busy` or an error: poll it with [`PeerConn::have`] instead.
+    pub async fn watch(&self, digest: &Digest, chunk_size: u32) -> Result<HaveWatch, PeerError> {
+        check_chunk_size(chunk_size)?;
+        let request = Request::Watch {
+            digest: *digest.as_bytes(),
+            chunk_size,
+        };
+        let (recv, response) = self.request(&request, "a watch").await?;
+        let first = match response {
+            Response::Have { bitfield } => bitfield,
+            other => return Err(unexpected(other, "Watch")),
+        };
+        Ok(HaveWatch {
+            recv,
+            first: Some(first),
+            limit: self.limit,
+        })
+    }
+
     pub async fn have(&self, digest: &Digest, chunk_size: u32) -> Result<Bitfield, PeerError> {
         check_chunk_size(chunk_size)?;
         let request = Request::Have {
@@ -651,6 +672,32 @@ impl PeerConn {
         match response {
             Response::Have { bitfield } => Ok(bitfield),
             other => Err(unexpected(other, "Have")),
+        }
+    }
+}
+
+/// A peer's holding of one blob, as it changes ([`PeerConn::watch`]). Dropping it ends the
+/// subscription.
+#[derive(Debug)]
+pub struct HaveWatch {
+    recv: RecvStream,
+    first: Option<Bitfield>,
+    limit: Duration,
+}
+
+impl HaveWatch {
+    /// The peer's next bitfield: the first at once, then each after a change, as long as that
+    /// takes. `Ok(None)`: the watch is over, the last bitfield was full (the peer finishes the
+    /// stream when it holds every chunk). `Err(NotFound)`: the peer no longer has the blob.
+    pub async fn next(&mut self) -> Result<Option<Bitfield>, PeerError> {
+        if let Some(first) = self.first.take() {
+            return Ok(Some(first));
+        }
+        match frame::read_next_response(&mut self.recv, self.limit).await {
+            Ok(None) => Ok(None),
+            Ok(Some(Response::Have { bitfield })) => Ok(Some(bitfield)),
+            Ok(Some(other)) => Err(unexpected(other, "Watch")),
+            Err(e) => Err(from_frame(e, "a watch update")),
         }
     }
 }

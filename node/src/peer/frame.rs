@@ -54,14 +54,23 @@ pub(crate) async fn read_exact(
     }
 }
 
-/// Reads a header checked by `decode_header`, then its payload.
+/// Reads a header checked by `decode_header`, then its payload; `header_wait`: how long the
+/// header may take to come (`None`: no limit; the payload then takes at most `limit`).
 async fn read_message(
     recv: &mut RecvStream,
     limit: Duration,
+    header_wait: Option<Duration>,
     decode_header: fn(&[u8]) -> Result<Header, WireError>,
 ) -> Result<(Header, Vec<u8>), FrameError> {
     let mut head = [0u8; HEADER_LEN];
-    read_exact(recv, &mut head, limit).await?;
+    match header_wait {
+        Some(wait) => read_exact(recv, &mut head, wait).await?,
+        None => match recv.read_exact(&mut head).await {
+            Ok(()) => {}
+            Err(ReadExactError::FinishedEarly(_)) => return Err(FrameError::Finished),
+            Err(ReadExactError::ReadError(e)) => return Err(e.into()),
+        },
+    }
     let header = decode_header(&head)?;
     // Bounded by the kind's cap, checked by `decode_header`.
     let mut payload = vec![0u8; header.payload_len as usize];
@@ -74,7 +83,7 @@ pub(crate) async fn read_request(
     recv: &mut RecvStream,
     limit: Duration,
 ) -> Result<Request, FrameError> {
-    let (header, payload) = read_message(recv, limit, Request::decode_header).await?;
+    let (header, payload) = read_message(recv, limit, Some(limit), Request::decode_header).await?;
     Ok(Request::decode_payload(header, &payload)?)
 }
 
@@ -84,8 +93,22 @@ pub(crate) async fn read_response(
     recv: &mut RecvStream,
     limit: Duration,
 ) -> Result<Response, FrameError> {
-    let (header, payload) = read_message(recv, limit, Response::decode_header).await?;
+    let (header, payload) = read_message(recv, limit, Some(limit), Response::decode_header).await?;
     Ok(Response::decode_payload(header, &payload)?)
+}
+
+/// Reads the next response of a stream that answers with several (a `Watch`), waiting as long
+/// as it takes for one to start (`Ok(None)`: the stream finished cleanly between responses);
+/// a response once started must finish within `limit`.
+pub(crate) async fn read_next_response(
+    recv: &mut RecvStream,
+    limit: Duration,
+) -> Result<Option<Response>, FrameError> {
+    match read_message(recv, limit, None, Response::decode_header).await {
+        Ok((header, payload)) => Ok(Some(Response::decode_payload(header, &payload)?)),
+        Err(FrameError::Finished) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Writes `bytes`, waiting at most `limit` for the peer's flow control to take them.

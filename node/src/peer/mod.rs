@@ -65,7 +65,7 @@ use tokio_util::sync::CancellationToken;
 use crate::store::Store;
 
 pub use auth::{ClusterKey, EXPORTER_LABEL};
-pub use client::{Chunk, PeerConn, PeerError};
+pub use client::{Chunk, HaveWatch, PeerConn, PeerError};
 pub use metrics::{DirectionLabels, Metrics, PeerLabels, RejectionLabels};
 pub use server::{AllowIf, Authorizer, AuthzRequest, DenyPrivate};
 
@@ -121,8 +121,8 @@ pub struct PeerConfig {
 }
 
 impl PeerConfig {
-    /// Defaults for `listen` and `cluster_key`: 10 s waits, 256 connections, 16 streams per
-    /// connection, 32 concurrent table serves, the scheduler's default chunk uploads, and
+    /// Defaults for `listen` and `cluster_key`: 10 s waits, 256 connections, 32 streams per
+    /// connection (up to 8 of them long-lived `Watch`es), 32 concurrent table serves, the scheduler's default chunk uploads, and
     /// windows sized for GB/s on a LAN.
     pub fn new(listen: SocketAddr, cluster_key: ClusterKey) -> PeerConfig {
         PeerConfig {
@@ -131,7 +131,7 @@ impl PeerConfig {
             timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_connections: 256,
-            max_streams_per_connection: 16,
+            max_streams_per_connection: 32,
             max_concurrent_serves: 32,
             serve: ServeConfig::default(),
             busy_retry_after: Duration::from_millis(250),

@@ -9,7 +9,7 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 use shoal_protocol::chunk::ChunkLayout;
 use shoal_protocol::wire::{Bitfield, Request, Response};
 use shoal_protocol::Digest;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +20,10 @@ use super::frame::{self, FrameError};
 use super::metrics::PeerLabels;
 use super::{close, Shared, SERVE_PIECE};
 use crate::store::BlobMeta;
+
+/// Most `Watch` subscriptions one connection may hold open; more get `Busy` (the asker polls
+/// with `Have` instead). A node watches a peer once per blob it downloads from it.
+pub(crate) const MAX_WATCHES_PER_CONNECTION: usize = 8;
 
 /// What an [`Authorizer`] is asked: may this private blob go to this request?
 #[derive(Debug, Clone, Copy)]
@@ -196,6 +200,8 @@ async fn serve_connection(
         peer: remote.ip().to_string(),
     };
     let mut streams = JoinSet::new();
+    // Watches are long-lived: a few per connection, so chunk requests keep streams to use.
+    let watches = Arc::new(Semaphore::new(MAX_WATCHES_PER_CONNECTION));
     loop {
         let (send, recv) = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -215,6 +221,7 @@ async fn serve_connection(
             recv,
             remote,
             label.clone(),
+            watches.clone(),
         ));
     }
     streams.abort_all();
@@ -236,6 +243,7 @@ async fn serve_stream(
     mut recv: RecvStream,
     remote: SocketAddr,
     label: PeerLabels,
+    watches: Arc<Semaphore>,
 ) {
     let limit = shared.config.timeout;
     let request = match frame::read_request(&mut recv, limit).await {
@@ -282,6 +290,18 @@ async fn serve_stream(
         Request::Have { digest, chunk_size } => {
             let digest = Digest::from_bytes(digest);
             serve_have(&shared, &mut send, &digest, chunk_size).await
+        }
+        Request::Watch { digest, chunk_size } => {
+            let digest = Digest::from_bytes(digest);
+            match watches.try_acquire_owned() {
+                Ok(_permit) => serve_watch(&shared, &mut send, &digest, chunk_size).await,
+                Err(_) => {
+                    let busy = Response::Busy {
+                        retry_after_ms: shared.config.busy_retry_after.as_millis() as u32,
+                    };
+                    respond(&mut send, busy, limit).await
+                }
+            }
         }
     };
     match result {
@@ -652,4 +672,53 @@ async fn serve_have(
     // The store holds only complete, verified blobs: every chunk.
     let bitfield = Bitfield::full(layout.count());
     respond(send, Response::Have { bitfield }, limit).await
+}
+
+/// Answers a `Watch`: the bitfield now, then again after every change, until this node holds
+/// every chunk (the last answer is full) or no longer has the blob (`NotFound`), or the asker
+/// goes away. Changes that come faster than the asker reads are coalesced: each answer is the
+/// whole current bitfield.
+async fn serve_watch(
+    shared: &Shared,
+    send: &mut SendStream,
+    digest: &Digest,
+    chunk_size: u32,
+) -> Result<(), ServeError> {
+    let limit = shared.config.timeout;
+    let arriving = match shared.store.arriving().get(digest) {
+        Some(a) if a.layout().chunk_size() == chunk_size => a,
+        // Held whole (every chunk: nothing will change), not held, or another chunk size.
+        _ => return serve_have(shared, send, digest, chunk_size).await,
+    };
+    let mut changes = arriving.subscribe();
+    let gone = send.stopped();
+    tokio::pin!(gone);
+    let mut sent: Option<Bitfield> = None;
+    loop {
+        if *changes.borrow_and_update() {
+            break;
+        }
+        let bitfield = arriving.have();
+        if sent.as_ref() != Some(&bitfield) {
+            respond(
+                send,
+                Response::Have {
+                    bitfield: bitfield.clone(),
+                },
+                limit,
+            )
+            .await?;
+            if bitfield.is_full() {
+                return Ok(());
+            }
+            sent = Some(bitfield);
+        }
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { break },
+            _ = &mut gone => return Ok(()),
+        }
+    }
+    // The download ended: committed (the store answers with every chunk) or failed.
+    drop(arriving);
+    serve_have(shared, send, digest, chunk_size).await
 }

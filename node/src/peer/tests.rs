@@ -14,6 +14,7 @@ use shoal_protocol::Digest;
 use tempfile::TempDir;
 
 use super::auth::{exporter, Role};
+use super::server::MAX_WATCHES_PER_CONNECTION as MAX_WATCHES;
 use super::*;
 use crate::store::Store;
 
@@ -532,4 +533,121 @@ async fn rogue_connection(conn: quinn::Connection, key: ClusterKey, behaviour: B
             }
         }
     }
+}
+
+/// The watch's next update, waiting at most 5 s.
+async fn next(w: &mut HaveWatch) -> Result<Option<Bitfield>, PeerError> {
+    tokio::time::timeout(Duration::from_secs(5), w.next())
+        .await
+        .expect("a watch update within 5 s")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_pushes_each_change_until_the_blob_is_whole_or_gone() {
+    use crate::arriving::Arriving;
+    let a = node(key(1), 64);
+    let b = node(key(1), 64);
+    let file = tempfile::tempfile().unwrap();
+    let digest = Digest::from_bytes([7; 32]);
+    let layout = shoal_protocol::chunk::ChunkLayout::new(4 * 64, 64).unwrap();
+    let arriving = Arc::new(Arriving::new(digest, layout, file));
+    let registration = a.store.arriving().register(arriving.clone());
+    let conn = b.endpoint.connect(a.endpoint.local_addr()).await.unwrap();
+
+    let mut watch = conn.watch(&digest, 64).await.unwrap();
+    assert_eq!(next(&mut watch).await.unwrap(), Some(Bitfield::new(4)));
+    arriving.mark(2);
+    let bits = next(&mut watch).await.unwrap().unwrap();
+    assert_eq!(bits.iter_ones().collect::<Vec<_>>(), vec![2]);
+    // Changes while nobody reads are coalesced into the whole current bitfield.
+    arriving.mark_first(2);
+    let bits = next(&mut watch).await.unwrap().unwrap();
+    let mut seen = bits.iter_ones().collect::<Vec<_>>();
+    if seen.len() < 3 {
+        // The first of the two changes may have gone out alone.
+        seen = next(&mut watch)
+            .await
+            .unwrap()
+            .unwrap()
+            .iter_ones()
+            .collect();
+    }
+    assert_eq!(seen, vec![0, 1, 2]);
+    // The last chunk: the full bitfield, then the stream ends.
+    arriving.mark(3);
+    assert_eq!(next(&mut watch).await.unwrap(), Some(Bitfield::full(4)));
+    assert_eq!(next(&mut watch).await.unwrap(), None);
+
+    // A download that fails ends its watches with NotFound.
+    drop(registration);
+    let digest = Digest::from_bytes([8; 32]);
+    let arriving = Arc::new(Arriving::new(digest, layout, tempfile::tempfile().unwrap()));
+    let registration = a.store.arriving().register(arriving.clone());
+    let mut watch = conn.watch(&digest, 64).await.unwrap();
+    assert_eq!(next(&mut watch).await.unwrap(), Some(Bitfield::new(4)));
+    drop(registration);
+    assert_eq!(next(&mut watch).await, Err(PeerError::NotFound));
+
+    // Nothing arriving, nothing held: NotFound at once.
+    assert_eq!(
+        conn.watch(&digest, 64).await.unwrap_err(),
+        PeerError::NotFound
+    );
+
+    // A blob held whole: its full bitfield, and the watch is over.
+    let data = blob(200, 3);
+    let held = put(&a.store, &data, false);
+    let mut watch = conn.watch(&held, 64).await.unwrap();
+    assert_eq!(next(&mut watch).await.unwrap(), Some(Bitfield::full(4)));
+    assert_eq!(next(&mut watch).await.unwrap(), None);
+    a.endpoint.shutdown().await;
+    b.endpoint.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_beyond_the_per_connection_limit_are_refused_busy() {
+    use crate::arriving::Arriving;
+    let a = node(key(1), 64);
+    let b = node(key(1), 64);
+    let layout = shoal_protocol::chunk::ChunkLayout::new(4 * 64, 64).unwrap();
+    let mut registrations = Vec::new();
+    for n in 0..=MAX_WATCHES as u8 {
+        let digest = Digest::from_bytes([n; 32]);
+        let arriving = Arc::new(Arriving::new(digest, layout, tempfile::tempfile().unwrap()));
+        registrations.push(a.store.arriving().register(arriving));
+    }
+    let conn = b.endpoint.connect(a.endpoint.local_addr()).await.unwrap();
+    let mut live = Vec::new();
+    for n in 0..MAX_WATCHES as u8 {
+        live.push(conn.watch(&Digest::from_bytes([n; 32]), 64).await.unwrap());
+    }
+    let last = Digest::from_bytes([MAX_WATCHES as u8; 32]);
+    let err = conn.watch(&last, 64).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PeerError::Refused {
+                retry_after: Some(_)
+            }
+        ),
+        "{err:?}"
+    );
+    // One ends: its slot is free again.
+    drop(live.pop());
+    let mut again = None;
+    for _ in 0..50 {
+        match conn.watch(&last, 64).await {
+            Ok(w) => {
+                again = Some(w);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    assert!(
+        again.is_some(),
+        "the dropped watch's slot was not given back"
+    );
+    a.endpoint.shutdown().await;
+    b.endpoint.shutdown().await;
 }
