@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use shoal_protocol::chunk::{ChunkError, TablePrefix};
 use shoal_protocol::swarm::{
-    designated_seeders, Action, Download, DownloadConfig, FailReason, Have, PeerId, HAVE_POLL_MS,
-    LOOKUP_INTERVAL_MS, PROVIDER_LIMIT,
+    designated_seeders, relookup_after_ms, Action, Download, DownloadConfig, FailReason, Have,
+    PeerId, HAVE_POLL_MS, PROVIDER_LIMIT,
 };
 use shoal_protocol::wire::Bitfield;
 use shoal_protocol::Digest;
@@ -283,10 +283,15 @@ enum Event {
         epoch: u32,
         result: Result<Bytes, FailReason>,
     },
-    /// A peer answered (or failed) a `Have`.
+    /// A peer answered (or failed) a `Have`, or its watch brought a new bitfield.
     Have {
         peer: PeerId,
         result: Result<Bitfield, PeerError>,
+    },
+    /// A peer's watch ended: `None` after its full bitfield, else why (then it is polled).
+    WatchEnded {
+        peer: PeerId,
+        error: Option<PeerError>,
     },
     /// A peer answered (or failed) a `Table`.
     Table {
@@ -329,6 +334,18 @@ struct PeerInfo {
     added: bool,
     have_pending: bool,
     table_pending: bool,
+    /// Its `Watch` while one is live (the peer pushes its bitfield; it is not polled). Aborted
+    /// when the entry is dropped.
+    watch: Option<AbortOnDrop>,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl PeerInfo {
@@ -550,6 +567,36 @@ impl Mirror {
         let (etx, mut erx) = mpsc::channel::<Event>(256);
         let me = sw.peer_id();
         let mut peers: HashMap<PeerId, PeerInfo> = HashMap::new();
+        // Subscribes to `peer`'s holding: every bitfield it pushes becomes an `Event::Have`.
+        let watch_have = |peer: PeerId, addr: SocketAddr| {
+            let (sw, etx) = (sw.clone(), etx.clone());
+            let task = tokio::spawn(async move {
+                let watch = match sw.conn(addr).await {
+                    Ok(c) => c.watch(&digest, chunk_size).await,
+                    Err(e) => Err(e),
+                };
+                let error = match watch {
+                    Ok(mut w) => loop {
+                        match w.next().await {
+                            Ok(Some(bits)) => {
+                                let have = Event::Have {
+                                    peer,
+                                    result: Ok(bits),
+                                };
+                                if etx.send(have).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(None) => break None,
+                            Err(e) => break Some(e),
+                        }
+                    },
+                    Err(e) => Some(e),
+                };
+                let _ = etx.send(Event::WatchEnded { peer, error }).await;
+            });
+            AbortOnDrop(task.abort_handle())
+        };
         let ask_have = |peer: PeerId, addr: SocketAddr| {
             let (sw, etx) = (sw.clone(), etx.clone());
             tokio::spawn(async move {
@@ -592,9 +639,9 @@ impl Mirror {
                         added: false,
                         have_pending: true,
                         table_pending: false,
+                        watch: Some(watch_have(id, p.chunk_addr)),
                     },
                 );
-                ask_have(id, p.chunk_addr);
             }
         };
         add_providers(providers, &mut peers);
@@ -602,7 +649,10 @@ impl Mirror {
         let mut prefix = 0u32;
         let mut last_progress = Instant::now();
         let mut next_have_poll = Instant::now() + Duration::from_millis(HAVE_POLL_MS);
-        let mut next_lookup = Instant::now() + Duration::from_millis(LOOKUP_INTERVAL_MS);
+        // Sooner while few providers are known (see `relookup_after_ms`).
+        let mut fruitless = 0u32;
+        let mut next_lookup = Instant::now()
+            + Duration::from_millis(relookup_after_ms(peers.len(), PROVIDER_LIMIT, fruitless));
         let mut lookup_pending = false;
         // Bumped when the table is cut back after a dispute: chunks checked under an earlier
         // epoch are dropped on arrival.
@@ -700,14 +750,13 @@ impl Mirror {
             if Instant::now() >= next_have_poll {
                 next_have_poll = Instant::now() + Duration::from_millis(HAVE_POLL_MS);
                 for (id, p) in peers.iter_mut() {
-                    if !p.have_pending && !p.complete() && !dl.is_banned(id) {
+                    if !p.have_pending && p.watch.is_none() && !p.complete() && !dl.is_banned(id) {
                         p.have_pending = true;
                         ask_have(*id, p.addr);
                     }
                 }
             }
             if Instant::now() >= next_lookup && !lookup_pending {
-                next_lookup = Instant::now() + Duration::from_millis(LOOKUP_INTERVAL_MS);
                 lookup_pending = true;
                 let (sw, etx) = (sw.clone(), etx.clone());
                 tokio::spawn(async move {
@@ -715,10 +764,16 @@ impl Mirror {
                     let _ = etx.send(Event::Providers(list)).await;
                 });
             }
+            // Wake for the download's own deadlines, the next Have poll and the next lookup.
+            let mut until_timer = next_have_poll.saturating_duration_since(Instant::now());
+            if !lookup_pending {
+                until_timer =
+                    until_timer.min(next_lookup.saturating_duration_since(Instant::now()));
+            }
             let wait = dl
                 .next_wakeup()
                 .map_or(HAVE_POLL_MS, |w| w.saturating_sub(now()))
-                .clamp(1, HAVE_POLL_MS);
+                .clamp(1, (until_timer.as_millis() as u64).clamp(1, HAVE_POLL_MS));
             let event = tokio::select! {
                 e = erx.recv() => match e {
                     Some(e) => e,
@@ -921,9 +976,39 @@ impl Mirror {
                         }
                     }
                 }
+                Event::WatchEnded { peer, error } => {
+                    let Some(p) = peers.get_mut(&peer) else {
+                        continue;
+                    };
+                    p.watch = None;
+                    let Some(e) = error else {
+                        // Its last bitfield was full: nothing more to learn.
+                        continue;
+                    };
+                    debug!(digest = %digest, peer = %p.name, error = %e, "watch ended; polling the provider");
+                    if matches!(e, PeerError::NotFound | PeerError::Denied) || e.blames_peer() {
+                        dl.remove_peer(peer, now());
+                        peers.remove(&peer);
+                    } else {
+                        // Polled from now on (a peer without watches, or at its watch limit).
+                        p.have_pending = false;
+                    }
+                }
                 Event::Providers(list) => {
                     lookup_pending = false;
+                    let before = peers.len();
                     add_providers(list, &mut peers);
+                    fruitless = if peers.len() > before {
+                        0
+                    } else {
+                        fruitless + 1
+                    };
+                    next_lookup = Instant::now()
+                        + Duration::from_millis(relookup_after_ms(
+                            peers.len(),
+                            PROVIDER_LIMIT,
+                            fruitless,
+                        ));
                 }
                 Event::Refetched { exclude, result } => {
                     if let Some(p) = peers.get_mut(&exclude) {

@@ -221,6 +221,24 @@ pub const PROVIDER_LIMIT: usize = 16;
 /// (and their chunks) sooner (simulations/: cold-start at 1,000 nodes, p99 13.1 s → 12.7 s;
 /// Kraken's test at 500 nodes, 14.7 s → 13.8 s), at twice the DHT lookups.
 pub const LOOKUP_INTERVAL_MS: u64 = 1_000;
+/// The first pause between lookups of a node that knows fewer than [`PROVIDER_LIMIT`] peers of
+/// a blob it is downloading; see [`relookup_after_ms`].
+pub const LOOKUP_SHORT_MS: u64 = 100;
+
+/// When a downloading node should look a blob's providers up again: after
+/// [`LOOKUP_INTERVAL_MS`] once it follows `limit` peers, and sooner while it follows fewer —
+/// [`LOOKUP_SHORT_MS`], doubled for each lookup in a row that found nobody new (`fruitless`),
+/// up to the interval. At a cold start every node's first lookup finds the seeders alone, and
+/// the nodes that get the first chunks from them announce themselves a moment later; a node
+/// that waits a whole interval to find them idles for it.
+pub fn relookup_after_ms(known: usize, limit: usize, fruitless: u32) -> u64 {
+    if known >= limit {
+        return LOOKUP_INTERVAL_MS;
+    }
+    LOOKUP_SHORT_MS
+        .saturating_mul(1u64 << fruitless.min(16))
+        .min(LOOKUP_INTERVAL_MS)
+}
 /// How often a downloading node asks each partial provider which chunks it holds now
 /// (reported to [`Download::peer_has`], and to [`SeedPlan::provider_progress`] when it grew).
 /// 250 ms. A fresh chunk spreads one hop per poll at best, so 100 ms helps a little
@@ -1487,6 +1505,20 @@ impl Download {
             return Some(action);
         }
         self.assign_upstream(now)
+    }
+
+    /// True when [`Download::poll_action`] at `now` would return `None` with no input since
+    /// (nothing queued, no peer with room and something to give, nothing due): a driver that
+    /// reported new holdings may skip polling. Upstream fallbacks are not covered: they fall
+    /// due at [`Download::next_wakeup`].
+    pub fn is_idle(&self, now: u64) -> bool {
+        let cap = (self.config.max_in_flight_bytes / u64::from(self.layout.chunk_size().max(1)))
+            .max(u64::from(self.config.min_pipeline.max(1)));
+        self.queue.is_empty()
+            && (self.done_emitted || self.remaining > 0)
+            && (self.ready.is_empty() || self.requests.len() as u64 >= cap)
+            && self.deadlines.first().is_none_or(|&(t, _, _)| t > now)
+            && self.peer_timers.first().is_none_or(|&(t, _)| t > now)
     }
 
     /// The best chunk to ask `peer` for, if any.
