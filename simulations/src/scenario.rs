@@ -67,6 +67,15 @@ pub struct Params {
     pub lookup_interval_ms: u64,
     /// `swarm::HAVE_POLL_MS`.
     pub have_poll_ms: u64,
+    /// Providers push their new chunks to the nodes following them (a subscription per
+    /// provider) instead of being polled every `have_poll_ms`.
+    pub have_push: bool,
+    /// Look up again sooner while following fewer than `provider_limit` peers
+    /// (`swarm::relookup_after_ms`) instead of every `lookup_interval_ms`.
+    pub adaptive_lookup: bool,
+    /// Pushed Haves reach a node at multiples of this (simulated) time: a model's
+    /// approximation that batches a busy node's updates (the daemon applies each as it comes).
+    pub notify_quantum_us: u64,
     /// The `Download` configuration (its `seed` and `upstream_allowed` are set per node).
     pub download: DownloadConfig,
     /// Seed every node's `Download` of a blob alike (as a daemon seeding it from the digest
@@ -103,6 +112,9 @@ impl Params {
             provider_limit: PROVIDER_LIMIT,
             lookup_interval_ms: LOOKUP_INTERVAL_MS,
             have_poll_ms: HAVE_POLL_MS,
+            have_push: false,
+            adaptive_lookup: false,
+            notify_quantum_us: 1,
             download: DownloadConfig::default(),
             shared_seed: false,
         }
@@ -167,6 +179,9 @@ impl Params {
                 "provider_limit" => self.provider_limit = v as usize,
                 "lookup_interval_ms" => self.lookup_interval_ms = v,
                 "have_poll_ms" => self.have_poll_ms = v,
+                "have_push" => self.have_push = v != 0,
+                "adaptive_lookup" => self.adaptive_lookup = v != 0,
+                "notify_quantum_us" => self.notify_quantum_us = v,
                 // The old sender model: `v` uploads at once, no queue, more get `Busy`.
                 "serve_limit" => {
                     self.serve.max_active = v as u32;

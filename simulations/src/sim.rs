@@ -8,7 +8,8 @@ use sha2::{Digest as _, Sha256};
 use shoal_protocol::chunk::ChunkLayout;
 use shoal_protocol::serve::{Offer, ServeScheduler};
 use shoal_protocol::swarm::{
-    designated_seeders, Action, Download, DownloadConfig, FailReason, Have, PeerId, SeedPlan,
+    designated_seeders, relookup_after_ms, Action, Download, DownloadConfig, FailReason, Have,
+    PeerId, SeedPlan,
 };
 use shoal_protocol::wire::Bitfield;
 
@@ -61,6 +62,8 @@ enum Ev {
     ServeWake { node: u32 },
     /// Print a progress line to stderr (`SHOAL_SIM_TRACE=1`; not part of the log).
     Trace,
+    /// Pushed Haves reach the task: a provider it follows gained chunks (or died).
+    Notify { task: u32 },
 }
 
 impl Ev {
@@ -80,6 +83,7 @@ impl Ev {
             Ev::Rebalance { node } => (9, node, 0),
             Ev::Trace => (10, 0, 0),
             Ev::ServeWake { node } => (11, node, 0),
+            Ev::Notify { task } => (12, task, 0),
         }
     }
 }
@@ -122,6 +126,9 @@ struct Task {
     inflight: Vec<(u32, u32, u32)>,
     wake_at: u64,
     designated: bool,
+    /// Lookups in a row that found no new peer (paces the next one, see
+    /// `swarm::relookup_after_ms`).
+    fruitless: u32,
 }
 
 struct Node {
@@ -297,12 +304,14 @@ pub struct Sim {
     watchers: Vec<Vec<u32>>,
     /// Per task: a provider it added gained a chunk since its last Have poll.
     poll_dirty: Vec<bool>,
+    /// Per task: a `Notify` is on its way (pushed Haves; later gains ride along with it).
+    notify_pending: Vec<bool>,
     scratch: Vec<u64>,
     /// A lookup's answer (reused).
     found: Vec<u32>,
     /// When the run was set up (for the trace).
     started: Instant,
-    kinds: [u64; 12],
+    kinds: [u64; 13],
     r: Report,
 }
 
@@ -410,6 +419,7 @@ impl Sim {
                     inflight: Vec::new(),
                     wake_at: u64::MAX,
                     designated: designated[b].contains(&node),
+                    fruitless: 0,
                 });
             }
         }
@@ -483,10 +493,11 @@ impl Sim {
             new_chunks: Vec::new(),
             watchers: vec![Vec::new(); (n * nb) as usize],
             poll_dirty: vec![false; (n * nb) as usize],
+            notify_pending: vec![false; (n * nb) as usize],
             scratch: Vec::new(),
             found: Vec::new(),
             started: Instant::now(),
-            kinds: [0; 12],
+            kinds: [0; 13],
             r,
             p,
         };
@@ -651,6 +662,11 @@ impl Sim {
             Ev::Die { node } => self.on_die(node),
             Ev::Trace => {}
             Ev::ServeWake { node } => self.on_serve_wake(node),
+            Ev::Notify { task } => {
+                self.notify_pending[task as usize] = false;
+                self.poll_dirty[task as usize] = true;
+                self.on_have_poll(task);
+            }
             Ev::Rebalance { node } => {
                 self.nodes[node as usize].rebalance_pending = false;
                 self.level(node, true);
@@ -741,7 +757,13 @@ impl Sim {
             (self.r.upstream_stream_bytes + self.r.upstream_chunk_bytes) as f64
                 / self.p.image_bytes() as f64,
         );
-        self.push(self.now + 1_000_000, Ev::Trace);
+        // `SHOAL_SIM_TRACE=MS`: every MS milliseconds of simulated time (1 s if not a number).
+        let every_ms = std::env::var("SHOAL_SIM_TRACE")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|&v| v > 1)
+            .unwrap_or(1000);
+        self.push(self.now + every_ms * 1000, Ev::Trace);
     }
 
     fn split(&self, task: u32) -> (u32, u32) {
@@ -831,13 +853,19 @@ impl Sim {
             }
             true => {
                 let found = self.sample(task);
+                let before = self.tasks[task as usize].peers.len();
                 self.add_peers(task, &found);
                 self.found = found;
                 self.drive(task);
-                self.push(
-                    self.now + self.p.lookup_interval_ms * 1000,
-                    Ev::Relookup { task },
-                );
+                let t = &mut self.tasks[task as usize];
+                let known = t.peers.len();
+                t.fruitless = if known > before { 0 } else { t.fruitless + 1 };
+                let after_ms = if self.p.adaptive_lookup {
+                    relookup_after_ms(known, self.p.provider_limit, t.fruitless)
+                } else {
+                    self.p.lookup_interval_ms
+                };
+                self.push(self.now + after_ms * 1000, Ev::Relookup { task });
             }
         }
     }
@@ -862,11 +890,16 @@ impl Sim {
         t.state = State::Downloading;
         self.announce(task);
         self.add_peers(task, found);
-        self.push(self.now + self.p.have_poll_ms * 1000, Ev::HavePoll { task });
-        self.push(
-            self.now + self.p.lookup_interval_ms * 1000,
-            Ev::Relookup { task },
-        );
+        if !self.p.have_push {
+            self.push(self.now + self.p.have_poll_ms * 1000, Ev::HavePoll { task });
+        }
+        let known = self.tasks[task as usize].peers.len();
+        let after_ms = if self.p.adaptive_lookup {
+            relookup_after_ms(known, self.p.provider_limit, 0)
+        } else {
+            self.p.lookup_interval_ms
+        };
+        self.push(self.now + after_ms * 1000, Ev::Relookup { task });
         self.drive(task);
     }
 
@@ -915,7 +948,9 @@ impl Sim {
         // node died): straight to driving the download, as the full pass would.
         if !self.poll_dirty[task as usize] && self.r.deaths == 0 {
             self.drive(task);
-            self.push(self.now + self.p.have_poll_ms * 1000, Ev::HavePoll { task });
+            if !self.p.have_push {
+                self.push(self.now + self.p.have_poll_ms * 1000, Ev::HavePoll { task });
+            }
             return;
         }
         self.poll_dirty[task as usize] = false;
@@ -956,10 +991,19 @@ impl Sim {
             true
         });
         self.new_chunks = new;
+        // Pushed Haves come often: when they leave the download nothing to do (every peer
+        // with room has nothing new to give), polling it is skipped; its deadlines stay armed.
+        let idle = self.p.have_push && dl.is_idle(now_ms);
         self.tasks[task as usize].peers = peers;
         self.tasks[task as usize].dl = Some(dl);
-        self.drive(task);
-        self.push(self.now + self.p.have_poll_ms * 1000, Ev::HavePoll { task });
+        if idle {
+            self.arm_wake(task);
+        } else {
+            self.drive(task);
+        }
+        if !self.p.have_push {
+            self.push(self.now + self.p.have_poll_ms * 1000, Ev::HavePoll { task });
+        }
     }
 
     // ----- driving a Download -----
@@ -1000,19 +1044,30 @@ impl Sim {
             self.finish_task(task);
             return;
         }
-        if let Some(w) = dl.next_wakeup() {
-            let at = if w > now_ms {
-                w * 1000
-            } else {
-                (now_ms + 1) * 1000
-            };
-            let t = &mut self.tasks[task as usize];
-            if at < t.wake_at {
-                t.wake_at = at;
-                self.push(at, Ev::Wake { task });
-            }
-        }
         self.tasks[task as usize].dl = Some(dl);
+        self.arm_wake(task);
+    }
+
+    /// A `Wake` at the task's `Download::next_wakeup` (if earlier than the one pending).
+    fn arm_wake(&mut self, task: u32) {
+        let now_ms = ms(self.now);
+        let Some(w) = self.tasks[task as usize]
+            .dl
+            .as_ref()
+            .and_then(|dl| dl.next_wakeup())
+        else {
+            return;
+        };
+        let at = if w > now_ms {
+            w * 1000
+        } else {
+            (now_ms + 1) * 1000
+        };
+        let t = &mut self.tasks[task as usize];
+        if at < t.wake_at {
+            t.wake_at = at;
+            self.push(at, Ev::Wake { task });
+        }
     }
 
     fn finish_task(&mut self, task: u32) {
@@ -1524,7 +1579,30 @@ impl Sim {
             for &w in &self.watchers[task as usize] {
                 self.poll_dirty[w as usize] = true;
             }
+            if self.p.have_push {
+                // Delivered half a round trip later, rounded up to the notify quantum (so the
+                // updates of a busy node's providers reach it in fewer, fuller batches).
+                let q = self.p.notify_quantum_us.max(1);
+                let at = (self.now + self.p.rtt_us / 2).div_ceil(q) * q;
+                self.notify_watchers(task, at);
+            }
         }
+    }
+
+    /// Pushed Haves: every watcher still downloading gets one `Notify` at `at` (a watcher with
+    /// one already on its way reads this change with it, as a subscription stream would
+    /// deliver queued updates in one read).
+    fn notify_watchers(&mut self, task: u32, at: u64) {
+        let ws = std::mem::take(&mut self.watchers[task as usize]);
+        for &w in &ws {
+            if !self.notify_pending[w as usize]
+                && matches!(self.tasks[w as usize].state, State::Downloading)
+            {
+                self.notify_pending[w as usize] = true;
+                self.push(at, Ev::Notify { task: w });
+            }
+        }
+        self.watchers[task as usize] = ws;
     }
 
     fn on_fail(&mut self, task: u32, peer: u32, index: u32, reason: FailReason) {
@@ -1577,6 +1655,12 @@ impl Sim {
                         corrupt: false,
                     },
                 );
+            }
+        }
+        // Subscribers to its Haves see their streams break after the detection delay.
+        if self.p.have_push {
+            for b in 0..self.nb {
+                self.notify_watchers(node * self.nb + b, at);
             }
         }
         // Its own downloads stop.
