@@ -1256,7 +1256,10 @@ mod tests {
         let none = HashSet::new();
         let from_liar: HashSet<PeerId> = [liar].into();
 
-        assert_eq!(arbiter(&peers, &dl, suspect, &none).map(|a| a.0), Some(liar));
+        assert_eq!(
+            arbiter(&peers, &dl, suspect, &none).map(|a| a.0),
+            Some(liar)
+        );
         assert_eq!(
             arbiter(&peers, &dl, suspect, &from_liar).map(|a| a.0),
             Some(honest),

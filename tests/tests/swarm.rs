@@ -412,7 +412,12 @@ async fn a_lying_table_is_found_out_and_honest_providers_are_not_blamed() {
     );
     let from_honest: u64 = [&honest1, &honest2]
         .iter()
-        .map(|n| rec.fetched_from_peers.get(&peer_name(n)).copied().unwrap_or(0))
+        .map(|n| {
+            rec.fetched_from_peers
+                .get(&peer_name(n))
+                .copied()
+                .unwrap_or(0)
+        })
         .sum();
     assert!(from_honest > 0, "{rec:?}");
     let metrics = http

@@ -549,7 +549,11 @@ async fn a_node_told_to_lie_serves_a_table_wrong_in_the_middle_only() {
     let digest = put(&liar.store, &data, false);
     let honest = MidstateTable::compute(&data, 256).unwrap();
 
-    let conn = b.endpoint.connect(liar.endpoint.local_addr()).await.unwrap();
+    let conn = b
+        .endpoint
+        .connect(liar.endpoint.local_addr())
+        .await
+        .unwrap();
     let lie = conn
         .table(&digest, 256, Some(data.len() as u64), &[])
         .await
