@@ -114,6 +114,10 @@ pub struct RunArgs {
     /// Test-only fault injection: serve corrupt chunks to peers (a poisoned peer).
     #[arg(long, hide = true)]
     pub fault_corrupt_chunks: bool,
+    /// Test-only fault injection: serve lying midstate tables to peers (one midstate in the
+    /// middle is garbage; chunks are genuine).
+    #[arg(long, hide = true)]
+    pub fault_lie_tables: bool,
     /// Experiments: chunk uploads at once [default: the serve scheduler's].
     #[arg(long, hide = true)]
     pub serve_uploads: Option<u32>,
@@ -225,6 +229,8 @@ pub struct P2pConfig {
     pub seeders: usize,
     /// Fault injection for tests: serve corrupt chunks to peers.
     pub fault_corrupt_chunks: bool,
+    /// Fault injection for tests: serve lying midstate tables to peers.
+    pub fault_lie_tables: bool,
     /// How chunk uploads are scheduled.
     pub serve: ServeConfig,
 }
@@ -245,6 +251,7 @@ impl P2pConfig {
             chunk_size: DEFAULT_CHUNK_SIZE,
             seeders: DEFAULT_SEEDERS,
             fault_corrupt_chunks: false,
+            fault_lie_tables: false,
             serve: ServeConfig::default(),
         }
     }
@@ -510,6 +517,7 @@ impl RunArgs {
                     chunk_size: chunk_size as u32,
                     seeders,
                     fault_corrupt_chunks: self.fault_corrupt_chunks,
+                    fault_lie_tables: self.fault_lie_tables,
                     serve,
                 })
             }

@@ -2,7 +2,7 @@
 //! fetched from which peers. Kept for the most recent [`MAX_RECORDS`] blobs and served as JSON
 //! at `GET /_shoal/pulls`, so that every pull can be explained afterwards.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -29,6 +29,8 @@ pub struct Record {
     pub fetched_from_upstream: u64,
     /// Bytes fetched from each peer (by peer id).
     pub fetched_from_peers: BTreeMap<String, u64>,
+    /// The peers banned while fetching it (corrupt chunks, lying tables), by peer id.
+    pub banned_peers: BTreeSet<String>,
     /// `fetching`, `verified`, or `failed: ...`.
     pub state: String,
 }
@@ -102,6 +104,13 @@ impl Pulls {
     pub fn from_peer(&self, d: &Digest, peer: &str, n: u64) {
         self.with(d, |r| {
             *r.fetched_from_peers.entry(peer.to_owned()).or_default() += n
+        });
+    }
+
+    /// A peer was banned while fetching it.
+    pub fn banned(&self, d: &Digest, peer: &str) {
+        self.with(d, |r| {
+            r.banned_peers.insert(peer.to_owned());
         });
     }
 

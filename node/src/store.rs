@@ -275,13 +275,14 @@ impl BlobWriter {
 
     /// Writes bytes at an offset, for blobs assembled from chunks in any order (blocking).
     /// The blob is then hashed from the file at [`BlobWriter::commit`]: nothing written here
-    /// is trusted before that.
+    /// is trusted before that. Bytes written again (a chunk fetched anew after a table was
+    /// cut back) count once: what is written is the file's extent.
     pub fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
         self.out_of_order = true;
         self.builder = None;
         self.file.write_all_at(buf, offset)?;
-        self.written += buf.len() as u64;
+        self.written = self.written.max(offset.saturating_add(buf.len() as u64));
         Ok(())
     }
 

@@ -18,7 +18,7 @@
 //!   registry accepts ([`crate::grants`]); a node shows a grant only after the registry has
 //!   accepted its own client's credentials for the blob, and keeps its copy private.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -105,6 +105,7 @@ impl Swarm {
         let key = ClusterKey::new(config.cluster_key.unwrap_or([0u8; 32]));
         let peer_config = PeerConfig {
             fault_corrupt_chunks: config.fault_corrupt_chunks,
+            fault_lie_tables: config.fault_lie_tables,
             serve: config.serve.clone(),
             ..PeerConfig::new(listen, key)
         };
@@ -300,9 +301,11 @@ enum Event {
     },
     /// A provider lookup finished.
     Providers(Vec<Provider>),
-    /// The table asked for by [`Action::RefetchTable`], from a provider other than `exclude`.
+    /// The table asked for by [`Action::RefetchTable`] (or after a table conflict) from
+    /// `arbiter`, a provider other than `exclude` and other than the sources of the table in use.
     Refetched {
         exclude: PeerId,
+        arbiter: PeerId,
         result: Result<TablePrefix, PeerError>,
     },
 }
@@ -355,15 +358,18 @@ impl PeerInfo {
 }
 
 /// The provider to ask for the table when `suspect`'s chunk or table disagrees with the one in
-/// use: another, not banned, holding the whole blob if possible, else the most of it.
+/// use: another, not banned, and not one of `sources` (the providers the table in use came
+/// from: asked again, a liar would only repeat its table, and the honest suspect would be
+/// banned), holding the whole blob if possible, else the most of it.
 fn arbiter(
     peers: &HashMap<PeerId, PeerInfo>,
     dl: &Download,
     suspect: PeerId,
-) -> Option<SocketAddr> {
+    sources: &HashSet<PeerId>,
+) -> Option<(PeerId, SocketAddr)> {
     peers
         .iter()
-        .filter(|(id, _)| **id != suspect && !dl.is_banned(id))
+        .filter(|(id, _)| **id != suspect && !sources.contains(id) && !dl.is_banned(id))
         .max_by_key(|(id, p)| {
             (
                 p.complete(),
@@ -371,7 +377,7 @@ fn arbiter(
                 **id,
             )
         })
-        .map(|(_, p)| p.addr)
+        .map(|(id, p)| (*id, p.addr))
 }
 
 impl Mirror {
@@ -420,6 +426,8 @@ impl Mirror {
         let chunk_size = sw.config.chunk_size;
         // The longest table known among the providers (a whole one ends the search).
         let mut table: Option<TablePrefix> = None;
+        // The provider it came from.
+        let mut table_from: Option<PeerId> = None;
         // Empty while the blob looks public; the grant for this client once a provider says
         // it is private (`Denied`).
         let mut authz: Vec<u8> = Vec::new();
@@ -446,6 +454,7 @@ impl Mirror {
                     });
                     if better {
                         table = Some(t);
+                        table_from = Some(swarm_id(&p.peer_id));
                     }
                     if table.as_ref().is_some_and(TablePrefix::is_complete) {
                         break;
@@ -523,6 +532,7 @@ impl Mirror {
             ..DownloadConfig::default()
         };
         let job = Job {
+            table_from,
             sw,
             reg,
             name,
@@ -548,6 +558,7 @@ impl Mirror {
         tx: watch::Sender<Progress>,
     ) {
         let Job {
+            table_from,
             sw,
             reg,
             name,
@@ -558,6 +569,8 @@ impl Mirror {
         } = job;
         let arriving = registration.arriving().clone();
         let mut view = Arc::new(table);
+        // The providers whose tables the one in use was built from: never its arbiters.
+        let mut sources: HashSet<PeerId> = table_from.into_iter().collect();
         let layout = view.layout();
         let count = layout.count();
         let chunk_size = layout.chunk_size();
@@ -718,10 +731,14 @@ impl Mirror {
                         // A chunk from `exclude` does not chain with the table in use: ask
                         // another provider (one holding the whole blob if possible) for the
                         // table before blaming anyone.
-                        match arbiter(&peers, &dl, exclude) {
-                            Some(addr) => ask_table(
+                        match arbiter(&peers, &dl, exclude, &sources) {
+                            Some((arbiter, addr)) => ask_table(
                                 addr,
-                                Box::new(move |result| Event::Refetched { exclude, result }),
+                                Box::new(move |result| Event::Refetched {
+                                    exclude,
+                                    arbiter,
+                                    result,
+                                }),
                             ),
                             None => {
                                 // Nobody to ask: the table came from a provider trusted no
@@ -734,8 +751,11 @@ impl Mirror {
                     }
                     Action::Ban { peer, .. } => {
                         self.metrics.peers_banned.inc();
-                        if let Some(p) = peers.get(&peer) {
-                            warn!(digest = %digest, peer = %p.name, "peer sent a corrupt chunk: banned");
+                        if let Some(p) = peers.get_mut(&peer) {
+                            // Nothing more is wanted from it: not even its holding.
+                            p.watch = None;
+                            warn!(digest = %digest, peer = %p.name, "peer sent a corrupt chunk or a lying table: banned");
+                            self.pulls.banned(&digest, &p.name);
                             sw.drop_conn(p.addr).await;
                         }
                     }
@@ -789,9 +809,11 @@ impl Mirror {
                     peer,
                     index,
                     epoch: e,
-                    result: Ok(_),
+                    result: Ok(_) | Err(FailReason::Ambiguous),
                 } if e != epoch => {
-                    // Checked against a table since cut back: not trusted.
+                    // Checked against a table since cut back: not trusted if it chained, and
+                    // no dispute with the table in use if it did not (the sender of a genuine
+                    // chunk would be banned when nobody is left to arbitrate).
                     match peer {
                         Some(p) => dl.chunk_failed(p, index, FailReason::Refused, now()),
                         None => dl.upstream_failed(index, now()),
@@ -932,6 +954,10 @@ impl Mirror {
                     if let Some(p) = peers.get_mut(&peer) {
                         p.table_pending = false;
                     }
+                    if dl.is_banned(&peer) {
+                        // A proven liar's table is not merged again (after a cut back, say).
+                        continue;
+                    }
                     let longer = match result {
                         Ok(t) => t,
                         Err(e) => {
@@ -942,6 +968,7 @@ impl Mirror {
                     let mut merged = (*view).clone();
                     match merged.merge(&longer) {
                         Ok(true) => {
+                            sources.insert(peer);
                             adopt_view(&mut view, merged, &arriving, &mut dl, &peers, now());
                         }
                         Ok(false) => {}
@@ -951,8 +978,8 @@ impl Mirror {
                             // decides, as for a chunk that does not chain (`Refetched`): if it
                             // agrees with ours, this one is banned; if not, the table is cut
                             // back to the agreed part and nobody is blamed yet.
-                            match arbiter(&peers, &dl, peer) {
-                                Some(addr) => {
+                            match arbiter(&peers, &dl, peer, &sources) {
+                                Some((arbiter, addr)) => {
                                     warn!(digest = %digest, error = %e, "a provider's table disagrees with the one in use: asking a third provider");
                                     if let Some(p) = peers.get_mut(&peer) {
                                         // Not asked again until the dispute is settled.
@@ -962,6 +989,7 @@ impl Mirror {
                                         addr,
                                         Box::new(move |result| Event::Refetched {
                                             exclude: peer,
+                                            arbiter,
                                             result,
                                         }),
                                     );
@@ -1010,30 +1038,41 @@ impl Mirror {
                             fruitless,
                         ));
                 }
-                Event::Refetched { exclude, result } => {
+                Event::Refetched {
+                    exclude,
+                    arbiter,
+                    result,
+                } => {
                     if let Some(p) = peers.get_mut(&exclude) {
                         p.table_pending = false;
                     }
                     let mut merged = (*view).clone();
-                    match result.map(|t| merged.merge(&t)) {
-                        Ok(Ok(grew)) => {
+                    match result.map(|t| (merged.merge(&t), t)) {
+                        Ok((Ok(grew), _)) => {
                             // Another provider's table agrees with ours: the chunk (or table)
                             // that disagreed with it was wrong.
                             warn!(digest = %digest, "a chunk or table disagreed with a table another provider confirms: its sender is banned");
                             dl.ban_peer(exclude, now());
                             if grew {
+                                sources.insert(arbiter);
                                 adopt_view(&mut view, merged, &arriving, &mut dl, &peers, now());
                             }
                         }
-                        Ok(Err(ChunkError::Mismatch { index: k })) => {
+                        Ok((Err(ChunkError::Mismatch { index: k }), theirs)) => {
                             // The tables disagree from state k on: ours is as suspect as the
                             // chunk. Keep the agreed states, drop ours after them, and fetch
                             // again every chunk checked against a dropped state (chunk j uses
                             // states j - 1 and j). Nobody is blamed yet; the whole blob is
-                            // checked against its digest at the end in any case.
+                            // checked against its digest at the end in any case. The
+                            // arbiter's table, which sided with the suspect, is taken for the
+                            // rest (it agrees with the kept states): otherwise whichever table
+                            // came first would be taken, the one just cut back included.
                             warn!(digest = %digest, state = k, "two providers' tables disagree: the table is cut back and the chunks checked against the disputed part are fetched again");
                             let kept = view.states()[..k as usize].to_vec();
-                            if let Ok(cut) = TablePrefix::from_parts(layout, kept) {
+                            if let Ok(mut cut) = TablePrefix::from_parts(layout, kept) {
+                                if cut.merge(&theirs).is_ok() {
+                                    sources.insert(arbiter);
+                                }
                                 epoch += 1;
                                 view = Arc::new(cut);
                                 arriving.replace_prefix(&view);
@@ -1047,17 +1086,20 @@ impl Mirror {
                                 prefix = prefix.min(k);
                                 // The peers' holdings past the cut are not usable until the
                                 // table covers them again.
+                                // Banned peers are not asked again.
                                 for (id, p) in peers.iter_mut() {
                                     if p.added {
                                         p.added = false;
-                                        p.have_pending = true;
                                         dl.remove_peer(*id, now());
-                                        ask_have(*id, p.addr);
+                                        if !dl.is_banned(id) {
+                                            p.have_pending = true;
+                                            ask_have(*id, p.addr);
+                                        }
                                     }
                                 }
                             }
                         }
-                        Ok(Err(e)) => {
+                        Ok((Err(e), _)) => {
                             debug!(digest = %digest, error = %e, "refetched table unusable")
                         }
                         Err(e) => {
@@ -1175,6 +1217,8 @@ impl Mirror {
 
 /// What a download needs besides its table and peers.
 struct Job {
+    /// The provider the first table came from.
+    table_from: Option<PeerId>,
     sw: Arc<Swarm>,
     reg: Registry,
     name: shoal_protocol::Name,
@@ -1255,5 +1299,72 @@ fn report_covered(
                 dl.peer_has(*id, i, now);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_protocol::chunk::ChunkLayout;
+
+    fn info(port: u16, bits: Option<Bitfield>) -> PeerInfo {
+        PeerInfo {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            name: port.to_string(),
+            bits,
+            added: true,
+            have_pending: false,
+            table_pending: false,
+            watch: None,
+        }
+    }
+
+    /// Who settles a dispute: never the suspect, never a banned peer, never a source of the
+    /// table in use (a liar asked again only repeats its table, and the honest suspect would be
+    /// banned for disagreeing with it); a complete holder first.
+    #[test]
+    fn the_arbiter_is_neither_the_suspect_nor_a_source_of_the_table_in_use() {
+        let layout = ChunkLayout::new(8 << 10, 1 << 10).unwrap();
+        let count = layout.count();
+        let mut dl = Download::new(layout, DownloadConfig::default(), 0);
+        let (liar, suspect, honest, partial) = (
+            PeerId::from_u64(9),
+            PeerId::from_u64(1),
+            PeerId::from_u64(2),
+            PeerId::from_u64(3),
+        );
+        let mut half = Bitfield::new(count);
+        half.set(0);
+        let mut peers = HashMap::new();
+        // The liar has the highest id and the whole blob: the tie-break's favourite.
+        peers.insert(liar, info(9, Some(Bitfield::full(count))));
+        peers.insert(suspect, info(1, Some(Bitfield::full(count))));
+        peers.insert(honest, info(2, Some(Bitfield::full(count))));
+        peers.insert(partial, info(3, Some(half)));
+        let none = HashSet::new();
+        let from_liar: HashSet<PeerId> = [liar].into();
+
+        assert_eq!(
+            arbiter(&peers, &dl, suspect, &none).map(|a| a.0),
+            Some(liar)
+        );
+        assert_eq!(
+            arbiter(&peers, &dl, suspect, &from_liar).map(|a| a.0),
+            Some(honest),
+            "the table's own source must not judge it"
+        );
+        // The same when the dispute is the liar's own chunk or table: someone else judges.
+        assert_eq!(
+            arbiter(&peers, &dl, liar, &from_liar).map(|a| a.0),
+            Some(honest)
+        );
+        // A partial holder when nobody better is left; nobody when only parties remain.
+        dl.ban_peer(honest, 0);
+        assert_eq!(
+            arbiter(&peers, &dl, suspect, &from_liar).map(|a| a.0),
+            Some(partial)
+        );
+        peers.remove(&partial);
+        assert_eq!(arbiter(&peers, &dl, suspect, &from_liar), None);
     }
 }

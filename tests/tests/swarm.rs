@@ -319,3 +319,120 @@ async fn private_blobs_go_through_the_swarm_only_to_pullers_the_registry_accepts
         n.shutdown().await;
     }
 }
+
+/// This node's peer id, as the pulls record names peers.
+fn peer_name(n: &Node) -> String {
+    n.mirror().swarm.as_ref().unwrap().peer_id().to_string()
+}
+
+/// Puts `data` in `n`'s store, as if it had fetched it, and announces it.
+fn hold(n: &Node, data: &[u8]) {
+    let d = shoal_protocol::Digest::of(data);
+    n.mirror().store.put_small(&d, data, None, false).unwrap();
+    n.mirror().swarm.as_ref().unwrap().provide(d);
+}
+
+/// A midstate table that lies in the middle (`fault_lie_tables`: the digest and the last state
+/// are right, one state in the middle is not) is found out by the chunks, and the arbitration
+/// blames the right party:
+/// 1. The liar is the only provider: the victim takes its table, the liar's own genuine chunk
+///    does not chain with it, and with no third provider to ask the chunk's sender (here the
+///    liar itself, the table's source) is banned, as `swarm_fetch` documents.
+/// 2. Honest providers appear: the victim still holds the lying table, so an honest chunk does
+///    not chain with it either. A third provider's table disagrees with the victim's: the table
+///    is cut back and replaced, and the honest sender is not banned. The pull completes with the
+///    right bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_table_is_found_out_and_honest_providers_are_not_blamed() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("SHOAL_LOG"))
+        .with_test_writer()
+        .try_init();
+    let origin = Origin::start().await.unwrap();
+    // 8 chunks of 1 MiB: 7 states, the fourth a lie.
+    let data = pseudo_random(8 << 20, 93);
+    let d = origin.put_blob(data.clone());
+    let key = [4u8; 32];
+    let dirs: Vec<_> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
+    let boot = start_node(&origin, dirs[0].path(), vec![], key).await;
+    let seed = p2p_addr(&boot);
+    let liar = start_node_with(&origin, dirs[1].path(), vec![seed.clone()], key, |p| {
+        p.fault_lie_tables = true
+    })
+    .await;
+    let honest1 = start_node(&origin, dirs[2].path(), vec![seed.clone()], key).await;
+    let honest2 = start_node(&origin, dirs[3].path(), vec![seed.clone()], key).await;
+    // Never a designated seeder: with no provider it waits for one (the liar) rather than
+    // going to the upstream.
+    let victim = start_node_with(&origin, dirs[4].path(), vec![seed], key, |p| p.seeders = 0).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    hold(&liar, &data);
+    tokio::time::sleep(Duration::from_millis(500)).await; // let the provider record spread
+
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/v2/x/blobs/{d}", victim.addr());
+    let pull = tokio::spawn({
+        let http = http.clone();
+        async move { get_bytes(&http, url).await }
+    });
+
+    // 1. Only the liar: banned once its own chunk fails against its own table.
+    let liar_name = peer_name(&liar);
+    let mut banned = Default::default();
+    for _ in 0..200 {
+        if let Some(rec) = victim.mirror().pulls.get(&d) {
+            banned = rec.banned_peers.clone();
+            if !banned.is_empty() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        banned,
+        [liar_name.clone()].into(),
+        "with no third provider, the chunk's sender (the liar) is banned"
+    );
+    assert!(!pull.is_finished(), "no provider left to finish the pull");
+
+    // 2. Honest providers appear; the victim's table is still the lie.
+    hold(&honest1, &data);
+    hold(&honest2, &data);
+    let got = tokio::time::timeout(Duration::from_secs(60), pull)
+        .await
+        .expect("the pull finishes")
+        .unwrap();
+    assert!(got == data, "the victim must end with the right bytes");
+    let rec = victim.mirror().pulls.get(&d).unwrap();
+    assert_eq!(rec.state, "verified", "{rec:?}");
+    assert_eq!(
+        rec.banned_peers,
+        [liar_name].into(),
+        "an honest chunk that disagrees with a lying table must not get its sender banned: {rec:?}"
+    );
+    let from_honest: u64 = [&honest1, &honest2]
+        .iter()
+        .map(|n| {
+            rec.fetched_from_peers
+                .get(&peer_name(n))
+                .copied()
+                .unwrap_or(0)
+        })
+        .sum();
+    assert!(from_honest > 0, "{rec:?}");
+    let metrics = http
+        .get(format!("http://{}/metrics", victim.addr()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("shoal_peers_banned_total 1\n"),
+        "{metrics}"
+    );
+    for n in [boot, liar, honest1, honest2, victim] {
+        n.shutdown().await;
+    }
+}

@@ -118,6 +118,10 @@ pub struct PeerConfig {
     pub send_window: u64,
     /// Fault injection for tests: flip a byte in every chunk served (a poisoned peer).
     pub fault_corrupt_chunks: bool,
+    /// Fault injection for tests: serve every midstate table (whole, or the prefix of a blob
+    /// still arriving) with one midstate in the middle replaced by garbage (a lying table; see
+    /// `server::lying_table`). Chunks are served genuine.
+    pub fault_lie_tables: bool,
 }
 
 impl PeerConfig {
@@ -139,6 +143,7 @@ impl PeerConfig {
             receive_window: 32 << 20,
             send_window: 16 << 20,
             fault_corrupt_chunks: false,
+            fault_lie_tables: false,
         }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::future::{self, BoxFuture};
 use quinn::{Connection, RecvStream, SendStream, VarInt};
-use shoal_protocol::chunk::ChunkLayout;
+use shoal_protocol::chunk::{ChunkLayout, TablePrefix};
 use shoal_protocol::wire::{Bitfield, Request, Response};
 use shoal_protocol::Digest;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -419,7 +419,7 @@ async fn serve_table(
                 match check_private(shared, Access::arriving(&a), digest, authz, remote).await {
                     Some(denied) => denied,
                     None => Response::Table {
-                        table: a.prefix().encode(),
+                        table: served_table(shared, a.prefix()),
                     },
                 }
             }
@@ -458,13 +458,40 @@ async fn serve_table(
     respond(
         send,
         Response::Table {
-            table: table.encode(),
+            table: served_table(shared, table.into()),
         },
         limit,
     )
     .await?;
     shared.metrics.tables_served.inc();
     Ok(())
+}
+
+/// The encoding of `table` as this node serves it: as it is, or lying under the test-only
+/// fault injection ([`PeerConfig::fault_lie_tables`](super::PeerConfig::fault_lie_tables)).
+fn served_table(shared: &Shared, table: TablePrefix) -> Vec<u8> {
+    if shared.config.fault_lie_tables {
+        lying_table(&table).encode()
+    } else {
+        table.encode()
+    }
+}
+
+/// A lying version of `table` (test-only fault injection): the midstate in the middle,
+/// `states[len / 2]`, is replaced by garbage; every other state, the last one included, is kept.
+/// Nothing but chunks can tell (a table is not checked against the digest until the chunks on
+/// either side of a state arrive): chunks `len / 2` and `len / 2 + 1` do not chain with it
+/// (ambiguous, [`shoal_protocol::chunk::ChunkError::Mismatch`]), and it disagrees with an honest
+/// table from that state on. A table with no state (one chunk, or nothing known yet) is kept.
+pub(crate) fn lying_table(table: &TablePrefix) -> TablePrefix {
+    let mut states = table.states().to_vec();
+    let middle = states.len() / 2;
+    if let Some(s) = states.get_mut(middle) {
+        for b in s.iter_mut() {
+            *b ^= 0x5a;
+        }
+    }
+    TablePrefix::from_parts(table.layout(), states).unwrap_or_else(|_| table.clone())
 }
 
 #[allow(clippy::too_many_arguments)]

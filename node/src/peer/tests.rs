@@ -651,3 +651,46 @@ async fn watches_beyond_the_per_connection_limit_are_refused_busy() {
     a.endpoint.shutdown().await;
     b.endpoint.shutdown().await;
 }
+
+/// The lying-table fault injection (`PeerConfig::fault_lie_tables`): the table served passes
+/// every check a table can pass without the data (it decodes, has the right layout and the
+/// right last state) but its middle midstate is garbage, so the genuine chunks on either side of
+/// it do not chain: ambiguous, not corrupt (the receiver cannot tell who lies).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_told_to_lie_serves_a_table_wrong_in_the_middle_only() {
+    let mut c = config(key(1));
+    c.fault_lie_tables = true;
+    let liar = node_with(c, 256, Arc::new(DenyPrivate));
+    let b = node(key(1), 256);
+    // 8 chunks: 7 states, the fourth (index 3) is the lie.
+    let data = blob(8 * 256 - 10, 4);
+    let digest = put(&liar.store, &data, false);
+    let honest = MidstateTable::compute(&data, 256).unwrap();
+
+    let conn = b
+        .endpoint
+        .connect(liar.endpoint.local_addr())
+        .await
+        .unwrap();
+    let lie = conn
+        .table(&digest, 256, Some(data.len() as u64), &[])
+        .await
+        .unwrap();
+    assert_eq!(lie.layout(), honest.layout());
+    let differ: Vec<usize> = (0..honest.states().len())
+        .filter(|&i| lie.states()[i] != honest.states()[i])
+        .collect();
+    assert_eq!(differ, vec![3], "only the middle state lies");
+    for i in 0..8 {
+        let got = conn.chunk(&digest, &lie, i, &[]).await;
+        if i == 3 || i == 4 {
+            assert_eq!(got.unwrap_err(), PeerError::Ambiguous { index: i });
+        } else {
+            assert!(got.is_ok(), "chunk {i}: {got:?}");
+        }
+    }
+    // Its chunks are genuine: they all check against the honest table.
+    for i in 0..8 {
+        assert!(conn.chunk(&digest, &honest, i, &[]).await.is_ok());
+    }
+}
