@@ -18,7 +18,7 @@
 //!   registry accepts ([`crate::grants`]); a node shows a grant only after the registry has
 //!   accepted its own client's credentials for the blob, and keeps its copy private.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -571,6 +571,12 @@ impl Mirror {
         let mut view = Arc::new(table);
         // The providers whose tables the one in use was built from: never its arbiters.
         let mut sources: HashSet<PeerId> = table_from.into_iter().collect();
+        // A table that came (in part) from a provider since banned is no longer trusted above
+        // the providers that disagree with it.
+        let tainted =
+            |sources: &HashSet<PeerId>, dl: &Download| sources.iter().any(|s| dl.is_banned(s));
+        // Events the driver gives itself (a dispute settled without asking anyone).
+        let mut again: VecDeque<Event> = VecDeque::new();
         let layout = view.layout();
         let count = layout.count();
         let chunk_size = layout.chunk_size();
@@ -740,6 +746,23 @@ impl Mirror {
                                     result,
                                 }),
                             ),
+                            None if tainted(&sources, &dl) => {
+                                // Nobody else to ask, and the table in use came (in part) from
+                                // a provider since banned: the suspect's own table decides (it
+                                // agrees with ours: the suspect lies; it does not: ours is cut
+                                // back and nobody is blamed).
+                                match peers.get(&exclude) {
+                                    Some(p) if !dl.is_banned(&exclude) => ask_table(
+                                        p.addr,
+                                        Box::new(move |result| Event::Refetched {
+                                            exclude,
+                                            arbiter: exclude,
+                                            result,
+                                        }),
+                                    ),
+                                    _ => dl.table_refetched(now()),
+                                }
+                            }
                             None => {
                                 // Nobody to ask: the table came from a provider trusted no
                                 // less than this one, so the chunk's sender is the likelier
@@ -794,7 +817,10 @@ impl Mirror {
                 .next_wakeup()
                 .map_or(HAVE_POLL_MS, |w| w.saturating_sub(now()))
                 .clamp(1, (until_timer.as_millis() as u64).clamp(1, HAVE_POLL_MS));
-            let event = tokio::select! {
+            let event = if let Some(e) = again.pop_front() {
+                e
+            } else {
+                tokio::select! {
                 e = erx.recv() => match e {
                     Some(e) => e,
                     None => break,
@@ -802,6 +828,7 @@ impl Mirror {
                 _ = tokio::time::sleep(Duration::from_millis(wait)) => {
                     dl.tick(now());
                     continue;
+                }
                 }
             };
             match event {
@@ -993,6 +1020,16 @@ impl Mirror {
                                             result,
                                         }),
                                     );
+                                }
+                                None if tainted(&sources, &dl) => {
+                                    // Nobody else to ask, and the table in use came (in part)
+                                    // from a provider since banned: this one's table is the
+                                    // better judge; settled as if it had arbitrated.
+                                    again.push_back(Event::Refetched {
+                                        exclude: peer,
+                                        arbiter: peer,
+                                        result: Ok(longer),
+                                    });
                                 }
                                 None => {
                                     // Nobody else to ask: keep the table in use (the whole

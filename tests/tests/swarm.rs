@@ -338,10 +338,11 @@ fn hold(n: &Node, data: &[u8]) {
 /// 1. The liar is the only provider: the victim takes its table, the liar's own genuine chunk
 ///    does not chain with it, and with no third provider to ask the chunk's sender (here the
 ///    liar itself, the table's source) is banned, as `swarm_fetch` documents.
-/// 2. Honest providers appear: the victim still holds the lying table, so an honest chunk does
-///    not chain with it either. A third provider's table disagrees with the victim's: the table
-///    is cut back and replaced, and the honest sender is not banned. The pull completes with the
-///    right bytes.
+/// 2. One honest provider appears: the victim still holds the lying table, so an honest chunk
+///    does not chain with it either. Nobody else can arbitrate, but the table in use came from a
+///    provider now banned: the honest provider's own table decides, disagrees, and the table is
+///    cut back and replaced; the honest sender is not banned. The pull completes with the right
+///    bytes. (Before, each honest provider found alone was banned in turn and the pull stalled.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_table_is_found_out_and_honest_providers_are_not_blamed() {
     let _ = tracing_subscriber::fmt()
@@ -353,18 +354,17 @@ async fn a_lying_table_is_found_out_and_honest_providers_are_not_blamed() {
     let data = pseudo_random(8 << 20, 93);
     let d = origin.put_blob(data.clone());
     let key = [4u8; 32];
-    let dirs: Vec<_> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
     let boot = start_node(&origin, dirs[0].path(), vec![], key).await;
     let seed = p2p_addr(&boot);
     let liar = start_node_with(&origin, dirs[1].path(), vec![seed.clone()], key, |p| {
         p.fault_lie_tables = true
     })
     .await;
-    let honest1 = start_node(&origin, dirs[2].path(), vec![seed.clone()], key).await;
-    let honest2 = start_node(&origin, dirs[3].path(), vec![seed.clone()], key).await;
+    let honest = start_node(&origin, dirs[2].path(), vec![seed.clone()], key).await;
     // Never a designated seeder: with no provider it waits for one (the liar) rather than
     // going to the upstream.
-    let victim = start_node_with(&origin, dirs[4].path(), vec![seed], key, |p| p.seeders = 0).await;
+    let victim = start_node_with(&origin, dirs[3].path(), vec![seed], key, |p| p.seeders = 0).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     hold(&liar, &data);
     tokio::time::sleep(Duration::from_millis(500)).await; // let the provider record spread
@@ -395,9 +395,10 @@ async fn a_lying_table_is_found_out_and_honest_providers_are_not_blamed() {
     );
     assert!(!pull.is_finished(), "no provider left to finish the pull");
 
-    // 2. Honest providers appear; the victim's table is still the lie.
-    hold(&honest1, &data);
-    hold(&honest2, &data);
+    // 2. One honest provider appears; the victim's table is still the lie, and nobody else can
+    // arbitrate: since the table came from a provider now banned, the honest provider's own
+    // table decides, and its chunks are not held against it.
+    hold(&honest, &data);
     let got = tokio::time::timeout(Duration::from_secs(60), pull)
         .await
         .expect("the pull finishes")
@@ -410,15 +411,11 @@ async fn a_lying_table_is_found_out_and_honest_providers_are_not_blamed() {
         [liar_name].into(),
         "an honest chunk that disagrees with a lying table must not get its sender banned: {rec:?}"
     );
-    let from_honest: u64 = [&honest1, &honest2]
-        .iter()
-        .map(|n| {
-            rec.fetched_from_peers
-                .get(&peer_name(n))
-                .copied()
-                .unwrap_or(0)
-        })
-        .sum();
+    let from_honest = rec
+        .fetched_from_peers
+        .get(&peer_name(&honest))
+        .copied()
+        .unwrap_or(0);
     assert!(from_honest > 0, "{rec:?}");
     let metrics = http
         .get(format!("http://{}/metrics", victim.addr()))
@@ -432,7 +429,7 @@ async fn a_lying_table_is_found_out_and_honest_providers_are_not_blamed() {
         metrics.contains("shoal_peers_banned_total 1\n"),
         "{metrics}"
     );
-    for n in [boot, liar, honest1, honest2, victim] {
+    for n in [boot, liar, honest, victim] {
         n.shutdown().await;
     }
 }
