@@ -239,7 +239,10 @@ pub fn relookup_after_ms(known: usize, limit: usize, fruitless: u32) -> u64 {
         .saturating_mul(1u64 << fruitless.min(16))
         .min(LOOKUP_INTERVAL_MS)
 }
-/// How often a downloading node asks each partial provider which chunks it holds now
+
+/// How often a downloading node asks a partial provider that refused a `Watch`
+/// ([`crate::wire::Request::Watch`]: providers push their holdings instead) which chunks it
+/// holds now
 /// (reported to [`Download::peer_has`], and to [`SeedPlan::provider_progress`] when it grew).
 /// 250 ms. A fresh chunk spreads one hop per poll at best, so 100 ms helps a little
 /// (simulations/, with the serve scheduler of `serve`: Kraken's test at 1,000 nodes p99

@@ -112,9 +112,9 @@ impl Params {
             provider_limit: PROVIDER_LIMIT,
             lookup_interval_ms: LOOKUP_INTERVAL_MS,
             have_poll_ms: HAVE_POLL_MS,
-            have_push: false,
-            adaptive_lookup: false,
-            notify_quantum_us: 1,
+            have_push: true,
+            adaptive_lookup: true,
+            notify_quantum_us: 5_000,
             download: DownloadConfig::default(),
             shared_seed: false,
         }

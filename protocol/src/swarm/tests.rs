@@ -1351,3 +1351,38 @@ fn a_follower_whose_peers_answer_busy_does_not_judge_the_swarm_slow() {
     }
     assert!(!upstream.is_empty(), "the follower never took over");
 }
+
+#[test]
+fn relookups_are_quick_while_few_providers_are_known_and_back_off_when_fruitless() {
+    // Enough peers: the regular interval.
+    assert_eq!(
+        relookup_after_ms(PROVIDER_LIMIT, PROVIDER_LIMIT, 0),
+        LOOKUP_INTERVAL_MS
+    );
+    assert_eq!(relookup_after_ms(40, PROVIDER_LIMIT, 0), LOOKUP_INTERVAL_MS);
+    // Few: 100 ms, doubled per fruitless lookup in a row, never beyond the interval.
+    let delays: Vec<u64> = (0..6)
+        .map(|f| relookup_after_ms(1, PROVIDER_LIMIT, f))
+        .collect();
+    assert_eq!(delays, vec![100, 200, 400, 800, 1_000, 1_000]);
+    assert_eq!(
+        relookup_after_ms(0, PROVIDER_LIMIT, u32::MAX),
+        LOOKUP_INTERVAL_MS
+    );
+}
+
+#[test]
+fn is_idle_tells_when_new_holdings_give_a_peer_with_room_something_to_do() {
+    let mut d = Download::new(layout(4), fixed(1), 0);
+    d.add_peer(p(1), bits(4, &[]), 0);
+    assert!(drain(&mut d, 0).is_empty(), "nothing to ask anyone for");
+    assert!(d.is_idle(0));
+    // The peer gains a chunk: now there is a request to make.
+    d.peer_has(p(1), 2, 1);
+    assert!(!d.is_idle(1));
+    assert_eq!(requests(&drain(&mut d, 1)), vec![(p(1), 2)]);
+    // Its pipeline (depth 1) is full: another chunk it gains changes nothing yet.
+    d.peer_has(p(1), 3, 2);
+    assert!(d.is_idle(2));
+    assert!(drain(&mut d, 2).is_empty());
+}
