@@ -1584,7 +1584,7 @@ impl Sim {
                 // updates of a busy node's providers reach it in fewer, fuller batches).
                 let q = self.p.notify_quantum_us.max(1);
                 let at = (self.now + self.p.rtt_us / 2).div_ceil(q) * q;
-                self.notify_watchers(task, at, Some(index));
+                self.notify_watchers(task, at);
             }
         }
     }
@@ -1593,15 +1593,14 @@ impl Sim {
     /// one already on its way reads this change with it, as a subscription stream would
     /// deliver queued updates in one read).
     ///
-    /// `gained`: the chunk the provider just gained. A watcher that holds it already gets no
-    /// `Notify` for it: the news cannot make it request anything (it changes only the rarity of
-    /// a chunk it does not want), and it reads it with its next `Notify` all the same.
-    fn notify_watchers(&mut self, task: u32, at: u64, gained: Option<u32>) {
+    /// Every watcher, even one that holds the gained chunk already: any news of a provider is
+    /// progress to its `Download` (a follower that hears none for the takeover time judges the
+    /// swarm stalled and goes upstream).
+    fn notify_watchers(&mut self, task: u32, at: u64) {
         let ws = std::mem::take(&mut self.watchers[task as usize]);
         for &w in &ws {
             if !self.notify_pending[w as usize]
                 && matches!(self.tasks[w as usize].state, State::Downloading)
-                && !gained.is_some_and(|i| self.tasks[w as usize].have.get(i))
             {
                 self.notify_pending[w as usize] = true;
                 self.push(at, Ev::Notify { task: w });
@@ -1665,7 +1664,7 @@ impl Sim {
         // Subscribers to its Haves see their streams break after the detection delay.
         if self.p.have_push {
             for b in 0..self.nb {
-                self.notify_watchers(node * self.nb + b, at, None);
+                self.notify_watchers(node * self.nb + b, at);
             }
         }
         // Its own downloads stop.
