@@ -819,6 +819,13 @@ impl Mirror {
         // into the table prefix.
         let origin = private.then(|| reg.key.clone());
         let sharing = self.share_arriving(&writer, digest, size, origin.clone());
+        // A blob of more than a chunk: this node's other swarm downloads wait for it (small
+        // ones, a config, take no time worth holding anything for).
+        let importing = sharing
+            .as_ref()
+            .filter(|_| size.is_some_and(|s| s > u64::from(self.store.chunk_size())))
+            .and(self.swarm.as_ref())
+            .map(|sw| sw.import());
         let copied: Result<(), String> = loop {
             match tokio::time::timeout(timeout, body.chunk()).await {
                 Err(_) => break Err("upstream stalled".into()),
@@ -842,6 +849,7 @@ impl Mirror {
                 }
             }
         };
+        drop(importing);
         let outcome = match copied {
             Ok(()) => {
                 let store = self.store.clone();

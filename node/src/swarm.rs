@@ -21,6 +21,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -77,6 +78,17 @@ pub struct Swarm {
     conns: tokio::sync::Mutex<HashMap<SocketAddr, PeerConn>>,
     /// How long a node that is not a designated seeder waits for a provider.
     pub takeover_after: Duration,
+    /// Blobs this node is importing from the upstream right now (see [`Swarm::import`]).
+    imports: Arc<AtomicUsize>,
+}
+
+/// Counts one import from the upstream while alive ([`Swarm::import`]).
+pub(crate) struct ImportGuard(Arc<AtomicUsize>);
+
+impl Drop for ImportGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn swarm_id(p: &libp2p::PeerId) -> PeerId {
@@ -138,7 +150,22 @@ impl Swarm {
             listen,
             conns: tokio::sync::Mutex::new(HashMap::new()),
             takeover_after: Duration::from_millis(shoal_protocol::swarm::DEFAULT_TAKEOVER_AFTER_MS),
+            imports: Arc::new(AtomicUsize::new(0)),
         })
+    }
+
+    /// Marks a blob import from the upstream (a seeder's stream) as in progress until the guard
+    /// is dropped. Meanwhile this node's swarm downloads make no new peer requests
+    /// (`Download::hold_peer_requests`): its downlink carries the import, which the rest of
+    /// the swarm waits for, at full speed.
+    pub(crate) fn import(&self) -> ImportGuard {
+        self.imports.fetch_add(1, Ordering::Relaxed);
+        ImportGuard(self.imports.clone())
+    }
+
+    /// True while this node imports a blob from the upstream.
+    pub(crate) fn importing(&self) -> bool {
+        self.imports.load(Ordering::Relaxed) > 0
     }
 
     /// The TCP and UDP address in use.
@@ -678,6 +705,8 @@ impl Mirror {
         let mut epoch = 0u32;
         let mut failure: Option<String> = None;
         'run: loop {
+            // Another blob is being imported from the upstream by this node: it goes first.
+            dl.hold_peer_requests(sw.importing());
             while let Some(action) = dl.poll_action(now()) {
                 match action {
                     Action::Request { peer, index } => {

@@ -617,6 +617,8 @@ pub struct Download {
     chunks: Vec<Chunk>,
     remaining: u32,
     done_emitted: bool,
+    /// New peer requests held (see [`Download::hold_peer_requests`]).
+    held: bool,
     peers: BTreeMap<PeerId, Peer>,
     /// Bans and benches: their end, and whether it is a ban. Kept across `remove_peer`.
     excluded: BTreeMap<PeerId, (u64, bool)>,
@@ -658,6 +660,7 @@ impl Download {
             chunks: Vec::with_capacity(count as usize),
             remaining: count,
             done_emitted: false,
+            held: false,
             peers: BTreeMap::new(),
             excluded: BTreeMap::new(),
             complete_holders: 0,
@@ -1510,6 +1513,16 @@ impl Download {
         self.assign_upstream(now)
     }
 
+    /// Holds new peer requests (requests in flight go on; upstream fallbacks, timeouts and
+    /// everything else as usual) until called again with `false`. A node that imports another
+    /// blob from the upstream holds its other downloads: its downlink then carries the import
+    /// at full speed, and the whole swarm, waiting for that blob's first copies, gets them
+    /// sooner (simulations/: the 8-host case 16.3 → 13.8 s, cold-start at 1,000 nodes
+    /// 10.73 → 10.37 s).
+    pub fn hold_peer_requests(&mut self, hold: bool) {
+        self.held = hold;
+    }
+
     /// True when [`Download::poll_action`] at `now` would return `None` with no input since
     /// (nothing queued, no peer with room and something to give, nothing due): a driver that
     /// reported new holdings may skip polling. Upstream fallbacks are not covered: they fall
@@ -1519,7 +1532,7 @@ impl Download {
             .max(u64::from(self.config.min_pipeline.max(1)));
         self.queue.is_empty()
             && (self.done_emitted || self.remaining > 0)
-            && (self.ready.is_empty() || self.requests.len() as u64 >= cap)
+            && (self.held || self.ready.is_empty() || self.requests.len() as u64 >= cap)
             && self.deadlines.first().is_none_or(|&(t, _, _)| t > now)
             && self.peer_timers.first().is_none_or(|&(t, _)| t > now)
     }
@@ -1561,6 +1574,9 @@ impl Download {
     }
 
     fn assign_peer(&mut self, now: u64) -> Option<Action> {
+        if self.held {
+            return None;
+        }
         // The memory budget: every request in flight may hold a whole chunk in the caller.
         let cap = (self.config.max_in_flight_bytes / u64::from(self.layout.chunk_size().max(1)))
             .max(u64::from(self.config.min_pipeline.max(1)));

@@ -76,6 +76,9 @@ pub struct Params {
     /// Pushed Haves reach a node at multiples of this (simulated) time: a model's
     /// approximation that batches a busy node's updates (the daemon applies each as it comes).
     pub notify_quantum_us: u64,
+    /// A node that streams a blob from the upstream (a designated seeder) holds its other
+    /// downloads' peer requests until the stream ends: its downlink imports first.
+    pub import_first: bool,
     /// The `Download` configuration (its `seed` and `upstream_allowed` are set per node).
     pub download: DownloadConfig,
     /// Seed every node's `Download` of a blob alike (as a daemon seeding it from the digest
@@ -115,6 +118,7 @@ impl Params {
             have_push: true,
             adaptive_lookup: true,
             notify_quantum_us: 5_000,
+            import_first: true,
             download: DownloadConfig::default(),
             shared_seed: false,
         }
@@ -163,7 +167,7 @@ impl Params {
     /// `endgame_max_requests`, `busy_backoff_ms`, `timeout_floor_ms`, `upstream_grace_ms`,
     /// `takeover_after_ms`, `slow_swarm_percent`, `max_in_flight_bytes`; `shared_seed=1` (every
     /// node's `Download` of a blob seeded alike, as the daemon does today); and for calibration `rate` (per-node bytes
-    /// per second, both directions), `upstream_egress`, `upstream_rtt_us`, `image_bytes` and
+    /// per second, both directions), `upstream_egress`, `upstream_rtt_us`, `chunk_size`, `image_bytes` and
     /// `layers` (applied in order: `image_bytes=…,layers=…` splits the size evenly).
     pub fn tune(&mut self, spec: &str) -> Result<(), String> {
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -182,6 +186,7 @@ impl Params {
                 "have_push" => self.have_push = v != 0,
                 "adaptive_lookup" => self.adaptive_lookup = v != 0,
                 "notify_quantum_us" => self.notify_quantum_us = v,
+                "import_first" => self.import_first = v != 0,
                 // The old sender model: `v` uploads at once, no queue, more get `Busy`.
                 "serve_limit" => {
                     self.serve.max_active = v as u32;
@@ -230,6 +235,7 @@ impl Params {
                         .collect();
                 }
                 "upstream_rtt_us" => self.upstream_rtt_us = v,
+                "chunk_size" => self.chunk_size = v as u32,
                 other => return Err(format!("unknown tuning key '{other}'")),
             }
         }

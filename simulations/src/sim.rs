@@ -1009,9 +1009,11 @@ impl Sim {
     // ----- driving a Download -----
 
     fn drive(&mut self, task: u32) {
+        let importing = self.p.import_first && self.importing(task);
         let Some(mut dl) = self.tasks[task as usize].dl.take() else {
             return;
         };
+        dl.hold_peer_requests(importing);
         let now_ms = ms(self.now);
         let mut done = false;
         while let Some(action) = dl.poll_action(now_ms) {
@@ -1046,6 +1048,18 @@ impl Sim {
         }
         self.tasks[task as usize].dl = Some(dl);
         self.arm_wake(task);
+    }
+
+    /// True while another task of the task's node streams its blob from the upstream.
+    fn importing(&self, task: u32) -> bool {
+        let (node, b) = self.split(task);
+        (0..self.nb).any(|o| {
+            o != b
+                && matches!(
+                    self.tasks[(node * self.nb + o) as usize].state,
+                    State::Streaming
+                )
+        })
     }
 
     /// A `Wake` at the task's `Download::next_wakeup` (if earlier than the one pending).
@@ -1529,6 +1543,12 @@ impl Sim {
                     self.deactivate(flow);
                     self.release_flow(flow);
                     self.finish_task(task);
+                    if self.p.import_first {
+                        let (node, _) = self.split(task);
+                        for b in 0..self.nb {
+                            self.drive(node * self.nb + b);
+                        }
+                    }
                 } else {
                     self.flows[flow as usize].index += 1;
                     self.schedule_step(flow, true);

@@ -1372,6 +1372,18 @@ fn relookups_are_quick_while_few_providers_are_known_and_back_off_when_fruitless
 }
 
 #[test]
+fn held_downloads_make_no_new_peer_requests_until_released() {
+    let mut d = Download::new(layout(4), fixed(2), 0);
+    d.add_peer(p(1), Have::All, 0);
+    d.hold_peer_requests(true);
+    assert!(drain(&mut d, 0).is_empty(), "held");
+    assert!(d.is_idle(0));
+    d.hold_peer_requests(false);
+    assert!(!d.is_idle(0));
+    assert!(!requests(&drain(&mut d, 0)).is_empty(), "released");
+}
+
+#[test]
 fn is_idle_tells_when_new_holdings_give_a_peer_with_room_something_to_do() {
     let mut d = Download::new(layout(4), fixed(1), 0);
     d.add_peer(p(1), bits(4, &[]), 0);
