@@ -706,7 +706,7 @@ impl Mirror {
         let mut failure: Option<String> = None;
         'run: loop {
             // Another blob is being imported from the upstream by this node: it goes first.
-            dl.hold_peer_requests(sw.importing());
+            dl.hold_peer_requests(sw.importing(), now());
             while let Some(action) = dl.poll_action(now()) {
                 match action {
                     Action::Request { peer, index } => {

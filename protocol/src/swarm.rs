@@ -240,6 +240,12 @@ pub fn relookup_after_ms(known: usize, limit: usize, fruitless: u32) -> u64 {
         .min(LOOKUP_INTERVAL_MS)
 }
 
+/// A provider answering a `Watch` ([`crate::wire::Request::Watch`]) sends its next update at
+/// least this long after the previous one: the changes in between go out together. Batches
+/// help the followers as well as the network (simulations/: cold-start at 1,000 nodes p99
+/// 10.37 s with 5 ms batches, 10.24 s with 20 ms, 10.32 s with 50 ms; a third fewer events).
+pub const WATCH_BATCH_MS: u64 = 20;
+
 /// How often a downloading node asks a partial provider that refused a `Watch`
 /// ([`crate::wire::Request::Watch`]: providers push their holdings instead) which chunks it
 /// holds now
@@ -617,8 +623,10 @@ pub struct Download {
     chunks: Vec<Chunk>,
     remaining: u32,
     done_emitted: bool,
-    /// New peer requests held (see [`Download::hold_peer_requests`]).
+    /// New requests held (see [`Download::hold_peer_requests`]).
     held: bool,
+    /// When the last hold ended: the swarm is judged (slow or not) only from then on.
+    released_at: u64,
     peers: BTreeMap<PeerId, Peer>,
     /// Bans and benches: their end, and whether it is a ban. Kept across `remove_peer`.
     excluded: BTreeMap<PeerId, (u64, bool)>,
@@ -661,6 +669,7 @@ impl Download {
             remaining: count,
             done_emitted: false,
             held: false,
+            released_at: 0,
             peers: BTreeMap::new(),
             excluded: BTreeMap::new(),
             complete_holders: 0,
@@ -777,10 +786,11 @@ impl Download {
     /// From when the peers' speed is judged: the start for a designated seeder; for a follower,
     /// also the last progress (a follower does not judge a swarm that is still growing).
     fn judged_from(&self) -> u64 {
+        let from = self.start.max(self.released_at);
         if self.config.upstream_allowed {
-            self.start
+            from
         } else {
-            self.start.max(self.last_progress)
+            from.max(self.last_progress)
         }
     }
 
@@ -1222,7 +1232,7 @@ impl Download {
         if self.remaining > 0 && upstream_room {
             let delay = self.upstream_delay();
             if let Some(&(since, _)) = self.unavailable.first() {
-                let since = since.max(self.last_progress);
+                let since = since.max(self.last_progress).max(self.released_at);
                 consider(since.saturating_add(delay).max(self.upstream_retry_at));
             }
             let judge = self
@@ -1513,13 +1523,19 @@ impl Download {
         self.assign_upstream(now)
     }
 
-    /// Holds new peer requests (requests in flight go on; upstream fallbacks, timeouts and
-    /// everything else as usual) until called again with `false`. A node that imports another
+    /// Holds new requests, to peers and to the upstream alike (requests in flight go on,
+    /// timeouts and everything else as usual) until called again with `false`. A node that imports another
     /// blob from the upstream holds its other downloads: its downlink then carries the import
     /// at full speed, and the whole swarm, waiting for that blob's first copies, gets them
     /// sooner (simulations/: the 8-host case 16.3 → 13.8 s, cold-start at 1,000 nodes
     /// 10.73 → 10.37 s).
-    pub fn hold_peer_requests(&mut self, hold: bool) {
+    ///
+    /// A held download measures no peer rates, so the swarm is judged (too slow: go upstream)
+    /// only from the release on, after the usual grace.
+    pub fn hold_peer_requests(&mut self, hold: bool, now: u64) {
+        if self.held && !hold {
+            self.released_at = self.released_at.max(now);
+        }
         self.held = hold;
     }
 
@@ -1607,7 +1623,7 @@ impl Download {
     }
 
     fn assign_upstream(&mut self, now: u64) -> Option<Action> {
-        if now < self.upstream_retry_at {
+        if self.held || now < self.upstream_retry_at {
             return None;
         }
         let delay = self.upstream_delay();
@@ -1618,7 +1634,12 @@ impl Download {
         }
         // Chunks no usable peer holds, once they have waited long enough.
         if let Some(&(since, index)) = self.unavailable.first() {
-            if since.max(self.last_progress).saturating_add(delay) <= now {
+            if since
+                .max(self.last_progress)
+                .max(self.released_at)
+                .saturating_add(delay)
+                <= now
+            {
                 self.set_slot(index, Slot::Upstream, now);
                 return Some(Action::FetchUpstream { index });
             }

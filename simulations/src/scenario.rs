@@ -2,7 +2,9 @@
 
 use shoal_protocol::chunk::DEFAULT_CHUNK_SIZE;
 use shoal_protocol::serve::ServeConfig;
-use shoal_protocol::swarm::{DownloadConfig, HAVE_POLL_MS, LOOKUP_INTERVAL_MS, PROVIDER_LIMIT};
+use shoal_protocol::swarm::{
+    DownloadConfig, HAVE_POLL_MS, LOOKUP_INTERVAL_MS, PROVIDER_LIMIT, WATCH_BATCH_MS,
+};
 
 /// Decimal megabyte, as Kraken's published numbers use.
 pub const MB: u64 = 1_000_000;
@@ -73,8 +75,8 @@ pub struct Params {
     /// Look up again sooner while following fewer than `provider_limit` peers
     /// (`swarm::relookup_after_ms`) instead of every `lookup_interval_ms`.
     pub adaptive_lookup: bool,
-    /// Pushed Haves reach a node at multiples of this (simulated) time: a model's
-    /// approximation that batches a busy node's updates (the daemon applies each as it comes).
+    /// Pushed Haves reach a node at multiples of this (simulated) time: the daemon's watch
+    /// batches (`swarm::WATCH_BATCH_MS`, per provider and follower) modelled as one grid.
     pub notify_quantum_us: u64,
     /// A node that streams a blob from the upstream (a designated seeder) holds its other
     /// downloads' peer requests until the stream ends: its downlink imports first.
@@ -117,7 +119,7 @@ impl Params {
             have_poll_ms: HAVE_POLL_MS,
             have_push: true,
             adaptive_lookup: true,
-            notify_quantum_us: 5_000,
+            notify_quantum_us: WATCH_BATCH_MS * 1000,
             import_first: true,
             download: DownloadConfig::default(),
             shared_seed: false,

@@ -1013,14 +1013,21 @@ impl Sim {
         let Some(mut dl) = self.tasks[task as usize].dl.take() else {
             return;
         };
-        dl.hold_peer_requests(importing);
         let now_ms = ms(self.now);
+        dl.hold_peer_requests(importing, now_ms);
         let mut done = false;
         while let Some(action) = dl.poll_action(now_ms) {
             match action {
                 Action::Request { peer, index } => self.request(task, pidx(&peer), index),
                 Action::Cancel { peer, index } => self.cancel(task, pidx(&peer), index),
                 Action::FetchUpstream { index } => {
+                    if std::env::var_os("SHOAL_SIM_DEBUG_UP").is_some() {
+                        let (node, b) = self.split(task);
+                        let des: Vec<bool> = (0..self.nb)
+                            .map(|o| self.tasks[(node * self.nb + o) as usize].designated)
+                            .collect();
+                        eprintln!("up t={:.3} node={node} blob={b} idx={index} designated={des:?} site={}", self.now as f64 / 1e6, self.nodes[node as usize].site);
+                    }
                     self.r.upstream_chunk_fetches += 1;
                     let up = self.up_node;
                     self.new_flow(task, up, index, Kind::UpChunk, self.p.upstream_rtt_us);

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use futures::future::{self, BoxFuture};
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use shoal_protocol::chunk::{ChunkLayout, TablePrefix};
+use shoal_protocol::swarm::WATCH_BATCH_MS;
 use shoal_protocol::wire::{Bitfield, Request, Response};
 use shoal_protocol::Digest;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -701,7 +702,8 @@ async fn serve_have(
     respond(send, Response::Have { bitfield }, limit).await
 }
 
-/// Answers a `Watch`: the bitfield now, then again after every change, until this node holds
+/// Answers a `Watch`: the bitfield now, then again after every change (at most one update per
+/// `WATCH_BATCH_MS`), until this node holds
 /// every chunk (the last answer is full) or no longer has the blob (`NotFound`), or the asker
 /// goes away. Changes that come faster than the asker reads are coalesced: each answer is the
 /// whole current bitfield.
@@ -739,6 +741,11 @@ async fn serve_watch(
                 return Ok(());
             }
             sent = Some(bitfield);
+            // The changes of the next few milliseconds go out together.
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(WATCH_BATCH_MS)) => {}
+                _ = &mut gone => return Ok(()),
+            }
         }
         tokio::select! {
             r = changes.changed() => if r.is_err() { break },

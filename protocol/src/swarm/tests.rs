@@ -1375,10 +1375,10 @@ fn relookups_are_quick_while_few_providers_are_known_and_back_off_when_fruitless
 fn held_downloads_make_no_new_peer_requests_until_released() {
     let mut d = Download::new(layout(4), fixed(2), 0);
     d.add_peer(p(1), Have::All, 0);
-    d.hold_peer_requests(true);
+    d.hold_peer_requests(true, 0);
     assert!(drain(&mut d, 0).is_empty(), "held");
     assert!(d.is_idle(0));
-    d.hold_peer_requests(false);
+    d.hold_peer_requests(false, 0);
     assert!(!d.is_idle(0));
     assert!(!requests(&drain(&mut d, 0)).is_empty(), "released");
 }
