@@ -1021,13 +1021,6 @@ impl Sim {
                 Action::Request { peer, index } => self.request(task, pidx(&peer), index),
                 Action::Cancel { peer, index } => self.cancel(task, pidx(&peer), index),
                 Action::FetchUpstream { index } => {
-                    if std::env::var_os("SHOAL_SIM_DEBUG_UP").is_some() {
-                        let (node, b) = self.split(task);
-                        let des: Vec<bool> = (0..self.nb)
-                            .map(|o| self.tasks[(node * self.nb + o) as usize].designated)
-                            .collect();
-                        eprintln!("up t={:.3} node={node} blob={b} idx={index} designated={des:?} site={}", self.now as f64 / 1e6, self.nodes[node as usize].site);
-                    }
                     self.r.upstream_chunk_fetches += 1;
                     let up = self.up_node;
                     self.new_flow(task, up, index, Kind::UpChunk, self.p.upstream_rtt_us);
