@@ -821,7 +821,7 @@ impl Mirror {
         let sharing = self.share_arriving(&writer, digest, size, origin.clone());
         // A blob of more than a chunk: this node's other swarm downloads wait for it (small
         // ones, a config, take no time worth holding anything for).
-        let importing = sharing
+        let mut importing = sharing
             .as_ref()
             .filter(|_| size.is_some_and(|s| s > u64::from(self.store.chunk_size())))
             .and(self.swarm.as_ref())
@@ -842,6 +842,14 @@ impl Mirror {
                     self.count_upstream(&reg, chunk.len() as u64);
                     self.pulls.from_upstream(&digest, chunk.len() as u64);
                     let written = writer.written();
+                    // Past `IMPORT_HOLD_PERCENT`, this node's other downloads go on.
+                    if size.is_some_and(|s| {
+                        u128::from(written) * 100
+                            >= u128::from(s)
+                                * u128::from(shoal_protocol::swarm::IMPORT_HOLD_PERCENT)
+                    }) {
+                        importing = None;
+                    }
                     tx.send_modify(|p| p.written = written);
                     if let (Some(reg), Some(size)) = (&sharing, size) {
                         publish_progress(reg.arriving(), &writer, size);

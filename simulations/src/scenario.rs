@@ -3,7 +3,8 @@
 use shoal_protocol::chunk::DEFAULT_CHUNK_SIZE;
 use shoal_protocol::serve::ServeConfig;
 use shoal_protocol::swarm::{
-    DownloadConfig, HAVE_POLL_MS, LOOKUP_INTERVAL_MS, PROVIDER_LIMIT, WATCH_BATCH_MS,
+    DownloadConfig, HAVE_POLL_MS, IMPORT_HOLD_PERCENT, LOOKUP_INTERVAL_MS, PROVIDER_LIMIT,
+    WATCH_BATCH_MS,
 };
 
 /// Decimal megabyte, as Kraken's published numbers use.
@@ -81,6 +82,9 @@ pub struct Params {
     /// A node that streams a blob from the upstream (a designated seeder) holds its other
     /// downloads' peer requests until the stream ends: its downlink imports first.
     pub import_first: bool,
+    /// How much of an import (percent of its chunks) holds the node's other downloads
+    /// (`swarm::IMPORT_HOLD_PERCENT`).
+    pub import_hold_percent: u64,
     /// The `Download` configuration (its `seed` and `upstream_allowed` are set per node).
     pub download: DownloadConfig,
     /// Seed every node's `Download` of a blob alike (as a daemon seeding it from the digest
@@ -121,6 +125,7 @@ impl Params {
             adaptive_lookup: true,
             notify_quantum_us: WATCH_BATCH_MS * 1000,
             import_first: true,
+            import_hold_percent: IMPORT_HOLD_PERCENT,
             download: DownloadConfig::default(),
             shared_seed: false,
         }
@@ -189,6 +194,7 @@ impl Params {
                 "adaptive_lookup" => self.adaptive_lookup = v != 0,
                 "notify_quantum_us" => self.notify_quantum_us = v,
                 "import_first" => self.import_first = v != 0,
+                "import_hold_percent" => self.import_hold_percent = v,
                 // The old sender model: `v` uploads at once, no queue, more get `Busy`.
                 "serve_limit" => {
                     self.serve.max_active = v as u32;

@@ -1050,15 +1050,22 @@ impl Sim {
         self.arm_wake(task);
     }
 
+    /// True while an import (`task` streaming its blob from the upstream, `have` chunks in)
+    /// holds the node's other downloads: until `import_hold_percent` of it is in.
+    fn held_import(&self, task: u32, have: u32) -> bool {
+        let (_, b) = self.split(task);
+        let count = u64::from(self.layouts[b as usize].count());
+        u64::from(have) * 100 < count * self.p.import_hold_percent
+    }
+
     /// True while another task of the task's node streams its blob from the upstream.
     fn importing(&self, task: u32) -> bool {
         let (node, b) = self.split(task);
         (0..self.nb).any(|o| {
+            let t = (node * self.nb + o) as usize;
             o != b
-                && matches!(
-                    self.tasks[(node * self.nb + o) as usize].state,
-                    State::Streaming
-                )
+                && matches!(self.tasks[t].state, State::Streaming)
+                && self.held_import(t as u32, self.have_count[t])
         })
     }
 
@@ -1537,8 +1544,16 @@ impl Sim {
         let now_ms = ms(self.now);
         match kind {
             Kind::Stream => {
+                let held = self.held_import(task, self.have_count[task as usize]);
                 self.mark_have(task, index);
+                let released = held && !self.held_import(task, self.have_count[task as usize]);
                 let count = self.tasks[task as usize].have.len();
+                if released && index + 1 < count && self.p.import_first {
+                    let (node, _) = self.split(task);
+                    for b in 0..self.nb {
+                        self.drive(node * self.nb + b);
+                    }
+                }
                 if index + 1 >= count {
                     self.deactivate(flow);
                     self.release_flow(flow);
