@@ -196,11 +196,10 @@ impl Swarm {
         });
     }
 
-    async fn providers(&self, digest: &Digest) -> Vec<Provider> {
-        match self
-            .handle
-            .providers(*digest.as_bytes(), PROVIDER_LIMIT)
-            .await
+    /// Up to `limit` providers of `digest` (the lookup answers as soon as it has found that
+    /// many, else when the query ends).
+    async fn providers(&self, digest: &Digest, limit: usize) -> Vec<Provider> {
+        match self.handle.providers(*digest.as_bytes(), limit).await
         {
             Ok(p) => p,
             Err(e) => {
@@ -251,7 +250,7 @@ impl Swarm {
     /// A small blob (a manifest) from the first provider that gives all of it, each chunk
     /// verified against the table.
     pub async fn fetch_small(&self, digest: &Digest, limit: usize) -> Option<Vec<u8>> {
-        for p in self.providers(digest).await {
+        for p in self.providers(digest, PROVIDER_LIMIT).await {
             let Ok(c) = self.conn(p.chunk_addr).await else {
                 continue;
             };
@@ -421,7 +420,7 @@ impl Mirror {
     ) -> Option<Arc<crate::mirror::Transfer>> {
         let started = Instant::now();
         let me = sw.peer_id();
-        let mut providers = sw.providers(&digest).await;
+        let mut providers = sw.providers(&digest, PROVIDER_LIMIT).await;
         providers.retain(|p| p.peer_id != me);
         let rank = sw.seeder_rank(&digest).await;
         let designated = rank < sw.config.seeders;
@@ -442,7 +441,10 @@ impl Mirror {
             }
             while providers.is_empty() && started.elapsed() < takeover {
                 tokio::time::sleep(PROVIDER_POLL).await;
-                providers = sw.providers(&digest).await;
+                // The first provider is enough to start: a lookup for more waits for the whole
+                // query (every queried node's answer, slow over loaded links: 2.5 s seen in
+                // the cluster harness), and the download looks up more of them 100 ms later.
+                providers = sw.providers(&digest, 1).await;
                 providers.retain(|p| p.peer_id != me);
             }
             if providers.is_empty() {
@@ -832,7 +834,7 @@ impl Mirror {
                 lookup_pending = true;
                 let (sw, etx) = (sw.clone(), etx.clone());
                 tokio::spawn(async move {
-                    let list = sw.providers(&digest).await;
+                    let list = sw.providers(&digest, PROVIDER_LIMIT).await;
                     let _ = etx.send(Event::Providers(list)).await;
                 });
             }
