@@ -199,8 +199,7 @@ impl Swarm {
     /// Up to `limit` providers of `digest` (the lookup answers as soon as it has found that
     /// many, else when the query ends).
     async fn providers(&self, digest: &Digest, limit: usize) -> Vec<Provider> {
-        match self.handle.providers(*digest.as_bytes(), limit).await
-        {
+        match self.handle.providers(*digest.as_bytes(), limit).await {
             Ok(p) => p,
             Err(e) => {
                 debug!(digest = %digest, error = %e, "provider lookup failed");
