@@ -821,6 +821,7 @@ impl Mirror {
         let sharing = self.share_arriving(&writer, digest, size, origin.clone());
         // A blob of more than a chunk: this node's other swarm downloads wait for it (small
         // ones, a config, take no time worth holding anything for).
+        let import_started = Instant::now();
         let mut importing = sharing
             .as_ref()
             .filter(|_| size.is_some_and(|s| s > u64::from(self.store.chunk_size())))
@@ -842,12 +843,16 @@ impl Mirror {
                     self.count_upstream(&reg, chunk.len() as u64);
                     self.pulls.from_upstream(&digest, chunk.len() as u64);
                     let written = writer.written();
-                    // Past `IMPORT_HOLD_PERCENT`, this node's other downloads go on.
-                    if size.is_some_and(|s| {
+                    // Past `IMPORT_HOLD_PERCENT`, or `IMPORT_HOLD_MAX_MS` into the import, this
+                    // node's other downloads go on.
+                    let half = size.is_some_and(|s| {
                         u128::from(written) * 100
                             >= u128::from(s)
                                 * u128::from(shoal_protocol::swarm::IMPORT_HOLD_PERCENT)
-                    }) {
+                    });
+                    let long = import_started.elapsed()
+                        >= Duration::from_millis(shoal_protocol::swarm::IMPORT_HOLD_MAX_MS);
+                    if half || long {
                         importing = None;
                     }
                     tx.send_modify(|p| p.written = written);

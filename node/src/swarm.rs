@@ -706,8 +706,13 @@ impl Mirror {
         let mut epoch = 0u32;
         let mut failure: Option<String> = None;
         'run: loop {
-            // Another blob is being imported from the upstream by this node: it goes first.
-            dl.hold_peer_requests(sw.importing(), now());
+            // Another blob is being imported from the upstream by this node: it goes first. A
+            // held download is waiting by choice, not stalled.
+            let held = sw.importing();
+            dl.hold_peer_requests(held, now());
+            if held {
+                last_progress = Instant::now();
+            }
             while let Some(action) = dl.poll_action(now()) {
                 match action {
                     Action::Request { peer, index } => {

@@ -248,6 +248,10 @@ pub fn relookup_after_ms(known: usize, limit: usize, fruitless: u32) -> u64 {
 /// cold-start at 1,000 nodes: whole 10.24 s, half 10.64 s, none 10.73 s; the 8-host case: whole
 /// 14.4 s, half 15.2 s, none 16.3 s).
 pub const IMPORT_HOLD_PERCENT: u64 = 50;
+/// The longest an import holds the node's other downloads, whatever its progress: a slow
+/// registry must not keep the node's own pulls waiting (10 s: the half of a Kraken layer
+/// imports in 2.5 s, of a cold-start layer in 1 s).
+pub const IMPORT_HOLD_MAX_MS: u64 = 10_000;
 
 /// A provider answering a `Watch` ([`crate::wire::Request::Watch`]) sends its next update at
 /// least this long after the previous one: the changes in between go out together. Batches

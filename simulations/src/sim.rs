@@ -9,7 +9,7 @@ use shoal_protocol::chunk::ChunkLayout;
 use shoal_protocol::serve::{Offer, ServeScheduler};
 use shoal_protocol::swarm::{
     designated_seeders, relookup_after_ms, Action, Download, DownloadConfig, FailReason, Have,
-    PeerId, SeedPlan,
+    PeerId, SeedPlan, IMPORT_HOLD_MAX_MS,
 };
 use shoal_protocol::wire::Bitfield;
 
@@ -306,6 +306,8 @@ pub struct Sim {
     poll_dirty: Vec<bool>,
     /// Per task: a `Notify` is on its way (pushed Haves; later gains ride along with it).
     notify_pending: Vec<bool>,
+    /// Per task: when it started streaming from the upstream (see `held_import`).
+    stream_start: Vec<u64>,
     scratch: Vec<u64>,
     /// A lookup's answer (reused).
     found: Vec<u32>,
@@ -494,6 +496,7 @@ impl Sim {
             watchers: vec![Vec::new(); (n * nb) as usize],
             poll_dirty: vec![false; (n * nb) as usize],
             notify_pending: vec![false; (n * nb) as usize],
+            stream_start: vec![0; (n * nb) as usize],
             scratch: Vec::new(),
             found: Vec::new(),
             started: Instant::now(),
@@ -1056,6 +1059,7 @@ impl Sim {
         let (_, b) = self.split(task);
         let count = u64::from(self.layouts[b as usize].count());
         u64::from(have) * 100 < count * self.p.import_hold_percent
+            && self.now < self.stream_start[task as usize] + IMPORT_HOLD_MAX_MS * 1000
     }
 
     /// True while another task of the task's node streams its blob from the upstream.
@@ -1128,6 +1132,7 @@ impl Sim {
 
     fn start_stream(&mut self, task: u32) {
         self.tasks[task as usize].state = State::Streaming;
+        self.stream_start[task as usize] = self.now;
         self.announce(task);
         let up = self.up_node;
         self.new_flow(task, up, 0, Kind::Stream, self.p.upstream_rtt_us);
