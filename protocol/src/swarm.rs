@@ -1245,8 +1245,11 @@ impl Download {
         if self.remaining > 0 && upstream_room {
             let delay = self.upstream_delay();
             if let Some(&(since, _)) = self.unavailable.first() {
-                let since = since.max(self.last_progress).max(self.released_at);
-                consider(since.saturating_add(delay).max(self.upstream_retry_at));
+                consider(
+                    self.unavailable_due(since)
+                        .saturating_add(delay)
+                        .max(self.upstream_retry_at),
+                );
             }
             let judge = self
                 .judged_from()
@@ -1556,11 +1559,11 @@ impl Download {
     /// reported new holdings may skip polling. Upstream fallbacks are not covered: they fall
     /// due at [`Download::next_wakeup`].
     pub fn is_idle(&self, now: u64) -> bool {
-        let cap = (self.config.max_in_flight_bytes / u64::from(self.layout.chunk_size().max(1)))
-            .max(u64::from(self.config.min_pipeline.max(1)));
         self.queue.is_empty()
             && (self.done_emitted || self.remaining > 0)
-            && (self.held || self.ready.is_empty() || self.requests.len() as u64 >= cap)
+            && (self.held
+                || self.ready.is_empty()
+                || self.requests.len() as u64 >= self.request_cap())
             && self.deadlines.first().is_none_or(|&(t, _, _)| t > now)
             && self.peer_timers.first().is_none_or(|&(t, _)| t > now)
     }
@@ -1601,14 +1604,24 @@ impl Download {
             .find(|&i| p.has(i) && !self.chunks[i as usize].requesters.contains(peer))
     }
 
+    /// The most requests in flight: the memory budget (every request in flight may hold a whole
+    /// chunk in the caller), at least one pipeline.
+    fn request_cap(&self) -> u64 {
+        (self.config.max_in_flight_bytes / u64::from(self.layout.chunk_size().max(1)))
+            .max(u64::from(self.config.min_pipeline.max(1)))
+    }
+
+    /// When a chunk unavailable since `since` starts its wait for the upstream: not before the
+    /// last progress of the swarm, nor before the end of the last hold.
+    fn unavailable_due(&self, since: u64) -> u64 {
+        since.max(self.last_progress).max(self.released_at)
+    }
+
     fn assign_peer(&mut self, now: u64) -> Option<Action> {
         if self.held {
             return None;
         }
-        // The memory budget: every request in flight may hold a whole chunk in the caller.
-        let cap = (self.config.max_in_flight_bytes / u64::from(self.layout.chunk_size().max(1)))
-            .max(u64::from(self.config.min_pipeline.max(1)));
-        if self.requests.len() as u64 >= cap {
+        if self.requests.len() as u64 >= self.request_cap() {
             return None;
         }
         while let Some(&(_, _, peer)) = self.ready.first() {
@@ -1646,12 +1659,7 @@ impl Download {
         }
         // Chunks no usable peer holds, once they have waited long enough.
         if let Some(&(since, index)) = self.unavailable.first() {
-            if since
-                .max(self.last_progress)
-                .max(self.released_at)
-                .saturating_add(delay)
-                <= now
-            {
+            if self.unavailable_due(since).saturating_add(delay) <= now {
                 self.set_slot(index, Slot::Upstream, now);
                 return Some(Action::FetchUpstream { index });
             }
