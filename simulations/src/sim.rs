@@ -861,14 +861,15 @@ impl Sim {
                 self.found = found;
                 self.drive(task);
                 let t = &mut self.tasks[task as usize];
-                let known = t.peers.len();
-                t.fruitless = if known > before { 0 } else { t.fruitless + 1 };
-                let after_ms = if self.p.adaptive_lookup {
-                    relookup_after_ms(known, self.p.provider_limit, t.fruitless)
+                t.fruitless = if t.peers.len() > before {
+                    0
                 } else {
-                    self.p.lookup_interval_ms
+                    t.fruitless + 1
                 };
-                self.push(self.now + after_ms * 1000, Ev::Relookup { task });
+                self.push(
+                    self.now + self.relookup_after_us(task),
+                    Ev::Relookup { task },
+                );
             }
         }
     }
@@ -896,14 +897,23 @@ impl Sim {
         if !self.p.have_push {
             self.push(self.now + self.p.have_poll_ms * 1000, Ev::HavePoll { task });
         }
-        let known = self.tasks[task as usize].peers.len();
-        let after_ms = if self.p.adaptive_lookup {
-            relookup_after_ms(known, self.p.provider_limit, 0)
+        self.push(
+            self.now + self.relookup_after_us(task),
+            Ev::Relookup { task },
+        );
+        self.drive(task);
+    }
+
+    /// When a downloading task looks its providers up again (from its peers and its
+    /// fruitless lookups in a row), in microseconds.
+    fn relookup_after_us(&self, task: u32) -> u64 {
+        let t = &self.tasks[task as usize];
+        let ms = if self.p.adaptive_lookup {
+            relookup_after_ms(t.peers.len(), self.p.provider_limit, t.fruitless)
         } else {
             self.p.lookup_interval_ms
         };
-        self.push(self.now + after_ms * 1000, Ev::Relookup { task });
-        self.drive(task);
+        ms * 1000
     }
 
     /// Adds newly found providers, up to `self.p.provider_limit` peers in all.
@@ -1051,6 +1061,14 @@ impl Sim {
         }
         self.tasks[task as usize].dl = Some(dl);
         self.arm_wake(task);
+    }
+
+    /// Drives every download of `task`'s node (its import held them).
+    fn drive_node(&mut self, task: u32) {
+        let (node, _) = self.split(task);
+        for b in 0..self.nb {
+            self.drive(node * self.nb + b);
+        }
     }
 
     /// True while an import (`task` streaming its blob from the upstream, `have` chunks in)
@@ -1554,20 +1572,14 @@ impl Sim {
                 let released = held && !self.held_import(task, self.have_count[task as usize]);
                 let count = self.tasks[task as usize].have.len();
                 if released && index + 1 < count && self.p.import_first {
-                    let (node, _) = self.split(task);
-                    for b in 0..self.nb {
-                        self.drive(node * self.nb + b);
-                    }
+                    self.drive_node(task);
                 }
                 if index + 1 >= count {
                     self.deactivate(flow);
                     self.release_flow(flow);
                     self.finish_task(task);
                     if self.p.import_first {
-                        let (node, _) = self.split(task);
-                        for b in 0..self.nb {
-                            self.drive(node * self.nb + b);
-                        }
+                        self.drive_node(task);
                     }
                 } else {
                     self.flows[flow as usize].index += 1;
