@@ -155,9 +155,9 @@ impl Swarm {
     }
 
     /// Marks a blob import from the upstream (a seeder's stream) as in progress until the guard
-    /// is dropped (the caller drops it once `IMPORT_HOLD_PERCENT` of the blob is in). Meanwhile this node's swarm downloads make no new peer requests
-    /// (`Download::hold_peer_requests`): its downlink carries the import, which the rest of
-    /// the swarm waits for, at full speed.
+    /// is dropped (the caller drops it once `IMPORT_HOLD_PERCENT` of the blob is in). Meanwhile
+    /// this node's swarm downloads make no new peer requests (`Download::hold_peer_requests`):
+    /// its downlink carries the import, which the rest of the swarm waits for, at full speed.
     pub(crate) fn import(&self) -> ImportGuard {
         self.imports.fetch_add(1, Ordering::Relaxed);
         ImportGuard(self.imports.clone())

@@ -1540,10 +1540,10 @@ impl Download {
     }
 
     /// Holds new requests, to peers and to the upstream alike (requests in flight go on,
-    /// timeouts and everything else as usual) until called again with `false`. A node that imports another
-    /// blob from the upstream holds its other downloads for the first part of the import
-    /// ([`IMPORT_HOLD_PERCENT`]): its downlink then carries the import at full speed, and the
-    /// whole swarm, waiting for that blob's first copies, gets them sooner.
+    /// timeouts and everything else as usual) until called again with `false`. A node that
+    /// imports another blob from the upstream holds its other downloads for the first part of
+    /// the import ([`IMPORT_HOLD_PERCENT`]): its downlink then carries the import at full
+    /// speed, and the whole swarm, waiting for that blob's first copies, gets them sooner.
     ///
     /// A held download measures no peer rates, so the swarm is judged (too slow: go upstream)
     /// only from the release on, after the usual grace.

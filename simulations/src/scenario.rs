@@ -173,9 +173,10 @@ impl Params {
     /// `max_pipeline`, `pipeline_target_ms`, `in_order_bias`, `initial_peer_rate`,
     /// `endgame_max_requests`, `busy_backoff_ms`, `timeout_floor_ms`, `upstream_grace_ms`,
     /// `takeover_after_ms`, `slow_swarm_percent`, `max_in_flight_bytes`; `shared_seed=1` (every
-    /// node's `Download` of a blob seeded alike, as the daemon does today); and for calibration `rate` (per-node bytes
-    /// per second, both directions), `upstream_egress`, `upstream_rtt_us`, `chunk_size`, `image_bytes` and
-    /// `layers` (applied in order: `image_bytes=…,layers=…` splits the size evenly).
+    /// node's `Download` of a blob seeded alike, as the daemon does today); and for calibration
+    /// `rate` (per-node bytes per second, both directions), `upstream_egress`,
+    /// `upstream_rtt_us`, `chunk_size`, `image_bytes` and `layers` (applied in order:
+    /// `image_bytes=…,layers=…` splits the size evenly).
     pub fn tune(&mut self, spec: &str) -> Result<(), String> {
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let (k, v) = item

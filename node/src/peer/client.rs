@@ -640,7 +640,6 @@ impl PeerConn {
         }
     }
 
-    /// Which chunks of blob `digest`, cut in chunks of `chunk_size`, the peer holds verified.
     /// Subscribes to the peer's holding of blob `digest`: the first bitfield now, then one
     /// after each change (see [`HaveWatch::next`]). A peer that does not take watches answers
     /// `Busy` or an error: poll it with [`PeerConn::have`] instead.
@@ -662,6 +661,7 @@ impl PeerConn {
         })
     }
 
+    /// Which chunks of blob `digest`, cut in chunks of `chunk_size`, the peer holds verified.
     pub async fn have(&self, digest: &Digest, chunk_size: u32) -> Result<Bitfield, PeerError> {
         check_chunk_size(chunk_size)?;
         let request = Request::Have {

@@ -48,9 +48,15 @@ pub(crate) async fn read_exact(
 ) -> Result<(), FrameError> {
     match timeout(limit, recv.read_exact(buf)).await {
         Err(_) => Err(FrameError::Timeout),
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(ReadExactError::FinishedEarly(_))) => Err(FrameError::Finished),
-        Ok(Err(ReadExactError::ReadError(e))) => Err(e.into()),
+        Ok(r) => read_result(r),
+    }
+}
+
+fn read_result(r: Result<(), ReadExactError>) -> Result<(), FrameError> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(ReadExactError::FinishedEarly(_)) => Err(FrameError::Finished),
+        Err(ReadExactError::ReadError(e)) => Err(e.into()),
     }
 }
 
@@ -65,11 +71,7 @@ async fn read_message(
     let mut head = [0u8; HEADER_LEN];
     match header_wait {
         Some(wait) => read_exact(recv, &mut head, wait).await?,
-        None => match recv.read_exact(&mut head).await {
-            Ok(()) => {}
-            Err(ReadExactError::FinishedEarly(_)) => return Err(FrameError::Finished),
-            Err(ReadExactError::ReadError(e)) => return Err(e.into()),
-        },
+        None => read_result(recv.read_exact(&mut head).await)?,
     }
     let header = decode_header(&head)?;
     // Bounded by the kind's cap, checked by `decode_header`.

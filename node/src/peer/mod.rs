@@ -126,8 +126,8 @@ pub struct PeerConfig {
 
 impl PeerConfig {
     /// Defaults for `listen` and `cluster_key`: 10 s waits, 256 connections, 32 streams per
-    /// connection (up to 8 of them long-lived `Watch`es), 32 concurrent table serves, the scheduler's default chunk uploads, and
-    /// windows sized for GB/s on a LAN.
+    /// connection (up to 8 of them long-lived `Watch`es), 32 concurrent table serves, the
+    /// scheduler's default chunk uploads, and windows sized for GB/s on a LAN.
     pub fn new(listen: SocketAddr, cluster_key: ClusterKey) -> PeerConfig {
         PeerConfig {
             listen,

@@ -704,8 +704,8 @@ async fn serve_have(
 
 /// Answers a `Watch`: the bitfield now, then again after every change (at most one update per
 /// `WATCH_BATCH_MS`), until this node holds every chunk (the last answer is full) or no longer
-/// has the blob (`NotFound`), or the asker goes away. Changes that come faster than the asker reads are coalesced: each answer is the
-/// whole current bitfield.
+/// has the blob (`NotFound`), or the asker goes away. Changes that come faster than the asker
+/// reads are coalesced: each answer is the whole current bitfield.
 async fn serve_watch(
     shared: &Shared,
     send: &mut SendStream,
