@@ -405,6 +405,33 @@ fn arbiter(
         .map(|(id, p)| (*id, p.addr))
 }
 
+/// Who settles a dispute between the table in use and a suspect (a chunk that does not chain
+/// with it, or a provider's table that disagrees with it).
+enum Judge {
+    /// A third provider ([`arbiter`]): its table decides.
+    Third(PeerId, SocketAddr),
+    /// Nobody else, but the table in use came (in part) from a provider since banned: it no
+    /// longer outranks the suspect, whose own table decides (agreeing with ours: the suspect
+    /// lies; disagreeing: ours is cut back and nobody is blamed).
+    Suspect,
+    /// Nobody: the table in use came from providers trusted no less than the suspect, so the
+    /// suspect is the likelier liar.
+    Nobody,
+}
+
+fn judge(
+    peers: &HashMap<PeerId, PeerInfo>,
+    dl: &Download,
+    suspect: PeerId,
+    sources: &HashSet<PeerId>,
+) -> Judge {
+    match arbiter(peers, dl, suspect, sources) {
+        Some((id, addr)) => Judge::Third(id, addr),
+        None if sources.iter().any(|s| dl.is_banned(s)) => Judge::Suspect,
+        None => Judge::Nobody,
+    }
+}
+
 impl Mirror {
     /// Tries to get a blob from the swarm. `Ok(None)`: go to the upstream (this node is a
     /// designated seeder, nobody provides it within the takeover time, or no provider gives a
@@ -599,10 +626,6 @@ impl Mirror {
         let mut view = Arc::new(table);
         // The providers whose tables the one in use was built from: never its arbiters.
         let mut sources: HashSet<PeerId> = table_from.into_iter().collect();
-        // A table that came (in part) from a provider since banned is no longer trusted above
-        // the providers that disagree with it.
-        let tainted =
-            |sources: &HashSet<PeerId>, dl: &Download| sources.iter().any(|s| dl.is_banned(s));
         // Events the driver gives itself (a dispute settled without asking anyone).
         let mut again: VecDeque<Event> = VecDeque::new();
         let layout = view.layout();
@@ -772,8 +795,8 @@ impl Mirror {
                         // A chunk from `exclude` does not chain with the table in use: ask
                         // another provider (one holding the whole blob if possible) for the
                         // table before blaming anyone.
-                        match arbiter(&peers, &dl, exclude, &sources) {
-                            Some((arbiter, addr)) => ask_table(
+                        match judge(&peers, &dl, exclude, &sources) {
+                            Judge::Third(arbiter, addr) => ask_table(
                                 addr,
                                 Box::new(move |result| Event::Refetched {
                                     exclude,
@@ -781,11 +804,8 @@ impl Mirror {
                                     result,
                                 }),
                             ),
-                            None if tainted(&sources, &dl) => {
-                                // Nobody else to ask, and the table in use came (in part) from
-                                // a provider since banned: the suspect's own table decides (it
-                                // agrees with ours: the suspect lies; it does not: ours is cut
-                                // back and nobody is blamed).
+                            Judge::Suspect => {
+                                // Its table, asked for now.
                                 match peers.get(&exclude) {
                                     Some(p) if !dl.is_banned(&exclude) => ask_table(
                                         p.addr,
@@ -798,10 +818,7 @@ impl Mirror {
                                     _ => dl.table_refetched(now()),
                                 }
                             }
-                            None => {
-                                // Nobody to ask: the table came from a provider trusted no
-                                // less than this one, so the chunk's sender is the likelier
-                                // liar.
+                            Judge::Nobody => {
                                 dl.ban_peer(exclude, now());
                                 dl.table_refetched(now());
                             }
@@ -856,14 +873,14 @@ impl Mirror {
                 e
             } else {
                 tokio::select! {
-                e = erx.recv() => match e {
-                    Some(e) => e,
-                    None => break,
-                },
-                _ = tokio::time::sleep(Duration::from_millis(wait)) => {
-                    dl.tick(now());
-                    continue;
-                }
+                    e = erx.recv() => match e {
+                        Some(e) => e,
+                        None => break,
+                    },
+                    _ = tokio::time::sleep(Duration::from_millis(wait)) => {
+                        dl.tick(now());
+                        continue;
+                    }
                 }
             };
             match event {
@@ -1040,8 +1057,8 @@ impl Mirror {
                             // decides, as for a chunk that does not chain (`Refetched`): if it
                             // agrees with ours, this one is banned; if not, the table is cut
                             // back to the agreed part and nobody is blamed yet.
-                            match arbiter(&peers, &dl, peer, &sources) {
-                                Some((arbiter, addr)) => {
+                            match judge(&peers, &dl, peer, &sources) {
+                                Judge::Third(arbiter, addr) => {
                                     warn!(digest = %digest, error = %e, "a provider's table disagrees with the one in use: asking a third provider");
                                     if let Some(p) = peers.get_mut(&peer) {
                                         // Not asked again until the dispute is settled.
@@ -1056,19 +1073,17 @@ impl Mirror {
                                         }),
                                     );
                                 }
-                                None if tainted(&sources, &dl) => {
-                                    // Nobody else to ask, and the table in use came (in part)
-                                    // from a provider since banned: this one's table is the
-                                    // better judge; settled as if it had arbitrated.
+                                Judge::Suspect => {
+                                    // Its table is in hand: settled as if it had arbitrated.
                                     again.push_back(Event::Refetched {
                                         exclude: peer,
                                         arbiter: peer,
                                         result: Ok(longer),
                                     });
                                 }
-                                None => {
-                                    // Nobody else to ask: keep the table in use (the whole
-                                    // blob is checked at the end) and stop using this one.
+                                Judge::Nobody => {
+                                    // Keep the table in use (the whole blob is checked at the
+                                    // end) and stop using this one.
                                     warn!(digest = %digest, error = %e, "a provider's table disagrees with the one in use and nobody else can decide: banned");
                                     dl.ban_peer(peer, now());
                                 }
@@ -1438,5 +1453,16 @@ mod tests {
         );
         peers.remove(&partial);
         assert_eq!(arbiter(&peers, &dl, suspect, &from_liar), None);
+        assert!(matches!(
+            judge(&peers, &dl, suspect, &from_liar),
+            Judge::Nobody
+        ));
+        // With the table's source banned, the suspect's own table decides.
+        dl.ban_peer(liar, 0);
+        assert!(matches!(
+            judge(&peers, &dl, suspect, &from_liar),
+            Judge::Suspect
+        ));
+        assert!(matches!(judge(&peers, &dl, suspect, &none), Judge::Nobody));
     }
 }
