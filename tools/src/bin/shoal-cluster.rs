@@ -141,6 +141,10 @@ struct RunArgs {
     /// Keep the run's temp dir (pulled images, node data) for inspection.
     #[arg(long)]
     keep: bool,
+    /// The longest a packet may wait in a shaped link's queue (`tbf latency`, ms): the queue
+    /// holds this much time at the link's rate. 100 ms is a deep ("bufferbloated") FIFO.
+    #[arg(long, default_value_t = 100)]
+    queue_ms: u64,
 }
 
 fn main() {
@@ -512,6 +516,10 @@ fn human_rate(bits: u64) -> String {
 // Network
 
 struct Net {
+    /// The switch namespace: the host-side ends of every host link (`h1`..`hN`) live there.
+    sw: String,
+    /// The link rate of every host, bits per second.
+    rate: u64,
     reg: String,
     hosts: Vec<String>,
 }
@@ -522,8 +530,8 @@ impl Net {
     }
 }
 
-/// tbf on the egress of DEV in NS at RATE bits/s.
-fn shape(ns: &str, dev: &str, rate: u64) -> Result<()> {
+/// tbf on the egress of DEV in NS at RATE bits/s, queueing at most QUEUE_MS.
+fn shape(ns: &str, dev: &str, rate: u64, queue_ms: u64) -> Result<()> {
     // burst: 10 ms at the rate, at least 64 KiB (a GSO packet on a veth)
     let burst = (rate / 8 / 100).max(64 * 1024);
     cmd(&[
@@ -541,7 +549,7 @@ fn shape(ns: &str, dev: &str, rate: u64) -> Result<()> {
         "burst",
         &burst.to_string(),
         "latency",
-        "100ms",
+        &format!("{queue_ms}ms"),
     ])?;
     Ok(())
 }
@@ -600,8 +608,8 @@ fn build_net(a: &RunArgs, run: &str, rate: u64, reg_rate: u64, wan_rate: u64) ->
         veth(&sw, &wa, &sw, &wb)?;
         cmd(&["ip", "-n", &sw, "link", "set", &wa, "master", &br, "up"])?;
         cmd(&["ip", "-n", &sw, "link", "set", &wb, "master", "br0", "up"])?;
-        shape(&sw, &wa, wan_rate)?; // core -> site
-        shape(&sw, &wb, wan_rate)?; // site -> core
+        shape(&sw, &wa, wan_rate, a.queue_ms)?; // core -> site
+        shape(&sw, &wb, wan_rate, a.queue_ms)?; // site -> core
     }
     // the registry
     veth(&sw, "reg", &reg, "eth0")?;
@@ -617,8 +625,8 @@ fn build_net(a: &RunArgs, run: &str, rate: u64, reg_rate: u64, wan_rate: u64) ->
         "eth0",
     ])?;
     cmd(&["ip", "-n", &reg, "link", "set", "eth0", "up"])?;
-    shape(&reg, "eth0", reg_rate)?;
-    shape(&sw, "reg", reg_rate)?;
+    shape(&reg, "eth0", reg_rate, a.queue_ms)?;
+    shape(&sw, "reg", reg_rate, a.queue_ms)?;
     // the hosts
     for (i, h) in hosts.iter().enumerate() {
         let dev = format!("h{}", i + 1);
@@ -645,10 +653,15 @@ fn build_net(a: &RunArgs, run: &str, rate: u64, reg_rate: u64, wan_rate: u64) ->
             "eth0",
         ])?;
         cmd(&["ip", "-n", h, "link", "set", "eth0", "up"])?;
-        shape(h, "eth0", rate)?; // upload
-        shape(&sw, &dev, rate)?; // download
+        shape(h, "eth0", rate, a.queue_ms)?; // upload
+        shape(&sw, &dev, rate, a.queue_ms)?; // download
     }
-    Ok(Net { reg, hosts })
+    Ok(Net {
+        sw,
+        rate,
+        reg,
+        hosts,
+    })
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -819,14 +832,38 @@ struct Pull {
 }
 
 /// Start a `skopeo copy` on every host at once (SRC(i) gives the source reference), wait for all
-/// of them (or the timeout); returns per host (seconds, success, error).
+/// of them (or the timeout); returns per host (seconds, success, error, link use) and the
+/// phase's link series (see [`link_report`]).
 fn pull_all(
     net: &Net,
     dir: &Path,
     src: &dyn Fn(usize) -> String,
     timeout: u64,
-) -> Result<Vec<Value>> {
+) -> Result<(Vec<Value>, Value)> {
     fs::create_dir_all(dir)?;
+    // A process parked in the switch namespace: its /proc/PID/net/dev counts every host link.
+    let mut probe = ns_spawn(&net.sw, &["sleep", "86400"], &[], &dir.join("probe.log"))?;
+    let stop = AtomicBool::new(false);
+    let (pulled, samples) = std::thread::scope(|sc| {
+        let sampler = sc.spawn(|| sample_links(probe.id(), net.hosts.len(), &stop));
+        let pulled = pull_each(net, dir, src, timeout);
+        stop.store(true, Ordering::Relaxed);
+        (pulled, sampler.join().unwrap_or_default())
+    });
+    let _ = probe.kill();
+    let _ = probe.wait();
+    let mut hosts = pulled?;
+    let links = link_report(&samples, &mut hosts, net.rate);
+    Ok((hosts, links))
+}
+
+/// Starts the pulls of [`pull_all`] and waits for them.
+fn pull_each(
+    net: &Net,
+    dir: &Path,
+    src: &dyn Fn(usize) -> String,
+    timeout: u64,
+) -> Result<Vec<Value>> {
     let mut pulls = Vec::new();
     let t0 = Instant::now();
     for (i, h) in net.hosts.iter().enumerate() {
@@ -888,6 +925,112 @@ fn pull_all(
                    "ok": ok, "error": err, "dir": p.out.display().to_string()})
         })
         .collect())
+}
+
+/// One reading of the host links: seconds since the pulls started, and per host the bytes its
+/// switch-side end sent (the host's download) and received (its upload).
+type LinkSample = (f64, Vec<(u64, u64)>);
+
+/// How often [`sample_links`] reads the link counters.
+const LINK_SAMPLE: Duration = Duration::from_millis(100);
+
+/// Reads `/proc/PID/net/dev` of a process in the switch namespace every [`LINK_SAMPLE`] until
+/// `stop`: the counters of `h1`..`hN`.
+fn sample_links(pid: u32, hosts: usize, stop: &AtomicBool) -> Vec<LinkSample> {
+    let t0 = Instant::now();
+    let mut out = Vec::new();
+    loop {
+        if let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/dev")) {
+            // (before `ip netns exec` has entered the namespace, the probe sees the root
+            // namespace's devices: such a reading has none of the host links and is skipped)
+            let mut v = vec![(0u64, 0u64); hosts];
+            let mut seen = 0;
+            for line in text.lines() {
+                let Some((name, rest)) = line.split_once(':') else {
+                    continue;
+                };
+                let Some(i) = name
+                    .trim()
+                    .strip_prefix('h')
+                    .and_then(|n| n.parse::<usize>().ok())
+                else {
+                    continue;
+                };
+                let f: Vec<u64> = rest
+                    .split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect();
+                if (1..=hosts).contains(&i) && f.len() >= 9 {
+                    // receive bytes first, transmit bytes ninth
+                    v[i - 1] = (f[8], f[0]);
+                    seen += 1;
+                }
+            }
+            if seen == hosts {
+                out.push((t0.elapsed().as_secs_f64(), v));
+            }
+        }
+        if stop.load(Ordering::Relaxed) {
+            return out;
+        }
+        std::thread::sleep(LINK_SAMPLE);
+    }
+}
+
+/// How busy the host links were: per host (in HOSTS) `link` = bytes down and up until it
+/// finished, and its download's use of the link rate over that time; for the phase, the mean
+/// download use over the hosts, the upload use of all hosts until the last one finished, and
+/// the series in Mbit/s per 0.5 s.
+fn link_report(samples: &[LinkSample], hosts: &mut [Value], rate_bit: u64) -> Value {
+    let (Some(first), Some(last)) = (samples.first(), samples.last()) else {
+        return Value::Null;
+    };
+    let rate = rate_bit as f64 / 8.0;
+    // the counters at time t: the last sample at or before it
+    let at = |t: f64| -> &Vec<(u64, u64)> {
+        &samples[samples.partition_point(|s| s.0 <= t).max(1) - 1].1
+    };
+    let mut down_use = Vec::new();
+    let mut end = 0f64;
+    for (i, h) in hosts.iter_mut().enumerate() {
+        let Some(secs) = h["seconds"].as_f64() else {
+            continue;
+        };
+        end = end.max(secs);
+        let (d, u) = at(secs)[i];
+        let (d0, u0) = first.1[i];
+        let down = d.saturating_sub(d0);
+        let used = down as f64 / (rate * secs.max(1e-3));
+        down_use.push(used);
+        h["link"] =
+            json!({"down_bytes": down, "up_bytes": u.saturating_sub(u0), "down_use": r3(used)});
+    }
+    let up: u64 = at(end)
+        .iter()
+        .zip(&first.1)
+        .map(|(b, a)| b.1.saturating_sub(a.1))
+        .sum();
+    let step = 0.5;
+    let mut series_down = vec![Vec::new(); hosts.len()];
+    let mut series_up = vec![Vec::new(); hosts.len()];
+    let mut t = 0.0;
+    while t < last.0 {
+        let (a, b) = (at(t), at(t + step));
+        for i in 0..hosts.len() {
+            let mbit = |x: u64, y: u64| r3(y.saturating_sub(x) as f64 * 8.0 / step / 1e6);
+            series_down[i].push(mbit(a[i].0, b[i].0));
+            series_up[i].push(mbit(a[i].1, b[i].1));
+        }
+        t += step;
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    json!({
+        "down_use_mean": r3(mean(&down_use)),
+        "up_use_until_last": r3(up as f64 / (rate * end.max(1e-3) * hosts.len().max(1) as f64)),
+        "series_step_s": step,
+        "down_mbit": series_down,
+        "up_mbit": series_up,
+    })
 }
 
 /// Verifies every host's pulled copy (recording `verified` and `verify_error` in its entry),
@@ -1074,7 +1217,7 @@ fn run_baseline(
     let src = |_i: usize| format!("docker://{REG_IP}:{REG_PORT}/{REPO}:{TAG}");
     let dir = tmp.join("pull-baseline");
     let cpu0 = cpu_jiffies();
-    let mut hosts = pull_all(net, &dir, &src, a.timeout)?;
+    let (mut hosts, links) = pull_all(net, &dir, &src, a.timeout)?;
     let cpu = cpu_busy(cpu0, cpu_jiffies());
     nap(Duration::from_millis(500))?; // the registry logs after the last byte
     let link = qdisc_bytes(&net.reg, "eth0").saturating_sub(link0);
@@ -1082,6 +1225,7 @@ fn run_baseline(
     verify_copies(&mut hosts, img);
     let mut s = summarise("baseline", hosts, egress, link, img, ideal);
     s["machine_cpu_busy"] = cpu;
+    s["links"] = links;
     Ok(s)
 }
 
@@ -1298,7 +1442,7 @@ fn run_shoal(
         stop.store(true, Ordering::Relaxed);
         (pulled, sampler.join().unwrap_or_default())
     });
-    let mut hosts = pulled?;
+    let (mut hosts, links) = pulled?;
     let cpu = cpu_busy(cpu0, cpu_jiffies());
     nap(Duration::from_millis(500))?;
     let link = qdisc_bytes(&net.reg, "eth0").saturating_sub(link0);
@@ -1395,6 +1539,7 @@ fn run_shoal(
     }
     s["peer_names"] = json!(peer_names);
     s["machine_cpu_busy"] = cpu;
+    s["links"] = links;
     let cpus: Vec<f64> = s["hosts"]
         .as_array()
         .unwrap()
@@ -1758,7 +1903,7 @@ fn run(a: RunArgs) -> Result<()> {
         "shoal_version": shoal_version,
         "loadavg_start": fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
         "config": {
-            "hosts": a.hosts, "rate_bit_s": rate, "registry_rate_bit_s": reg_rate, "sites": a.sites,
+            "hosts": a.hosts, "rate_bit_s": rate, "registry_rate_bit_s": reg_rate, "sites": a.sites, "queue_ms": a.queue_ms,
             "wan_rate_bit_s": if a.sites > 0 { json!(wan_rate) } else { Value::Null },
             "image_size": a.image_size, "layers": a.layers, "seed": seed, "settle_s": a.settle,
             "shoal_args": a.shoal_args, "timeout_s": a.timeout,
@@ -1875,6 +2020,12 @@ fn print_phase(p: &Value) {
         } else {
             format!("; shoal nodes used {} CPU-s", p["node_cpu_s_total"])
         }
+    );
+    eprintln!(
+        "[cluster] {}: host downloads used {} of their link until done (mean); uploads {} until the last host finished",
+        p["phase"].as_str().unwrap_or("?"),
+        p["links"]["down_use_mean"],
+        p["links"]["up_use_until_last"],
     );
 }
 
