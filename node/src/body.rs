@@ -86,7 +86,9 @@ pub fn stored(file: File, start: u64, end: u64, pin: Pin, mirror: Arc<Mirror>) -
 
 /// Streams a blob that is still arriving, from `start` to its end. The last byte is held back
 /// until the whole blob has been verified; if verification fails the stream ends in an error,
-/// so the client's response is aborted short of complete.
+/// so the client's response is aborted short of complete. A blob proven before it is stored
+/// ([`Progress::verified`](crate::mirror::Progress::verified)) is served to its end, even if
+/// storing it then fails (the open file still holds the proven bytes).
 pub fn arriving(t: Arc<Transfer>, start: u64, mirror: Arc<Mirror>) -> Body {
     let rx = t.progress.clone();
     let s = stream::unfold((start, rx, false), move |(mut offset, mut rx, finished)| {
@@ -99,6 +101,7 @@ pub fn arriving(t: Arc<Transfer>, start: u64, mirror: Arc<Mirror>) -> Body {
             loop {
                 let p = rx.borrow_and_update().clone();
                 let limit = match &p.done {
+                    _ if p.verified => p.written,
                     Some(Err(e)) => {
                         let err = io::Error::other(format!("blob {} failed: {e}", t.digest));
                         return Some((Err(err), (offset, rx, true)));

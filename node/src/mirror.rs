@@ -120,6 +120,10 @@ pub struct Manifest {
 pub struct Progress {
     /// Bytes written to the partial file.
     pub written: u64,
+    /// Every byte written is proven against the digest (a blob assembled from chunks, each
+    /// checked against a whole table): readers may serve the last byte before the blob is
+    /// stored (fsync, install), and finish even if storing it fails.
+    pub verified: bool,
     /// `Some(Ok)` once verified and stored; `Some(Err)` if it failed (the bytes are gone).
     pub done: Option<Result<(), String>>,
 }

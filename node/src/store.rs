@@ -102,6 +102,14 @@ pub enum CommitError {
         /// What arrived.
         actual: u64,
     },
+    /// A checked blob's table is of another chunk size than the store's tables.
+    #[error("table of {chunk_size}-byte chunks for a store of {store}-byte chunks")]
+    TableMismatch {
+        /// The table's chunk size.
+        chunk_size: u32,
+        /// The store's.
+        store: u32,
+    },
     /// The disk failed.
     #[error("store i/o: {0}")]
     Io(#[from] io::Error),
@@ -306,6 +314,44 @@ impl BlobWriter {
     /// A second handle on the partial file, for readers that stream it while it is written.
     pub fn reader(&self) -> io::Result<File> {
         File::open(&self.path)
+    }
+
+    /// Moves a blob assembled from chunks into the store with `table`, without hashing it again:
+    /// for a caller that checked every chunk written against `table` (blocking: fsync). The
+    /// proof is the chain: `table` is complete, its first chunk starts from SHA-256's initial
+    /// state, each chunk leads from its start state to its end state, and the last one, padded,
+    /// to the digest. A table of another chunk size than the store's, or a size other than the
+    /// table's, is [`CommitError::TableMismatch`] / [`CommitError::SizeMismatch`].
+    pub fn commit_checked(
+        mut self,
+        store: &Store,
+        table: &MidstateTable,
+        private: bool,
+    ) -> Result<BlobMeta, CommitError> {
+        let layout = table.layout();
+        if layout.chunk_size() != store.chunk_size() {
+            return Err(CommitError::TableMismatch {
+                chunk_size: layout.chunk_size(),
+                store: store.chunk_size(),
+            });
+        }
+        if layout.blob_size() != self.written {
+            return Err(CommitError::SizeMismatch {
+                expected: layout.blob_size(),
+                actual: self.written,
+            });
+        }
+        self.builder = None;
+        self.file.sync_all()?;
+        let meta = BlobMeta {
+            size: self.written,
+            media_type: None,
+            last_access: now_secs(),
+            private,
+        };
+        store.install(&self.digest, &self.path, &meta, Some(table))?;
+        self.committed = true;
+        Ok(meta)
     }
 
     /// Verifies the digest and, if it matches, moves the blob into the store with its midstate
@@ -1030,6 +1076,57 @@ mod tests {
         let s = Store::open_with_chunk_size(dir.path(), 1 << 30, 128).unwrap();
         assert_eq!(s.table(&d).unwrap(), expected);
         assert!(s.table(&Digest::of(b"absent")).is_none());
+    }
+
+    #[test]
+    fn a_checked_blob_is_stored_with_its_table_without_hashing_it_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open_with_chunk_size(dir.path(), 1 << 30, 128).unwrap();
+        let blob = data(1000);
+        let d = Digest::of(&blob);
+        let table = MidstateTable::compute(&blob, 128).unwrap();
+        // Chunks in any order, as the swarm writes them.
+        let mut w = s.writer(&d).unwrap();
+        for i in (0..table.layout().count()).rev() {
+            let (start, len) = table.layout().range(i).unwrap();
+            w.write_at(start, &blob[start as usize..start as usize + len as usize])
+                .unwrap();
+        }
+        w.commit_checked(&s, &table, true).unwrap();
+        assert_eq!(s.table(&d).unwrap(), table);
+        let b = s.open_blob(&d).unwrap();
+        assert!(b.meta.private);
+        assert_eq!(b.meta.size, 1000);
+        // Nothing is hashed: what the caller vouches for is stored as is (the caller's checks
+        // are the proof; `swarm::check_on_disk` covers the chunks it did not check).
+        let other = Digest::of(b"other");
+        let mut w = s.writer(&other).unwrap();
+        w.write_at(0, &blob).unwrap();
+        w.commit_checked(&s, &table, false).unwrap();
+        assert!(s.contains(&other));
+        // A table of another chunk size, or of another blob size, is refused.
+        let d3 = Digest::of(b"third");
+        let mut w = s.writer(&d3).unwrap();
+        w.write_at(0, &blob).unwrap();
+        let wide = MidstateTable::compute(&blob, 256).unwrap();
+        assert!(matches!(
+            w.commit_checked(&s, &wide, false),
+            Err(CommitError::TableMismatch {
+                chunk_size: 256,
+                store: 128
+            })
+        ));
+        let mut w = s.writer(&d3).unwrap();
+        w.write_at(0, &blob[..900]).unwrap();
+        assert!(matches!(
+            w.commit_checked(&s, &table, false),
+            Err(CommitError::SizeMismatch {
+                expected: 1000,
+                actual: 900
+            })
+        ));
+        assert!(!s.contains(&d3));
+        assert_eq!(fs::read_dir(dir.path().join("partial")).unwrap().count(), 0);
     }
 
     #[test]

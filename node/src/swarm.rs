@@ -5,8 +5,10 @@
 //! Invariants:
 //! - A chunk from a peer is written to the partial file only after
 //!   [`peer::PeerConn::chunk_prefix`] verified it against the table (whole, or the prefix known
-//!   of a blob still arriving); an upstream chunk is verified when the table covers it. The
-//!   whole blob is hashed again at commit, so nothing is stored unless it matches its digest.
+//!   of a blob still arriving); an upstream chunk is verified when the table covers it. At the
+//!   end every chunk has chained against the whole table (those that were not checked on
+//!   arrival are read back and checked), or the whole blob is hashed again: nothing is stored,
+//!   nor its last byte served, unless it matches its digest.
 //! - A node announces a blob as soon as it starts fetching it (from the upstream or from peers)
 //!   and serves each chunk it holds verified while the rest arrives ([`crate::arriving`]); a
 //!   failed download withdraws the announcement. A chunk is served only once the node's table
@@ -307,6 +309,9 @@ enum Event {
         index: u32,
         /// The table epoch it was checked under (see `drive`).
         epoch: u32,
+        /// Checked against the table (always, from a peer; from the upstream, when the table
+        /// covered it when it was asked for).
+        checked: bool,
         result: Result<Bytes, FailReason>,
     },
     /// A peer answered (or failed) a `Have`, or its watch brought a new bitfield.
@@ -716,6 +721,10 @@ impl Mirror {
         };
         add_providers(providers, &mut peers);
         let mut got = vec![false; count as usize];
+        // Chunks on disk that are proven consistent with the table in use: checked against it
+        // on arrival, or used to extend it (their end state was computed from them). At the
+        // end, only the others are read back and checked (see `prove`).
+        let mut checked = vec![false; count as usize];
         let mut prefix = 0u32;
         let mut last_progress = Instant::now();
         let mut next_have_poll = Instant::now() + Duration::from_millis(HAVE_POLL_MS);
@@ -762,6 +771,7 @@ impl Mirror {
                                     peer: Some(peer),
                                     index,
                                     epoch,
+                                    checked: true,
                                     result,
                                 })
                                 .await;
@@ -777,6 +787,8 @@ impl Mirror {
                             etx.clone(),
                         );
                         tokio::spawn(async move {
+                            // (`upstream_chunk` checks it when the table covers it)
+                            let checked = view.covers(index);
                             let result = this
                                 .upstream_chunk(&reg, &name, &auth, digest, &view, index)
                                 .await;
@@ -785,6 +797,7 @@ impl Mirror {
                                     peer: None,
                                     index,
                                     epoch,
+                                    checked,
                                     result: result.map_err(|_| FailReason::Refused),
                                 })
                                 .await;
@@ -889,6 +902,7 @@ impl Mirror {
                     index,
                     epoch: e,
                     result: Ok(_) | Err(FailReason::Ambiguous),
+                    ..
                 } if e != epoch => {
                     // Checked against a table since cut back: not trusted if it chained, and
                     // no dispute with the table in use if it did not (the sender of a genuine
@@ -901,6 +915,7 @@ impl Mirror {
                 Event::Chunk {
                     peer,
                     index,
+                    checked: checked_on_arrival,
                     result: Ok(bytes),
                     ..
                 } => {
@@ -914,8 +929,11 @@ impl Mirror {
                         got[i] = true;
                         if view.covers(index) {
                             // Checked against the table on arrival (peers), or against it by
-                            // `upstream_chunk`: serve it on.
+                            // `upstream_chunk` if it covered the chunk when asked for: serve it
+                            // on (peers check it in any case; an unchecked one is checked at
+                            // the end, see `commit_assembled`).
                             arriving.mark(index);
+                            checked[i] = checked_on_arrival;
                         } else if let Some(grown) = extend_view(&view, index, &bytes, &got, &writer)
                         {
                             // An upstream chunk right after the known prefix: this node now
@@ -925,6 +943,9 @@ impl Mirror {
                             for j in newly {
                                 if got[j as usize] {
                                     arriving.mark(j);
+                                    // Their end states were computed from them; not the last
+                                    // chunk's, which only the digest checks.
+                                    checked[j as usize] = j + 1 < count;
                                 }
                             }
                         }
@@ -1166,6 +1187,7 @@ impl Mirror {
                                 for j in k..count {
                                     if got[j as usize] {
                                         got[j as usize] = false;
+                                        checked[j as usize] = false;
                                         arriving.unmark(j);
                                         dl.chunk_invalidated(j, now());
                                     }
@@ -1201,26 +1223,14 @@ impl Mirror {
         let outcome = match failure {
             Some(e) => Err(e),
             None => {
-                let store = self.store.clone();
                 let origin = (!authz.is_empty()).then(|| reg.key.clone());
-                match tokio::task::spawn_blocking(move || {
-                    // The origin first: once committed, the blob may be asked for at once.
-                    if let Some(o) = &origin {
-                        store
-                            .set_origin(&digest, o)
-                            .map_err(std::io::Error::other)?;
-                    }
-                    writer.commit(&store, Some(layout.blob_size()), None, origin.is_some())
-                })
-                .await
-                {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(e)) => {
-                        self.metrics.digest_mismatches.inc();
-                        Err(e.to_string())
-                    }
-                    Err(e) => Err(format!("commit task failed: {e}")),
+                let outcome = self
+                    .commit_assembled(writer, &view, &checked, digest, origin, &tx)
+                    .await;
+                if outcome.is_err() {
+                    self.metrics.digest_mismatches.inc();
                 }
+                outcome
             }
         };
         match &outcome {
@@ -1235,6 +1245,62 @@ impl Mirror {
         }
         drop(registration);
         self.finish_arriving(&digest, outcome, &tx);
+    }
+
+    /// Stores a blob assembled from chunks. With a whole table of the store's chunk size, the
+    /// chunks' own checks prove the blob (see [`BlobWriter::commit_checked`]): the chunks never
+    /// checked against the table (an upstream chunk that arrived past its known part) are read
+    /// back and checked, the readers get the last byte at once, and the blob is stored without
+    /// hashing it again. Otherwise the blob is hashed from disk, as a blob from the upstream.
+    async fn commit_assembled(
+        &self,
+        writer: BlobWriter,
+        view: &TablePrefix,
+        checked: &[bool],
+        digest: Digest,
+        origin: Option<String>,
+        tx: &watch::Sender<Progress>,
+    ) -> Result<(), String> {
+        let store = self.store.clone();
+        let size = view.layout().blob_size();
+        let table = view
+            .to_table()
+            .filter(|t| t.layout().chunk_size() == store.chunk_size());
+        if let Some(table) = &table {
+            let unchecked: Vec<u32> = (0..table.layout().count())
+                .filter(|&j| !checked[j as usize])
+                .collect();
+            let (file, view) = (writer.reader(), view.clone());
+            let proven = tokio::task::spawn_blocking(move || {
+                let file = file.map_err(|e| format!("store read failed: {e}"))?;
+                check_on_disk(&file, &view, &digest, &unchecked)
+            })
+            .await
+            .map_err(|e| format!("check task failed: {e}"))?;
+            proven?;
+            tx.send_modify(|p| {
+                p.written = size;
+                p.verified = true;
+            });
+        }
+        match tokio::task::spawn_blocking(move || {
+            // The origin first: once committed, the blob may be asked for at once.
+            if let Some(o) = &origin {
+                store
+                    .set_origin(&digest, o)
+                    .map_err(std::io::Error::other)?;
+            }
+            match &table {
+                Some(table) => writer.commit_checked(&store, table, origin.is_some()),
+                None => writer.commit(&store, Some(size), None, origin.is_some()),
+            }
+        })
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(format!("commit task failed: {e}")),
+        }
     }
 
     /// The grant to show providers of a private blob for this client: only once the registry
@@ -1316,6 +1382,26 @@ struct Job {
     config: DownloadConfig,
 }
 
+/// Reads chunks `indices` of a partial blob back from `file` and checks each against `view`
+/// (and the digest, for the last chunk).
+fn check_on_disk(
+    file: &std::fs::File,
+    view: &TablePrefix,
+    digest: &Digest,
+    indices: &[u32],
+) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    for &j in indices {
+        let (start, len) = view.layout().range(j).ok_or("chunk out of range")?;
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, start)
+            .map_err(|e| format!("store read failed: {e}"))?;
+        view.verify_chunk(digest.as_bytes(), j, &buf)
+            .map_err(|e| format!("chunk {j} on disk does not chain: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Grows `view` with upstream chunk `index` when it is the next one whose end state is missing,
 /// then with the chunks after it already on disk. `None` when it does not grow.
 fn extend_view(
@@ -1392,7 +1478,41 @@ fn report_covered(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_protocol::chunk::ChunkLayout;
+    use shoal_protocol::chunk::{ChunkLayout, MidstateTable};
+
+    /// The chunks never checked on arrival are read back and checked before a blob is proven:
+    /// a bad one (a corrupt upstream chunk that arrived past the known table) fails the commit,
+    /// the last chunk against the digest itself.
+    #[test]
+    fn unchecked_chunks_are_checked_on_disk() {
+        use std::io::Write;
+        let blob: Vec<u8> = (0..1000u32).map(|i| (i * 7 + i / 13) as u8).collect();
+        let digest = Digest::of(&blob);
+        let view = TablePrefix::from(MidstateTable::compute(&blob, 128).unwrap());
+        let count = view.layout().count();
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&blob).unwrap();
+        let all: Vec<u32> = (0..count).collect();
+        check_on_disk(&file, &view, &digest, &all).unwrap();
+        for bad in [0, 3, count - 1] {
+            let mut corrupt = blob.clone();
+            let (start, _) = view.layout().range(bad).unwrap();
+            corrupt[start as usize] ^= 1;
+            let mut file = tempfile::tempfile().unwrap();
+            file.write_all(&corrupt).unwrap();
+            let err = check_on_disk(&file, &view, &digest, &all).unwrap_err();
+            assert!(err.contains(&format!("chunk {bad} ")), "{err}");
+            // Only the chunks named are read: the others were checked on arrival.
+            let others: Vec<u32> = (0..count).filter(|&j| j != bad).collect();
+            check_on_disk(&file, &view, &digest, &others).unwrap();
+        }
+        // A short file cannot be read back.
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&blob[..900]).unwrap();
+        assert!(check_on_disk(&file, &view, &digest, &[count - 1])
+            .unwrap_err()
+            .contains("store read failed"));
+    }
 
     fn info(port: u16, bits: Option<Bitfield>) -> PeerInfo {
         PeerInfo {

@@ -9,7 +9,8 @@
 //! Trust is the same as a whole table's (see the parent module): a chunk that chains between two
 //! prefix entries is *consistent* with the prefix, and proven genuine only when the chain reaches
 //! the digest. A node that receives chunks against a prefix stores them in its partial file only;
-//! the whole blob is hashed again before it is committed or its last byte is served.
+//! before the blob is committed or its last byte served, every chunk must have chained against
+//! the whole table (the last one to the digest), or the whole blob is hashed again.
 //!
 //! # Wire format (version 2)
 //!
