@@ -259,6 +259,16 @@ pub const IMPORT_HOLD_MAX_MS: u64 = 10_000;
 /// 10.37 s with 5 ms batches, 10.24 s with 20 ms, 10.32 s with 50 ms; a third fewer events).
 pub const WATCH_BATCH_MS: u64 = 20;
 
+/// The most chunk requests a download has in flight to far peers (other sites, see
+/// [`Download::set_peer_far`]) at once: each node of a site fetches a few of the chunks its
+/// site lacks across the WAN, the site's nodes together about one copy, and the rest
+/// inside the site.
+pub const FAR_MAX_IN_FLIGHT: u32 = 1;
+
+/// The most peers of other sites a download follows (of its [`PROVIDER_LIMIT`]): the other
+/// places go to peers of its own site, found by later lookups.
+pub const FAR_PEER_LIMIT: usize = 4;
+
 /// How often a downloading node asks a partial provider that refused a `Watch`
 /// ([`crate::wire::Request::Watch`]: providers push their holdings instead) which chunks it
 /// holds now
@@ -498,6 +508,8 @@ pub struct DownloadConfig {
     pub upstream_max_in_flight: u32,
     /// After an upstream failure, how long to wait before the next upstream fetch.
     pub upstream_retry_ms: u64,
+    /// The most requests in flight to far peers at once (see [`Download::set_peer_far`]).
+    pub far_max_in_flight: u32,
 }
 
 impl Default for DownloadConfig {
@@ -533,6 +545,7 @@ impl Default for DownloadConfig {
             follower_slow_swarm_percent: 1,
             upstream_max_in_flight: 16,
             upstream_retry_ms: 1_000,
+            far_max_in_flight: FAR_MAX_IN_FLIGHT,
         }
     }
 }
@@ -607,6 +620,9 @@ struct Peer {
     tiebreak: u64,
     ready_key: Option<ReadyKey>,
     starved: bool,
+    /// In another site: asked only for chunks no near peer holds (see
+    /// [`Download::set_peer_far`]).
+    far: bool,
 }
 
 impl Peer {
@@ -662,6 +678,8 @@ pub struct Download {
     peer_timers: BTreeSet<(u64, PeerId)>,
     ready: BTreeSet<ReadyKey>,
     starved: BTreeSet<PeerId>,
+    /// Requests in flight to far peers.
+    far_requests: u32,
     table_refetch_pending: bool,
     queue: VecDeque<Action>,
     /// The last time a peer joined or announced a chunk it did not hold before: while the swarm
@@ -698,6 +716,7 @@ impl Download {
             peer_timers: BTreeSet::new(),
             ready: BTreeSet::new(),
             starved: BTreeSet::new(),
+            far_requests: 0,
             table_refetch_pending: false,
             last_progress: now,
             queue: VecDeque::new(),
@@ -932,6 +951,7 @@ impl Download {
             return;
         }
         p.counted = counted;
+        let near_leaves = !counted && !p.far;
         let rate = p.rate;
         if counted {
             self.aggregate_rate = self.aggregate_rate.saturating_add(rate);
@@ -947,6 +967,30 @@ impl Download {
                 }
             }
         }
+        if near_leaves {
+            // Far peers may now be the only holders of its chunks.
+            self.unstarve_far(now);
+        }
+    }
+
+    /// Lets starved far peers look again.
+    fn unstarve_far(&mut self, now: u64) {
+        let far: Vec<PeerId> = self
+            .starved
+            .iter()
+            .copied()
+            .filter(|p| self.peers.get(p).is_some_and(|q| q.far))
+            .collect();
+        for peer in far {
+            self.unstarve(peer, now);
+        }
+    }
+
+    /// True when a usable near peer holds chunk `index`: a far peer is not asked for it.
+    fn near_holds(&self, index: u32) -> bool {
+        self.peers
+            .values()
+            .any(|q| !q.far && q.counted && q.has(index))
     }
 
     fn capacity(&self, p: &Peer) -> u32 {
@@ -1098,6 +1142,9 @@ impl Download {
             return;
         };
         p.in_flight += 1;
+        if p.far {
+            self.far_requests += 1;
+        }
         let queued = u128::from(p.in_flight);
         let rate = if p.rate == 0 {
             self.config.initial_peer_rate
@@ -1144,6 +1191,9 @@ impl Download {
         }
         if let Some(p) = self.peers.get_mut(&peer) {
             p.in_flight = p.in_flight.saturating_sub(1);
+            if p.far {
+                self.far_requests = self.far_requests.saturating_sub(1);
+            }
         }
         Some(req)
     }
@@ -1295,6 +1345,7 @@ impl Download {
                     tiebreak: peer_tiebreak(self.config.seed, &peer),
                     ready_key: None,
                     starved: false,
+                    far: false,
                 },
             );
         }
@@ -1304,6 +1355,36 @@ impl Download {
         self.unstarve(peer, now);
         self.refresh(peer, now);
         true
+    }
+
+    /// Marks a known peer as far (in another site, behind a WAN link) or near again. A far peer
+    /// is asked only for chunks that no usable near peer holds, and at most
+    /// [`DownloadConfig::far_max_in_flight`] far requests are in flight at once: a site's
+    /// nodes then fetch each chunk across the WAN about once between them (each asks for the
+    /// chunks that have not reached its site yet, rarest first with its own tie-breaks), and
+    /// share it inside the site. Peers are near until marked.
+    pub fn set_peer_far(&mut self, peer: PeerId, far: bool, now: u64) {
+        self.tick(now);
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if p.far == far {
+            return;
+        }
+        p.far = far;
+        // Its requests in flight now count on the other side.
+        let n = p.in_flight;
+        if far {
+            self.far_requests += n;
+        } else {
+            self.far_requests = self.far_requests.saturating_sub(n);
+        }
+        if far && p.counted {
+            // One near holder fewer for its chunks.
+            self.unstarve_far(now);
+        }
+        self.unstarve(peer, now);
+        self.refresh(peer, now);
     }
 
     /// A peer announced that it now holds chunk `index` verified.
@@ -1568,9 +1649,12 @@ impl Download {
             && self.peer_timers.first().is_none_or(|&(t, _)| t > now)
     }
 
-    /// The best chunk to ask `peer` for, if any.
+    /// The best chunk to ask `peer` for, if any: for a far peer, the best no near peer holds.
     fn pick_for(&self, peer: &PeerId) -> Option<u32> {
         let p = self.peers.get(peer)?;
+        if p.far {
+            return self.pick_far(p);
+        }
         if !self.wanted.is_empty() {
             let bits = match &p.have {
                 Have::All => return self.wanted.first().map(|k| k.3),
@@ -1604,6 +1688,30 @@ impl Download {
             .find(|&i| p.has(i) && !self.chunks[i as usize].requesters.contains(peer))
     }
 
+    /// [`Download::pick_for`] for a far peer: the first wanted chunk in priority order that it
+    /// holds and no near peer does; in the endgame, the same among the requests to duplicate.
+    fn pick_far(&self, p: &Peer) -> Option<u32> {
+        if !self.wanted.is_empty() {
+            return self
+                .wanted
+                .iter()
+                .map(|k| k.3)
+                .find(|&i| p.has(i) && !self.near_holds(i));
+        }
+        self.endgame
+            .iter()
+            .take_while(|&&(n, _)| n < self.config.endgame_max_requests)
+            .map(|&(_, i)| i)
+            .find(|&i| {
+                p.has(i)
+                    && !self.near_holds(i)
+                    && !self.chunks[i as usize]
+                        .requesters
+                        .iter()
+                        .any(|r| self.peers.get(r).is_some_and(|q| q.far))
+            })
+    }
+
     /// The most requests in flight: the memory budget (every request in flight may hold a whole
     /// chunk in the caller), at least one pipeline.
     fn request_cap(&self) -> u64 {
@@ -1624,7 +1732,14 @@ impl Download {
         if self.requests.len() as u64 >= self.request_cap() {
             return None;
         }
-        while let Some(&(_, _, peer)) = self.ready.first() {
+        loop {
+            // The best ready peer; a far one only while the far requests have room.
+            let far_open = self.far_requests < self.config.far_max_in_flight;
+            let peer = self
+                .ready
+                .iter()
+                .map(|&(_, _, p)| p)
+                .find(|p| far_open || self.peers.get(p).is_some_and(|q| !q.far))?;
             match self.pick_for(&peer) {
                 Some(index) => {
                     self.issue(peer, index, now);
@@ -1633,7 +1748,6 @@ impl Download {
                 None => self.starve(peer, now),
             }
         }
-        None
     }
 
     /// True while the peers' aggregate rate is below `slow_swarm_percent` of the upstream's.

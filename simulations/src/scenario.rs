@@ -85,6 +85,10 @@ pub struct Params {
     /// How much of an import (percent of its chunks) holds the node's other downloads
     /// (`swarm::IMPORT_HOLD_PERCENT`).
     pub import_hold_percent: u64,
+    /// Nodes know which peers are in their own site: they follow at most
+    /// `swarm::FAR_PEER_LIMIT` peers of other sites and mark them far
+    /// (`Download::set_peer_far`).
+    pub locality: bool,
     /// The `Download` configuration (its `seed` and `upstream_allowed` are set per node).
     pub download: DownloadConfig,
     /// Seed every node's `Download` of a blob alike (as a daemon seeding it from the digest
@@ -126,6 +130,7 @@ impl Params {
             notify_quantum_us: WATCH_BATCH_MS * 1000,
             import_first: true,
             import_hold_percent: IMPORT_HOLD_PERCENT,
+            locality: true,
             download: DownloadConfig::default(),
             shared_seed: false,
         }
@@ -196,6 +201,8 @@ impl Params {
                 "notify_quantum_us" => self.notify_quantum_us = v,
                 "import_first" => self.import_first = v != 0,
                 "import_hold_percent" => self.import_hold_percent = v,
+                "locality" => self.locality = v != 0,
+                "far_max_in_flight" => d.far_max_in_flight = v as u32,
                 // The old sender model: `v` uploads at once, no queue, more get `Busy`.
                 "serve_limit" => {
                     self.serve.max_active = v as u32;

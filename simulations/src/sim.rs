@@ -9,7 +9,7 @@ use shoal_protocol::chunk::ChunkLayout;
 use shoal_protocol::serve::{Offer, ServeScheduler};
 use shoal_protocol::swarm::{
     designated_seeders, relookup_after_ms, Action, Download, DownloadConfig, FailReason, Have,
-    PeerId, SeedPlan, IMPORT_HOLD_MAX_MS,
+    PeerId, SeedPlan, FAR_PEER_LIMIT, IMPORT_HOLD_MAX_MS,
 };
 use shoal_protocol::wire::Bitfield;
 
@@ -112,6 +112,8 @@ struct Known {
     /// [`Sim::gained`].
     last_count: u32,
     complete: bool,
+    /// In another site (marked far in the `Download`).
+    far: bool,
 }
 
 /// One node wanting one blob.
@@ -228,6 +230,8 @@ pub struct Report {
     pub upstream_chunk_fetches: u64,
     /// Verified chunk bytes received from peers.
     pub peer_bytes: u64,
+    /// Of those, the bytes that crossed WAN links (from a peer in another site).
+    pub wan_bytes: u64,
     /// Corrupt chunk bytes received from poisoned peers.
     pub corrupt_bytes: u64,
     /// Bytes of transfers cancelled mid-way (endgame duplicates, bans, deaths).
@@ -450,6 +454,7 @@ impl Sim {
             takeover_streams: 0,
             upstream_chunk_fetches: 0,
             peer_bytes: 0,
+            wan_bytes: 0,
             corrupt_bytes: 0,
             wasted_bytes: 0,
             bans: 0,
@@ -923,11 +928,15 @@ impl Sim {
         let Some(mut dl) = self.tasks[task as usize].dl.take() else {
             return;
         };
+        let (node, _) = self.split(task);
+        let site = self.nodes[node as usize].site;
         for &p in found {
             let t = &self.tasks[task as usize];
+            let far = self.p.locality && self.p.sites > 1 && self.nodes[p as usize].site != site;
             if t.peers.len() >= self.p.provider_limit
                 || t.peers.iter().any(|k| k.id == p)
                 || t.banned.contains(&p)
+                || (far && t.peers.iter().filter(|k| k.far).count() >= FAR_PEER_LIMIT)
             {
                 continue;
             }
@@ -939,11 +948,15 @@ impl Sim {
                 Have::Bits(have.clone())
             };
             dl.add_peer(pid(p), h, now_ms);
+            if far {
+                dl.set_peer_far(pid(p), true, now_ms);
+            }
             self.watchers[(p * self.nb + b) as usize].push(task);
             self.tasks[task as usize].peers.push(Known {
                 id: p,
                 last_count: self.have_count[(p * self.nb + b) as usize],
                 complete,
+                far,
             });
         }
         self.tasks[task as usize].dl = Some(dl);
@@ -1601,6 +1614,10 @@ impl Sim {
                     dl.chunk_failed(pid(src), index, FailReason::Corrupt, now_ms);
                 } else {
                     self.r.peer_bytes += total;
+                    let (dst, _) = self.split(task);
+                    if self.nodes[src as usize].site != self.nodes[dst as usize].site {
+                        self.r.wan_bytes += total;
+                    }
                     self.mark_have(task, index);
                     dl.chunk_received(pid(src), index, total, now_ms);
                 }

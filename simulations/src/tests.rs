@@ -137,3 +137,25 @@ fn pushed_haves_and_quick_relookups_beat_polling() {
     assert!(push.p99_s < poll.p99_s, "push {push:?} poll {poll:?}");
     assert!(push.upstream_copies <= 1.01, "{push:?}");
 }
+
+#[test]
+fn locality_keeps_chunks_inside_their_site() {
+    // 200 nodes in four sites behind 10 Gbit/s WAN links: without locality a node follows
+    // peers of every site alike and the WAN links carry most of what the nodes fetch (120 GB
+    // for 200 GB pulled; p99 31 s); following at most `FAR_PEER_LIMIT` far peers, marked far,
+    // cuts that to 28 GB and p99 to 18 s (simulated time).
+    let mut near = Params::scenario("sites").expect("scenario");
+    near.nodes = 200;
+    assert!(near.locality, "the default models the daemon");
+    let mut flat = near.clone();
+    flat.tune("locality=0").expect("tune");
+    let (near, flat) = (run(near), run(flat));
+    assert_eq!(near.completed, 200, "{near:?}");
+    assert_eq!(flat.completed, 200, "{flat:?}");
+    assert!(
+        near.wan_bytes * 2 < flat.wan_bytes,
+        "near {near:?} flat {flat:?}"
+    );
+    assert!(near.p99_s < flat.p99_s, "near {near:?} flat {flat:?}");
+    assert!(near.upstream_copies <= 1.01, "{near:?}");
+}

@@ -1398,3 +1398,47 @@ fn is_idle_tells_when_new_holdings_give_a_peer_with_room_something_to_do() {
     assert!(d.is_idle(2));
     assert!(drain(&mut d, 2).is_empty());
 }
+
+/// Locality: a far peer (another site) is asked only for chunks no usable near peer holds, at
+/// most `far_max_in_flight` at once; when the near holder of a chunk leaves, the far peer is
+/// asked for it.
+#[test]
+fn far_peers_serve_only_what_no_near_peer_holds() {
+    let cfg = DownloadConfig {
+        far_max_in_flight: 1,
+        ..fixed(4)
+    };
+    let mut d = Download::new(layout(8), cfg, 0);
+    let (far, near) = (p(1), p(2));
+    d.add_peer(far, Have::All, 0);
+    d.set_peer_far(far, true, 0);
+    d.add_peer(near, bits(8, &[0, 1, 2, 3]), 0);
+    let first = drain(&mut d, 0);
+    let to_far = requests_to(&first, far);
+    assert_eq!(to_far.len(), 1, "one far request at a time: {first:?}");
+    assert!(
+        to_far[0] >= 4,
+        "the far peer gets a chunk the near one lacks: {first:?}"
+    );
+    assert!(requests_to(&first, near).iter().all(|&i| i < 4));
+    // The far request answered: the next far request, for another chunk the site lacks.
+    d.chunk_received(far, to_far[0], u64::from(CS), 10);
+    let next = requests_to(&drain(&mut d, 10), far);
+    assert_eq!(next.len(), 1);
+    assert!(next[0] >= 4 && next[0] != to_far[0]);
+    // The near peer gets chunk 4..8 too: the far peer is no longer needed for them...
+    for i in 4..8 {
+        d.peer_has(near, i, 20);
+    }
+    d.chunk_received(far, next[0], u64::from(CS), 20);
+    let after = drain(&mut d, 20);
+    assert!(requests_to(&after, far).is_empty(), "{after:?}");
+    // ... until the near peer leaves: then the far peer is asked again.
+    d.remove_peer(near, 30);
+    let left = drain(&mut d, 30);
+    assert_eq!(requests_to(&left, far).len(), 1, "{left:?}");
+    // Marked near again, it gets a whole pipeline.
+    d.set_peer_far(far, false, 40);
+    let near_again = drain(&mut d, 40);
+    assert!(requests_to(&near_again, far).len() > 1, "{near_again:?}");
+}
