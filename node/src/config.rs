@@ -111,6 +111,11 @@ pub struct RunArgs {
     /// Nodes nearest a digest that fetch it from the upstream when nobody has it [default: 1].
     #[arg(long, env = "SHOAL_SEEDERS")]
     pub seeders: Option<usize>,
+    /// This node's site (a data centre, a zone, an edge location: up to 64 of A-Z a-z 0-9 . _ -).
+    /// Peers of another site are asked only for chunks no peer of this site holds [default: none:
+    /// every peer is near].
+    #[arg(long, env = "SHOAL_SITE")]
+    pub site: Option<String>,
     /// Test-only fault injection: serve corrupt chunks to peers (a poisoned peer).
     #[arg(long, hide = true)]
     pub fault_corrupt_chunks: bool,
@@ -156,6 +161,7 @@ struct FileConfig {
     mdns: Option<bool>,
     chunk_size: Option<SizeValue>,
     seeders: Option<usize>,
+    site: Option<String>,
 }
 
 /// Errors in the configuration; each names what is wrong.
@@ -227,6 +233,8 @@ pub struct P2pConfig {
     pub chunk_size: u32,
     /// Designated upstream fetchers per blob.
     pub seeders: usize,
+    /// This node's site (empty: none).
+    pub site: String,
     /// Fault injection for tests: serve corrupt chunks to peers.
     pub fault_corrupt_chunks: bool,
     /// Fault injection for tests: serve lying midstate tables to peers.
@@ -250,6 +258,7 @@ impl P2pConfig {
             mdns: false,
             chunk_size: DEFAULT_CHUNK_SIZE,
             seeders: DEFAULT_SEEDERS,
+            site: String::new(),
             fault_corrupt_chunks: false,
             fault_lie_tables: false,
             serve: ServeConfig::default(),
@@ -490,6 +499,13 @@ impl RunArgs {
                         "at least one node must be allowed to fetch from the upstream",
                     ));
                 }
+                let site = self.site.clone().or(file.site);
+                if let Some(s) = &site {
+                    if s.is_empty() || !shoal_protocol::wire::valid_site(s) {
+                        return Err(invalid("site", s, "must be 1 to 64 of A-Z a-z 0-9 . _ -"));
+                    }
+                }
+                let site = site.unwrap_or_default();
                 for p in &peers {
                     if p.trim().is_empty() {
                         return Err(invalid("peer", p, "empty peer address"));
@@ -516,6 +532,7 @@ impl RunArgs {
                     mdns: self.mdns || file.mdns.unwrap_or(false),
                     chunk_size: chunk_size as u32,
                     seeders,
+                    site,
                     fault_corrupt_chunks: self.fault_corrupt_chunks,
                     fault_lie_tables: self.fault_lie_tables,
                     serve,

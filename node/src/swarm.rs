@@ -31,7 +31,7 @@ use bytes::Bytes;
 use shoal_protocol::chunk::{ChunkError, TablePrefix};
 use shoal_protocol::swarm::{
     designated_seeders, relookup_after_ms, Action, Download, DownloadConfig, FailReason, Have,
-    PeerId, HAVE_POLL_MS, PROVIDER_LIMIT,
+    PeerId, FAR_PEER_LIMIT, HAVE_POLL_MS, PROVIDER_LIMIT,
 };
 use shoal_protocol::wire::Bitfield;
 use shoal_protocol::Digest;
@@ -118,6 +118,7 @@ impl Swarm {
         // join, as documented.
         let key = ClusterKey::new(config.cluster_key.unwrap_or([0u8; 32]));
         let peer_config = PeerConfig {
+            site: config.site.clone(),
             fault_corrupt_chunks: config.fault_corrupt_chunks,
             fault_lie_tables: config.fault_lie_tables,
             serve: config.serve.clone(),
@@ -317,6 +318,8 @@ enum Event {
     /// A peer answered (or failed) a `Have`, or its watch brought a new bitfield.
     Have {
         peer: PeerId,
+        /// It is in another site (see [`is_far`]).
+        far: bool,
         result: Result<Bitfield, PeerError>,
     },
     /// A peer's watch ended: `None` after its full bitfield, else why (then it is polled).
@@ -370,6 +373,14 @@ struct PeerInfo {
     /// Its `Watch` while one is live (the peer pushes its bitfield; it is not polled). Aborted
     /// when the entry is dropped.
     watch: Option<AbortOnDrop>,
+    /// In another site (set when it is added to the [`Download`]).
+    far: bool,
+}
+
+/// A peer is far when both it and this node name a site and the sites differ: a node or peer
+/// without a site treats every peer as near (as before sites).
+fn is_far(mine: &str, theirs: &str) -> bool {
+    !mine.is_empty() && !theirs.is_empty() && mine != theirs
 }
 
 /// Aborts a task when dropped.
@@ -646,9 +657,12 @@ impl Mirror {
         let watch_have = |peer: PeerId, addr: SocketAddr| {
             let (sw, etx) = (sw.clone(), etx.clone());
             let task = tokio::spawn(async move {
-                let watch = match sw.conn(addr).await {
-                    Ok(c) => c.watch(&digest, chunk_size).await,
-                    Err(e) => Err(e),
+                let (watch, far) = match sw.conn(addr).await {
+                    Ok(c) => (
+                        c.watch(&digest, chunk_size).await,
+                        is_far(&sw.config.site, c.site()),
+                    ),
+                    Err(e) => (Err(e), false),
                 };
                 let error = match watch {
                     Ok(mut w) => loop {
@@ -656,6 +670,7 @@ impl Mirror {
                             Ok(Some(bits)) => {
                                 let have = Event::Have {
                                     peer,
+                                    far,
                                     result: Ok(bits),
                                 };
                                 if etx.send(have).await.is_err() {
@@ -675,11 +690,14 @@ impl Mirror {
         let ask_have = |peer: PeerId, addr: SocketAddr| {
             let (sw, etx) = (sw.clone(), etx.clone());
             tokio::spawn(async move {
-                let result = match sw.conn(addr).await {
-                    Ok(c) => c.have(&digest, chunk_size).await,
-                    Err(e) => Err(e),
+                let (result, far) = match sw.conn(addr).await {
+                    Ok(c) => (
+                        c.have(&digest, chunk_size).await,
+                        is_far(&sw.config.site, c.site()),
+                    ),
+                    Err(e) => (Err(e), false),
                 };
-                let _ = etx.send(Event::Have { peer, result }).await;
+                let _ = etx.send(Event::Have { peer, far, result }).await;
             });
         };
         // Asks `addr` for its table; `event` wraps the answer for the driver.
@@ -715,6 +733,7 @@ impl Mirror {
                         have_pending: true,
                         table_pending: false,
                         watch: Some(watch_have(id, p.chunk_addr)),
+                        far: false,
                     },
                 );
             }
@@ -991,7 +1010,9 @@ impl Mirror {
                         None => dl.upstream_failed(index, now()),
                     }
                 }
-                Event::Have { peer, result } => {
+                Event::Have { peer, far, result } => {
+                    // Far peers beyond `FAR_PEER_LIMIT` are followed but not used.
+                    let far_used = peers.values().filter(|p| p.added && p.far).count();
                     let Some(p) = peers.get_mut(&peer) else {
                         continue;
                     };
@@ -1017,8 +1038,13 @@ impl Mirror {
                         }
                     };
                     let covered = view.covered();
+                    if !p.added && far && far_used >= FAR_PEER_LIMIT {
+                        p.bits = Some(bits);
+                        continue;
+                    }
                     if !p.added {
                         p.added = true;
+                        p.far = far;
                         let have = if bits.is_full() && view.is_complete() {
                             Have::All
                         } else {
@@ -1031,6 +1057,9 @@ impl Mirror {
                             Have::Bits(usable)
                         };
                         dl.add_peer(peer, have, now());
+                        if far {
+                            dl.set_peer_far(peer, true, now());
+                        }
                     } else {
                         for i in 0..covered {
                             if bits.get(i) && !p.bits.as_ref().is_some_and(|old| old.get(i)) {
@@ -1523,7 +1552,20 @@ mod tests {
             have_pending: false,
             table_pending: false,
             watch: None,
+            far: false,
         }
+    }
+
+    #[test]
+    fn far_only_between_two_named_sites() {
+        assert!(is_far("a", "b"));
+        assert!(!is_far("a", "a"));
+        assert!(
+            !is_far("", "b"),
+            "a node without a site treats every peer as near"
+        );
+        assert!(!is_far("a", ""), "a peer without a site is near");
+        assert!(!is_far("", ""));
     }
 
     /// Who settles a dispute: never the suspect, never a banned peer, never a source of the

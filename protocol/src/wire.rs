@@ -41,7 +41,8 @@
 //! Request::Chunk       0x03  digest [u8;32], chunk_size u32, index u32, authz_len u16, authz
 //! Request::Have        0x04  digest [u8;32], chunk_size u32
 //! Request::Watch       0x05  digest [u8;32], chunk_size u32
-//! Response::AuthOk     0x81  (empty)
+//! Response::AuthOk     0x81  the answering node's site: 0 to MAX_SITE_LEN bytes of
+//!                            [A-Za-z0-9._-] (empty: none; before sites, always empty)
 //! Response::Table      0x82  an encoded midstate table (chunk::MidstateTable::encode), 13 bytes to
 //!                            chunk::MAX_ENCODED_TABLE_LEN
 //! Response::ChunkHeader 0x83 index u32, len u32 (1 to chunk::MAX_CHUNK_SIZE); `len` raw bytes follow
@@ -71,6 +72,18 @@ pub const HEADER_LEN: usize = 8;
 pub const MAX_AUTHZ_LEN: usize = 8 << 10;
 /// The longest message of a [`Response::Error`], in bytes of UTF-8.
 pub const MAX_ERROR_LEN: usize = 256;
+
+/// The longest site name ([`Response::AuthOk`]).
+pub const MAX_SITE_LEN: usize = 64;
+
+/// True for a valid site name: at most [`MAX_SITE_LEN`] ASCII letters, digits, `.`, `_` and
+/// `-` (empty: no site).
+pub fn valid_site(site: &str) -> bool {
+    site.len() <= MAX_SITE_LEN
+        && site
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
 /// The longest payload of a [`Response::Have`]: the count and a bitfield of [`MAX_CHUNKS`] bits.
 pub const MAX_HAVE_PAYLOAD_LEN: usize = 4 + MAX_CHUNKS.div_ceil(8) as usize;
 /// The longest framed request.
@@ -201,6 +214,9 @@ pub enum WireError {
     /// An error message is not valid UTF-8.
     #[error("error message is not UTF-8")]
     InvalidUtf8,
+    /// A site name is not one [`valid_site`] accepts.
+    #[error("invalid site name")]
+    BadSite,
 }
 
 /// A message header: the kind and the payload length, already checked against the kind's bounds.
@@ -272,7 +288,11 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Response {
     /// The [`Request::Auth`] proof is accepted.
-    AuthOk,
+    AuthOk {
+        /// The answering node's site (`--site`; empty: none), see [`valid_site`]. Downloads
+        /// treat peers of another site as far (`swarm::Download::set_peer_far`).
+        site: String,
+    },
     /// The encoded midstate table ([`crate::chunk::MidstateTable::encode`]); the receiver decodes
     /// and checks it.
     Table {
@@ -623,7 +643,8 @@ impl Response {
     /// response.
     fn bounds(kind: u8) -> Option<(usize, usize)> {
         Some(match kind {
-            kind::AUTH_OK | kind::NOT_FOUND | kind::DENIED => (0, 0),
+            kind::AUTH_OK => (0, MAX_SITE_LEN),
+            kind::NOT_FOUND | kind::DENIED => (0, 0),
             kind::TABLE_DATA => (TABLE_HEADER_LEN, MAX_ENCODED_TABLE_LEN),
             kind::CHUNK_HEADER => (8, 8),
             kind::HAVE_DATA => (4, MAX_HAVE_PAYLOAD_LEN),
@@ -644,7 +665,7 @@ impl Response {
     /// The message's kind byte.
     pub fn kind(&self) -> u8 {
         match self {
-            Response::AuthOk => kind::AUTH_OK,
+            Response::AuthOk { .. } => kind::AUTH_OK,
             Response::Table { .. } => kind::TABLE_DATA,
             Response::ChunkHeader { .. } => kind::CHUNK_HEADER,
             Response::Have { .. } => kind::HAVE_DATA,
@@ -685,6 +706,7 @@ impl Response {
                     count: bitfield.len(),
                 });
             }
+            Response::AuthOk { site } if !valid_site(site) => return Err(WireError::BadSite),
             _ => {}
         }
         Ok(())
@@ -694,8 +716,11 @@ impl Response {
     /// writes the `len` raw chunk bytes.
     pub fn encode(&self) -> Vec<u8> {
         match self {
-            Response::AuthOk | Response::NotFound | Response::Denied => {
-                start_message(self.kind(), 0)
+            Response::NotFound | Response::Denied => start_message(self.kind(), 0),
+            Response::AuthOk { site } => {
+                let mut out = start_message(kind::AUTH_OK, site.len());
+                out.extend_from_slice(site.as_bytes());
+                out
             }
             Response::Table { table } => {
                 let mut out = start_message(kind::TABLE_DATA, table.len());
@@ -741,7 +766,16 @@ impl Response {
         check_payload_len(header, payload, Response::bounds)?;
         let mut r = Reader { rest: payload };
         let response = match header.kind {
-            kind::AUTH_OK => Response::AuthOk,
+            kind::AUTH_OK => {
+                let site =
+                    std::str::from_utf8(r.take(payload.len())?).map_err(|_| WireError::BadSite)?;
+                if !valid_site(site) {
+                    return Err(WireError::BadSite);
+                }
+                Response::AuthOk {
+                    site: site.to_owned(),
+                }
+            }
             kind::NOT_FOUND => Response::NotFound,
             kind::DENIED => Response::Denied,
             kind::TABLE_DATA => Response::Table {
@@ -1102,8 +1136,20 @@ mod tests {
         // The table of chunk.rs's golden test: bytes 0..200 in chunks of 64.
         let data: Vec<u8> = (0..200u32).map(|i| i as u8).collect();
         let table = MidstateTable::compute(&data, 64).unwrap().encode();
-        let cases: [(Response, String); 10] = [
-            (Response::AuthOk, "5348018100000000".into()),
+        let cases: [(Response, String); 11] = [
+            // No site: the bytes of the time before sites.
+            (
+                Response::AuthOk {
+                    site: String::new(),
+                },
+                "5348018100000000".into(),
+            ),
+            (
+                Response::AuthOk {
+                    site: "edge-7".into(),
+                },
+                concat!("5348", "01", "81", "00000006", "656467652d37").into(),
+            ),
             (
                 Response::Table {
                     table: table.clone(),
@@ -1184,7 +1230,12 @@ mod tests {
         );
         // A response kind is not a request, and the other way round.
         assert_eq!(
-            Request::decode(&Response::AuthOk.encode()),
+            Request::decode(
+                &Response::AuthOk {
+                    site: String::new()
+                }
+                .encode()
+            ),
             Err(WireError::UnknownKind { kind: 0x81 })
         );
         assert_eq!(
@@ -1246,9 +1297,9 @@ mod tests {
             })
         );
         assert_eq!(
-            Response::decode_header(&header(0x81, 1)),
+            Response::decode_header(&header(0x85, 1)),
             Err(WireError::TooLarge {
-                kind: 0x81,
+                kind: 0x85,
                 len: 1,
                 max: 0
             })
@@ -1423,6 +1474,36 @@ mod tests {
         let mut utf8 = Response::error("ab").encode();
         utf8[9] = 0xff;
         assert_eq!(Response::decode(&utf8), Err(WireError::InvalidUtf8));
+        // Site names: the charset and the cap.
+        for bad in ["a b", "zone/1", "é"] {
+            let r = Response::AuthOk { site: bad.into() };
+            assert_eq!(r.validate(), Err(WireError::BadSite), "{bad}");
+            assert_eq!(
+                Response::decode(&r.encode()),
+                Err(WireError::BadSite),
+                "{bad}"
+            );
+        }
+        let mut bad_utf8 = Response::AuthOk { site: "ab".into() }.encode();
+        bad_utf8[9] = 0xff;
+        assert_eq!(Response::decode(&bad_utf8), Err(WireError::BadSite));
+        let longest = Response::AuthOk {
+            site: "s".repeat(MAX_SITE_LEN),
+        };
+        assert_eq!(Response::decode(&longest.encode()).unwrap().0, longest);
+        assert_eq!(
+            Response::decode(
+                &Response::AuthOk {
+                    site: "s".repeat(MAX_SITE_LEN + 1)
+                }
+                .encode()
+            ),
+            Err(WireError::TooLarge {
+                kind: 0x81,
+                len: MAX_SITE_LEN as u32 + 1,
+                max: MAX_SITE_LEN
+            })
+        );
         let short_table = {
             let mut out = vec![0x53, 0x48, 1, 0x82, 0, 0, 0, 12];
             out.extend_from_slice(&[0; 12]);
@@ -1521,7 +1602,7 @@ mod tests {
 
     fn arb_response() -> impl Strategy<Value = Response> {
         prop_oneof![
-            Just(Response::AuthOk),
+            "[A-Za-z0-9._-]{0,64}".prop_map(|site| Response::AuthOk { site }),
             proptest::collection::vec(any::<u8>(), TABLE_HEADER_LEN..200)
                 .prop_map(|table| Response::Table { table }),
             (any::<u32>(), 1..=MAX_CHUNK_SIZE)

@@ -142,6 +142,15 @@ fn bad_configuration_fails_with_one_line_and_non_zero_exit() {
             vec!["--auth-file".into(), "/nonexistent/auth.json".into()],
             "auth_file",
         ),
+        (
+            vec![
+                "--p2p-listen".into(),
+                "127.0.0.1:0".into(),
+                "--site".into(),
+                "zone a".into(),
+            ],
+            "site",
+        ),
     ];
     for (args, needle) in cases {
         let out = Command::new(shoal_bin())

@@ -166,10 +166,11 @@ pub(crate) async fn connect(
         Ok(Ok(c)) => c,
     };
     match authenticate(&conn, &config.cluster_key, limit).await {
-        Ok(()) => Ok(PeerConn {
+        Ok(site) => Ok(PeerConn {
             conn,
             limit,
             metrics,
+            site,
         }),
         Err(e) => {
             let code = if matches!(e, PeerError::AuthFailed(_)) {
@@ -184,12 +185,13 @@ pub(crate) async fn connect(
     }
 }
 
-/// The client's half: send our proof, expect `AuthOk` and the server's proof, check it.
+/// The client's half: send our proof, expect `AuthOk` and the server's proof, check it. Returns
+/// the server's site (empty: none).
 pub(crate) async fn authenticate(
     conn: &Connection,
     key: &ClusterKey,
     limit: Duration,
-) -> Result<(), PeerError> {
+) -> Result<String, PeerError> {
     let exporter = exporter(conn).ok_or_else(|| PeerError::AuthFailed("no TLS exporter".into()))?;
     let (mut send, mut recv) = open_bi(conn, limit).await?;
     let proof = key.proof(Role::Client, &exporter);
@@ -197,14 +199,14 @@ pub(crate) async fn authenticate(
         .await
         .map_err(|e| from_frame(e, "the auth request"))?;
     let _ = send.finish();
-    match frame::read_response(&mut recv, limit).await {
-        Ok(Response::AuthOk) => {}
+    let site = match frame::read_response(&mut recv, limit).await {
+        Ok(Response::AuthOk { site }) => site,
         Ok(Response::Denied) => {
             return Err(PeerError::AuthFailed("the peer rejected our proof".into()))
         }
         Ok(other) => return Err(unexpected(other, "Auth")),
         Err(e) => return Err(from_frame(e, "the auth answer")),
-    }
+    };
     let server_proof = match frame::read_request(&mut recv, limit).await {
         Ok(Request::Auth { proof }) => proof,
         Ok(_) => return Err(PeerError::Protocol("no server proof after AuthOk".into())),
@@ -215,7 +217,7 @@ pub(crate) async fn authenticate(
             "the peer's proof does not verify: it does not hold the cluster key".into(),
         ));
     }
-    Ok(())
+    Ok(site)
 }
 
 /// An authenticated connection to a peer. Cheap to clone; requests on clones run concurrently
@@ -225,6 +227,15 @@ pub struct PeerConn {
     conn: Connection,
     limit: Duration,
     metrics: Arc<Metrics>,
+    /// The peer's site, as it said when it authenticated (empty: none).
+    site: String,
+}
+
+impl PeerConn {
+    /// The peer's site, as it stated it when it authenticated (empty: none).
+    pub fn site(&self) -> &str {
+        &self.site
+    }
 }
 
 impl std::fmt::Debug for PeerConn {

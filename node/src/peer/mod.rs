@@ -14,7 +14,9 @@
 //!    `Request::Auth { proof }` with proof = HMAC-SHA256(cluster key, `"shoal-auth-v1 client"`
 //!    ‖ exporter), where the exporter is 32 bytes of this connection's TLS keying material
 //!    (label [`auth::EXPORTER_LABEL`]). The server checks it in constant time; on success it
-//!    answers `Response::AuthOk` **followed by its own `Request::Auth { proof }`** message over
+//!    answers `Response::AuthOk { site }` (its `--site`, empty for none: the client learns
+//!    whether the peer is far, [`PeerConn::site`]) **followed by its own
+//!    `Request::Auth { proof }`** message over
 //!    `"shoal-auth-v1 server"` ‖ exporter, which the client checks in turn. Any failure closes
 //!    the connection with [`close::AUTH_FAILED`] and nothing is served on it. Certificates are
 //!    self-signed and not checked: the exporter binds both proofs to this TLS session, so a man
@@ -116,6 +118,9 @@ pub struct PeerConfig {
     pub receive_window: u32,
     /// Bytes of unacknowledged data a connection may hold (the server's send buffer).
     pub send_window: u64,
+    /// This node's site (`--site`; empty: none), told to every peer that connects: downloads
+    /// treat peers of another site as far (`shoal_protocol::swarm::Download::set_peer_far`).
+    pub site: String,
     /// Fault injection for tests: flip a byte in every chunk served (a poisoned peer).
     pub fault_corrupt_chunks: bool,
     /// Fault injection for tests: serve every midstate table (whole, or the prefix of a blob
@@ -142,6 +147,7 @@ impl PeerConfig {
             stream_receive_window: 8 << 20,
             receive_window: 32 << 20,
             send_window: 16 << 20,
+            site: String::new(),
             fault_corrupt_chunks: false,
             fault_lie_tables: false,
         }

@@ -139,11 +139,12 @@ pub(crate) enum AcceptAuthError {
 }
 
 /// The server's half of the mutual authentication, on the connection's first stream: checks
-/// the client's proof, then answers `AuthOk` and its own proof. On failure the caller closes
-/// the connection.
+/// the client's proof, then answers `AuthOk` (with this node's `site`) and its own proof. On
+/// failure the caller closes the connection.
 pub(crate) async fn accept_auth(
     conn: &Connection,
     key: &ClusterKey,
+    site: &str,
     limit: std::time::Duration,
 ) -> Result<(), AcceptAuthError> {
     let (mut send, mut recv) = match timeout(limit, conn.accept_bi()).await {
@@ -158,7 +159,10 @@ pub(crate) async fn accept_auth(
     if !key.verify(Role::Client, &exporter, &proof) {
         return Err(AcceptAuthError::BadProof);
     }
-    let mut answer = Response::AuthOk.encode();
+    let mut answer = Response::AuthOk {
+        site: site.to_owned(),
+    }
+    .encode();
     answer.extend_from_slice(
         &Request::Auth {
             proof: key.proof(Role::Server, &exporter),
@@ -178,7 +182,8 @@ async fn serve_connection(
     _permit: OwnedSemaphorePermit,
 ) {
     let remote = conn.remote_address();
-    if let Err(e) = accept_auth(&conn, &shared.config.cluster_key, shared.config.timeout).await {
+    let config = &shared.config;
+    if let Err(e) = accept_auth(&conn, &config.cluster_key, &config.site, config.timeout).await {
         shared.metrics.auth_failed("inbound");
         info!(peer = %remote, error = %e, "peer failed authentication; connection closed");
         conn.close(

@@ -136,6 +136,19 @@ async fn two_nodes_exchange_a_table_and_every_chunk() {
     b.endpoint.shutdown().await;
 }
 
+/// A node tells its site when it accepts a connection; a node without one tells none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_learns_the_peers_site() {
+    let mut c = config(key(1));
+    c.site = "edge-7".into();
+    let a = node_with(c, 64, Arc::new(DenyPrivate));
+    let b = node(key(1), 64);
+    let to_a = b.endpoint.connect(a.endpoint.local_addr()).await.unwrap();
+    assert_eq!(to_a.site(), "edge-7");
+    let to_b = a.endpoint.connect(b.endpoint.local_addr()).await.unwrap();
+    assert_eq!(to_b.site(), "");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_digests_are_not_found() {
     let a = node(key(1), 64);
@@ -476,7 +489,10 @@ async fn rogue_connection(conn: quinn::Connection, key: ClusterKey, behaviour: B
             };
             let _ = frame::read_request(&mut recv, limit).await;
             let e = exporter(&conn).unwrap();
-            let mut answer = Response::AuthOk.encode();
+            let mut answer = Response::AuthOk {
+                site: String::new(),
+            }
+            .encode();
             answer.extend_from_slice(
                 &Request::Auth {
                     proof: key.proof(Role::Server, &e),
@@ -492,7 +508,7 @@ async fn rogue_connection(conn: quinn::Connection, key: ClusterKey, behaviour: B
             chunk_size,
             tamper,
         } => {
-            if server::accept_auth(&conn, &key, limit).await.is_err() {
+            if server::accept_auth(&conn, &key, "", limit).await.is_err() {
                 conn.close(VarInt::from_u32(close::AUTH_FAILED), b"auth");
                 return;
             }

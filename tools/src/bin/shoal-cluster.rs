@@ -141,6 +141,10 @@ struct RunArgs {
     /// Keep the run's temp dir (pulled images, node data) for inspection.
     #[arg(long)]
     keep: bool,
+    /// With --sites: do not tell the nodes their site (`--site`), so that they treat every
+    /// peer alike (the comparison without locality).
+    #[arg(long)]
+    no_site_labels: bool,
     /// The longest a packet may wait in a shaped link's queue (`tbf latency`, ms): the queue
     /// holds this much time at the link's rate. 100 ms is a deep ("bufferbloated") FIFO.
     #[arg(long, default_value_t = 100)]
@@ -1264,6 +1268,11 @@ fn start_nodes(net: &Net, tmp: &Path, bin: &Path, key: &Path, a: &RunArgs) -> Re
             args.push("--peer".into());
             args.push(bootstrap.clone());
         }
+        if a.sites > 0 && !a.no_site_labels {
+            // the same blocks as the site bridges (`build_net`)
+            args.push("--site".into());
+            args.push(format!("site{}", 1 + i * a.sites / a.hosts));
+        }
         args.extend(a.shoal_args.iter().cloned());
         let log = tmp.join(format!("shoal-h{}.log", i + 1));
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -1903,7 +1912,7 @@ fn run(a: RunArgs) -> Result<()> {
         "shoal_version": shoal_version,
         "loadavg_start": fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
         "config": {
-            "hosts": a.hosts, "rate_bit_s": rate, "registry_rate_bit_s": reg_rate, "sites": a.sites, "queue_ms": a.queue_ms,
+            "hosts": a.hosts, "rate_bit_s": rate, "registry_rate_bit_s": reg_rate, "sites": a.sites, "queue_ms": a.queue_ms, "site_labels": a.sites > 0 && !a.no_site_labels,
             "wan_rate_bit_s": if a.sites > 0 { json!(wan_rate) } else { Value::Null },
             "image_size": a.image_size, "layers": a.layers, "seed": seed, "settle_s": a.settle,
             "shoal_args": a.shoal_args, "timeout_s": a.timeout,
