@@ -56,6 +56,9 @@ const SEEDER_CANDIDATES: usize = 20;
 const PROVIDER_POLL: Duration = Duration::from_millis(250);
 /// A download that makes no progress for this long fails (and the client's response aborts).
 const STALL_LIMIT: Duration = Duration::from_secs(60);
+/// A follower's download that has received no chunk for this long may go to the upstream like
+/// a designated seeder's (`Download::allow_upstream`), even while its peers look alive.
+const STARVED_UPSTREAM: Duration = Duration::from_secs(20);
 
 /// Errors starting the swarm.
 #[derive(Debug, thiserror::Error)]
@@ -756,6 +759,8 @@ impl Mirror {
         // epoch are dropped on arrival.
         let mut epoch = 0u32;
         let mut failure: Option<String> = None;
+        // `Download::allow_upstream` was called (see `STARVED_UPSTREAM`).
+        let mut upstream_opened = false;
         'run: loop {
             // Another blob is being imported from the upstream by this node: it goes first. A
             // held download is waiting by choice, not stalled.
@@ -872,6 +877,14 @@ impl Mirror {
             if last_progress.elapsed() > STALL_LIMIT {
                 failure = Some("swarm download stalled".into());
                 break;
+            }
+            if !upstream_opened && last_progress.elapsed() > STARVED_UPSTREAM {
+                // The peers announce chunks (the download sees a live swarm) but none arrives
+                // here: a congested WAN link, peers timing out in turn. Better one more upstream
+                // copy than a failed pull.
+                upstream_opened = true;
+                warn!(digest = %digest, secs = STARVED_UPSTREAM.as_secs(), "no chunk from the swarm for a while: the upstream may fill in");
+                dl.allow_upstream(now());
             }
             // Partial providers are asked what they hold now; the DHT for more providers.
             if Instant::now() >= next_have_poll {

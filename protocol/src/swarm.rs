@@ -680,6 +680,8 @@ pub struct Download {
     starved: BTreeSet<PeerId>,
     /// Requests in flight to far peers.
     far_requests: u32,
+    /// Set by [`Download::allow_upstream`] until a peer delivers: the swarm counts as slow.
+    starving: bool,
     table_refetch_pending: bool,
     queue: VecDeque<Action>,
     /// The last time a peer joined or announced a chunk it did not hold before: while the swarm
@@ -717,6 +719,7 @@ impl Download {
             ready: BTreeSet::new(),
             starved: BTreeSet::new(),
             far_requests: 0,
+            starving: false,
             table_refetch_pending: false,
             last_progress: now,
             queue: VecDeque::new(),
@@ -1357,6 +1360,23 @@ impl Download {
         true
     }
 
+    /// Lets a follower's download (`upstream_allowed == false`) go to the upstream as a
+    /// designated seeder's does, from `now` on: for a driver whose download has received
+    /// nothing for a long while although the swarm looks alive (peers announce chunks, none
+    /// arrives: a congested WAN link, peers that time out in turn). Better one more upstream
+    /// copy than a failed pull.
+    pub fn allow_upstream(&mut self, now: u64) {
+        self.tick(now);
+        if self.config.upstream_allowed {
+            return;
+        }
+        self.config.upstream_allowed = true;
+        // Judged afresh: the grace runs from now, and the peers count as too slow (their rates
+        // are those of their last deliveries, long ago) until one of them delivers again.
+        self.released_at = self.released_at.max(now);
+        self.starving = true;
+    }
+
     /// Marks a known peer as far (in another site, behind a WAN link) or near again. A far peer
     /// is asked only for chunks that no usable near peer holds, and at most
     /// [`DownloadConfig::far_max_in_flight`] far requests are in flight at once: a site's
@@ -1458,6 +1478,7 @@ impl Download {
         }
         // Settle this request before timing others out: an answer at its deadline is in time.
         let req = self.remove_request(peer, index);
+        self.starving = false;
         self.forget_cancel(peer, index);
         self.tick(now);
         if let Some(p) = self.peers.get_mut(&peer) {
@@ -1752,6 +1773,9 @@ impl Download {
 
     /// True while the peers' aggregate rate is below `slow_swarm_percent` of the upstream's.
     fn swarm_is_slow(&self) -> bool {
+        if self.starving {
+            return true;
+        }
         let percent = if self.config.upstream_allowed {
             self.config.slow_swarm_percent
         } else {

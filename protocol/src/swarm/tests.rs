@@ -1442,3 +1442,42 @@ fn far_peers_serve_only_what_no_near_peer_holds() {
     let near_again = drain(&mut d, 40);
     assert!(requests_to(&near_again, far).len() > 1, "{near_again:?}");
 }
+
+/// A follower whose peers keep announcing chunks but deliver none never judges the swarm (it
+/// looks alive); `allow_upstream` lets it go to the upstream like a designated seeder.
+#[test]
+fn a_follower_allowed_upstream_fetches_what_its_silent_peers_do_not_send() {
+    let config = DownloadConfig {
+        upstream_allowed: false,
+        upstream_grace_ms: 100,
+        takeover_after_ms: 5_000,
+        timeout_floor_ms: 1_000_000,
+        ..fixed(1)
+    };
+    let mut d = Download::new(layout(40), config, 0);
+    d.add_peer(p(1), bits(40, &[0]), 0);
+    assert_eq!(requests(&drain(&mut d, 0)), vec![(p(1), 0)]);
+    // The peer announces a new chunk every second and never answers the request.
+    let mut actions = Vec::new();
+    for t in 1..=20u64 {
+        d.peer_has(p(1), t as u32, t * 1_000);
+        actions.extend(drain(&mut d, t * 1_000));
+    }
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::FetchUpstream { .. })),
+        "{actions:?}"
+    );
+    d.allow_upstream(20_000);
+    let mut later = Vec::new();
+    for t in 20_000..=20_500u64 {
+        later.extend(drain(&mut d, t));
+    }
+    assert!(
+        later
+            .iter()
+            .any(|a| matches!(a, Action::FetchUpstream { .. })),
+        "{later:?}"
+    );
+}
