@@ -996,9 +996,7 @@ impl Sim {
                 &self.gained[(k.id * self.nb + b) as usize][k.last_count as usize..count as usize],
             );
             new.sort_unstable();
-            for &i in &new {
-                dl.peer_has(pid(k.id), i, now_ms);
-            }
+            dl.peer_has_many(pid(k.id), &new, now_ms);
             k.last_count = count;
             k.complete = count == full;
             true

@@ -1098,6 +1098,58 @@ fn arb_scenario() -> impl Strategy<Value = Scenario> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
+    /// `PeerId`'s word-by-word order is the order of the byte strings (prefixes, zero bytes and
+    /// all lengths included).
+    #[test]
+    fn peer_id_order_is_byte_order(
+        a in proptest::collection::vec(prop_oneof![Just(0u8), Just(1u8), any::<u8>()], 0..=MAX_PEER_ID_LEN),
+        b in proptest::collection::vec(prop_oneof![Just(0u8), Just(1u8), any::<u8>()], 0..=MAX_PEER_ID_LEN),
+        cut in 0..=MAX_PEER_ID_LEN,
+    ) {
+        let x = PeerId::from_bytes(&a).unwrap();
+        let y = PeerId::from_bytes(&b).unwrap();
+        prop_assert_eq!(x.cmp(&y), a.cmp(&b));
+        // A prefix of the same bytes.
+        let c = &a[..cut.min(a.len())];
+        let z = PeerId::from_bytes(c).unwrap();
+        prop_assert_eq!(z.cmp(&x), c.cmp(&a[..]));
+        prop_assert_eq!(x.cmp(&z), a[..].cmp(c));
+    }
+
+    /// A batch of announcements is the same as announcing each in turn.
+    #[test]
+    fn peer_has_many_is_peer_has_in_turn(
+        held in proptest::collection::vec(0u32..12, 0..12),
+        news in proptest::collection::vec(0u32..14, 0..20),
+        seed in any::<u64>(),
+    ) {
+        let layout = ChunkLayout::new(12 * 1024, 1024).unwrap();
+        let config = DownloadConfig { seed, ..DownloadConfig::default() };
+        let mut one = Download::new(layout, config.clone(), 0);
+        let mut many = Download::new(layout, config, 0);
+        let mut bits = Bitfield::new(12);
+        for &i in &held {
+            bits.set(i);
+        }
+        for d in [&mut one, &mut many] {
+            d.add_peer(p(1), Have::Bits(bits.clone()), 0);
+            d.add_peer(p(2), Have::Bits(Bitfield::new(12)), 0);
+        }
+        for &i in &news {
+            one.peer_has(p(1), i, 5);
+        }
+        many.peer_has_many(p(1), &news, 5);
+        let drain = |d: &mut Download| {
+            let mut out = Vec::new();
+            while let Some(a) = d.poll_action(5) {
+                out.push(a);
+            }
+            out
+        };
+        prop_assert_eq!(drain(&mut one), drain(&mut many));
+        prop_assert_eq!(one.next_wakeup(), many.next_wakeup());
+    }
+
     #[test]
     fn random_swarms_complete_within_the_invariants(s in arb_scenario()) {
         let log = simulate(&s);
