@@ -255,6 +255,11 @@ pub fn relookup_after_ms(known: usize, limit: usize, fruitless: u32) -> u64 {
         .min(LOOKUP_INTERVAL_MS)
 }
 
+/// How long a wanted chunk may have no usable holder among the peers a download follows, with
+/// no progress of the swarm, before a newly found provider may replace one of them
+/// ([`Download::replaceable_peer`]).
+pub const PEER_SWAP_AFTER_MS: u64 = 1_000;
+
 /// How much of a blob a node imports from the upstream (percent of its bytes) before its other
 /// downloads, held meanwhile ([`Download::hold_peer_requests`]), go on. The first copies of the
 /// import's first half are what the whole swarm waits for; after that the node's own downloads
@@ -519,12 +524,19 @@ impl Default for DownloadConfig {
     fn default() -> Self {
         DownloadConfig {
             seed: 0,
-            // 1 and 250 ms: a peer gets a second request only once it has shown it sends more
-            // than a chunk per 250 ms. Fewer requests in flight finish each chunk sooner, so it
-            // can be served onward sooner (simulations/: cold-start at 1,000 nodes, p99 16.6 s
-            // with 2 and 1,000 ms, 13.1 s with 1 and 250 ms and no endgame duplicates).
+            // One request per peer at a time. Fewer requests in flight finish each chunk
+            // sooner, so it can be served onward sooner (simulations/: cold-start at 1,000
+            // nodes, p99 16.6 s with 2 and 1,000 ms, 13.1 s with 1 and 250 ms and no endgame
+            // duplicates). A second request to the same peer shares that peer's uplink and this
+            // node's downlink with the first, so it adds no bandwidth and delays both chunks;
+            // it only covers the round trip between two chunks, which the other peers' transfers
+            // cover in a swarm (Kraken's test, p99 / p99.9: 12.21 / 12.31 s with up to 4 per peer
+            // by rate over 250 ms, 11.90 / 12.05 s with 1; at 1,000 nodes, seeds 1-3: 12.11,
+            // 12.29, 12.22 → 11.82, 12.02, 11.96 s; cold-start at 1,000 nodes 10.64 → 10.58 s).
+            // A single peer over a long round trip is served below its rate: raise this for a
+            // node that fetches from one distant peer.
             min_pipeline: 1,
-            max_pipeline: 4,
+            max_pipeline: 1,
             pipeline_target_ms: 250,
             // 0: pure rarest first. A window of 8 made every node of a swarm prefer the same low
             // chunks, so their holdings overlapped and peers had little to give each other
@@ -1600,6 +1612,29 @@ impl Download {
             self.released_at = self.released_at.max(now);
         }
         self.held = hold;
+    }
+
+    /// A peer to let go for a newly found provider when the download already follows as many
+    /// as it may (`PROVIDER_LIMIT`): once a wanted chunk has had no usable holder among them
+    /// for [`PEER_SWAP_AFTER_MS`] without the swarm making progress, the peers followed cannot
+    /// finish the blob and are not getting there. Returns the peer with no request in flight
+    /// that delivered least recently; `None`: keep them all. Without this a follower kept the
+    /// same peers to the end and, when none of them got the chunks it lacked, fetched those
+    /// from the upstream at the takeover time.
+    pub fn replaceable_peer(&self, now: u64) -> Option<PeerId> {
+        let &(since, _) = self.unavailable.first()?;
+        if self
+            .unavailable_due(since)
+            .saturating_add(PEER_SWAP_AFTER_MS)
+            > now
+        {
+            return None;
+        }
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.in_flight == 0)
+            .min_by_key(|(id, p)| (p.last_delivery, p.tiebreak, **id))
+            .map(|(id, _)| *id)
     }
 
     /// True when [`Download::poll_action`] at `now` would return `None` with no input since

@@ -71,6 +71,39 @@ fn peer_ids() {
 }
 
 #[test]
+fn peers_that_cannot_finish_the_blob_are_replaceable() {
+    // Chunk 2 is held by nobody followed: after PEER_SWAP_AFTER_MS without progress, an idle
+    // peer may go; any progress (a peer announcing a chunk) restarts the wait.
+    let mut d = Download::new(
+        layout(3),
+        DownloadConfig {
+            upstream_allowed: false,
+            ..fixed(1)
+        },
+        0,
+    );
+    d.add_peer(p(1), bits(3, &[0]), 0);
+    d.add_peer(p(2), bits(3, &[0, 1]), 0);
+    let first = drain(&mut d, 0);
+    assert_eq!(requests(&first).len(), 2, "{first:?}");
+    d.chunk_received(p(1), 0, u64::from(CS), 10);
+    d.chunk_received(p(2), 1, u64::from(CS), 20);
+    drain(&mut d, 20);
+    // Chunk 2 has had no holder since 0, when the last peer joined.
+    assert_eq!(d.replaceable_peer(20), None, "too soon");
+    assert_eq!(d.replaceable_peer(PEER_SWAP_AFTER_MS - 1), None);
+    // Both idle: the one that delivered least recently goes first.
+    assert_eq!(d.replaceable_peer(PEER_SWAP_AFTER_MS), Some(p(1)));
+    d.peer_has(p(1), 1, 1_500);
+    let wait = d.replaceable_peer(2_000);
+    assert_eq!(wait, None, "progress restarts the wait");
+    assert_eq!(d.replaceable_peer(1_500 + PEER_SWAP_AFTER_MS), Some(p(1)));
+    // A holder of the missing chunk: nothing to replace.
+    d.add_peer(p(3), bits(3, &[2]), 600);
+    assert_eq!(d.replaceable_peer(10_000), None);
+}
+
+#[test]
 fn rarest_first() {
     // Chunk 3 is held by S only; 2 by one partial peer more, 1 by two, 0 by three.
     for seed in 0..20 {
@@ -1259,6 +1292,8 @@ fn a_large_download_stays_cheap() {
         layout(count),
         DownloadConfig {
             seed: 9,
+            // Up to 4 requests per peer: more in flight to keep track of.
+            max_pipeline: 4,
             ..DownloadConfig::default()
         },
         0,
