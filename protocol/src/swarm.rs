@@ -125,8 +125,23 @@ impl PeerId {
 }
 
 impl Ord for PeerId {
+    /// Byte-string order. The bytes past `len` are zero, so comparing the padded arrays word by
+    /// word (big-endian), then the lengths, gives exactly the order of the byte strings (a
+    /// proper prefix pads with zeros and is shorter); eight bytes per step instead of a call to
+    /// `memcmp`: every `Download` map is keyed by peer ids.
     fn cmp(&self, other: &Self) -> core::cmp::Ordering {
-        self.as_bytes().cmp(other.as_bytes())
+        let word = |b: &[u8; MAX_PEER_ID_LEN], i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[i * 8..i * 8 + 8]);
+            u64::from_be_bytes(w)
+        };
+        for i in 0..MAX_PEER_ID_LEN / 8 {
+            match word(&self.bytes, i).cmp(&word(&other.bytes, i)) {
+                core::cmp::Ordering::Equal => {}
+                unequal => return unequal,
+            }
+        }
+        self.len.cmp(&other.len)
     }
 }
 
@@ -239,6 +254,11 @@ pub fn relookup_after_ms(known: usize, limit: usize, fruitless: u32) -> u64 {
         .saturating_mul(1u64 << fruitless.min(16))
         .min(LOOKUP_INTERVAL_MS)
 }
+
+/// How long a wanted chunk may have no usable holder among the peers a download follows, with
+/// no progress of the swarm, before a newly found provider may replace one of them
+/// ([`Download::replaceable_peer`]).
+pub const PEER_SWAP_AFTER_MS: u64 = 1_000;
 
 /// How much of a blob a node imports from the upstream (percent of its bytes) before its other
 /// downloads, held meanwhile ([`Download::hold_peer_requests`]), go on. The first copies of the
@@ -516,12 +536,19 @@ impl Default for DownloadConfig {
     fn default() -> Self {
         DownloadConfig {
             seed: 0,
-            // 1 and 250 ms: a peer gets a second request only once it has shown it sends more
-            // than a chunk per 250 ms. Fewer requests in flight finish each chunk sooner, so it
-            // can be served onward sooner (simulations/: cold-start at 1,000 nodes, p99 16.6 s
-            // with 2 and 1,000 ms, 13.1 s with 1 and 250 ms and no endgame duplicates).
+            // One request per peer at a time. Fewer requests in flight finish each chunk
+            // sooner, so it can be served onward sooner (simulations/: cold-start at 1,000
+            // nodes, p99 16.6 s with 2 and 1,000 ms, 13.1 s with 1 and 250 ms and no endgame
+            // duplicates). A second request to the same peer shares that peer's uplink and this
+            // node's downlink with the first, so it adds no bandwidth and delays both chunks;
+            // it only covers the round trip between two chunks, which the other peers' transfers
+            // cover in a swarm (Kraken's test, p99 / p99.9: 12.21 / 12.31 s with up to 4 per peer
+            // by rate over 250 ms, 11.90 / 12.05 s with 1; at 1,000 nodes, seeds 1-3: 12.11,
+            // 12.29, 12.22 → 11.82, 12.02, 11.96 s; cold-start at 1,000 nodes 10.64 → 10.58 s).
+            // A single peer over a long round trip is served below its rate: raise this for a
+            // node that fetches from one distant peer.
             min_pipeline: 1,
-            max_pipeline: 4,
+            max_pipeline: 1,
             pipeline_target_ms: 250,
             // 0: pure rarest first. A window of 8 made every node of a swarm prefer the same low
             // chunks, so their holdings overlapped and peers had little to give each other
@@ -676,6 +703,9 @@ pub struct Download {
     deadlines: BTreeSet<(u64, PeerId, u32)>,
     /// Cooldown and exclusion ends.
     peer_timers: BTreeSet<(u64, PeerId)>,
+    /// No request deadline or peer timer falls before this (a lower bound, exact after each
+    /// [`Download::tick`]): a tick before it has nothing to do. Every input ticks.
+    timers_from: u64,
     ready: BTreeSet<ReadyKey>,
     starved: BTreeSet<PeerId>,
     /// Requests in flight to far peers.
@@ -716,6 +746,7 @@ impl Download {
             requests: BTreeMap::new(),
             deadlines: BTreeSet::new(),
             peer_timers: BTreeSet::new(),
+            timers_from: u64::MAX,
             ready: BTreeSet::new(),
             starved: BTreeSet::new(),
             far_requests: 0,
@@ -1010,6 +1041,12 @@ impl Download {
         depth.clamp(self.config.min_pipeline.clamp(1, max), max)
     }
 
+    /// A cooldown, ban or bench of `peer` ends at `at`.
+    fn add_peer_timer(&mut self, at: u64, peer: PeerId) {
+        self.peer_timers.insert((at, peer));
+        self.timers_from = self.timers_from.min(at);
+    }
+
     /// Recomputes whether a peer is in the ready set, and its rank there.
     fn refresh(&mut self, peer: PeerId, now: u64) {
         let Some(p) = self.peers.get(&peer) else {
@@ -1111,7 +1148,7 @@ impl Download {
             if let Some(p) = self.peers.get_mut(&peer) {
                 p.cooldown_until = until;
             }
-            self.peer_timers.insert((until, peer));
+            self.add_peer_timer(until, peer);
         }
         self.refresh(peer, now);
     }
@@ -1122,7 +1159,7 @@ impl Download {
         let entry = self.excluded.entry(peer).or_insert((until, ban));
         *entry = (entry.0.max(until), entry.1 || ban);
         let end = entry.0;
-        self.peer_timers.insert((end, peer));
+        self.add_peer_timer(end, peer);
         let indices: Vec<u32> = self
             .requests
             .range((peer, 0)..=(peer, u32::MAX))
@@ -1167,6 +1204,7 @@ impl Download {
             },
         );
         self.deadlines.insert((deadline, peer, index));
+        self.timers_from = self.timers_from.min(deadline);
         let slot = self.chunks[index as usize].slot;
         if slot == Slot::Peers {
             let n = self.chunks[index as usize].requesters.len() as u32;
@@ -1250,6 +1288,9 @@ impl Download {
     /// the peer), ends of cooldowns, bans and benches. [`Download::poll_action`] does this too.
     pub fn tick(&mut self, now: u64) {
         self.now = self.now.max(now);
+        if now < self.timers_from {
+            return;
+        }
         while let Some(&(deadline, peer, index)) = self.deadlines.first() {
             if deadline > now {
                 break;
@@ -1276,6 +1317,12 @@ impl Download {
             }
             self.refresh(peer, now);
         }
+        self.timers_from = match (self.deadlines.first(), self.peer_timers.first()) {
+            (Some(&(d, _, _)), Some(&(t, _))) => d.min(t),
+            (Some(&(d, _, _)), None) => d,
+            (None, Some(&(t, _))) => t,
+            (None, None) => u64::MAX,
+        };
     }
 
     /// The earliest time at which something is due (a request deadline, the end of a cooldown,
@@ -1409,36 +1456,49 @@ impl Download {
 
     /// A peer announced that it now holds chunk `index` verified.
     pub fn peer_has(&mut self, peer: PeerId, index: u32, now: u64) {
+        self.peer_has_many(peer, &[index], now);
+    }
+
+    /// A peer announced that it now holds the chunks `indices` verified (a watch update carries
+    /// many): the same as [`Download::peer_has`] for each in turn, with one look-up of the peer.
+    pub fn peer_has_many(&mut self, peer: PeerId, indices: &[u32], now: u64) {
         self.tick(now);
-        if index >= self.layout.count() {
-            return;
-        }
-        let Some(p) = self.peers.get_mut(&peer) else {
-            return;
-        };
-        let Have::Bits(bits) = &mut p.have else {
-            return;
-        };
-        if !bits.set(index) {
-            return;
-        }
-        self.last_progress = self.last_progress.max(now);
-        let full = bits.is_full();
-        let counted = p.counted;
-        if counted {
-            self.change_avail(index, true, now);
-        }
-        if full {
-            // Now a complete holder: count it as one, on the fast path.
-            self.set_counted(peer, false, now);
-            if let Some(p) = self.peers.get_mut(&peer) {
-                p.have = Have::All;
+        let count = self.layout.count();
+        let mut gained = false;
+        for &index in indices {
+            if index >= count {
+                continue;
             }
+            let Some(p) = self.peers.get_mut(&peer) else {
+                return;
+            };
+            let Have::Bits(bits) = &mut p.have else {
+                break;
+            };
+            if !bits.set(index) {
+                continue;
+            }
+            gained = true;
+            self.last_progress = self.last_progress.max(now);
+            let full = bits.is_full();
+            let counted = p.counted;
             if counted {
-                self.set_counted(peer, true, now);
+                self.change_avail(index, true, now);
+            }
+            if full {
+                // Now a complete holder: count it as one, on the fast path.
+                self.set_counted(peer, false, now);
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.have = Have::All;
+                }
+                if counted {
+                    self.set_counted(peer, true, now);
+                }
             }
         }
-        self.unstarve(peer, now);
+        if gained {
+            self.unstarve(peer, now);
+        }
     }
 
     /// A peer left: its requests are void (no `Cancel` is emitted; the connection is gone) and
@@ -1538,7 +1598,7 @@ impl Download {
                             .saturating_add(self.config.busy_backoff_ms.saturating_mul(1 << shift));
                         if until > p.cooldown_until {
                             p.cooldown_until = until;
-                            self.peer_timers.insert((until, peer));
+                            self.add_peer_timer(until, peer);
                         }
                     }
                 }
@@ -1654,6 +1714,29 @@ impl Download {
             self.released_at = self.released_at.max(now);
         }
         self.held = hold;
+    }
+
+    /// A peer to let go for a newly found provider when the download already follows as many
+    /// as it may (`PROVIDER_LIMIT`): once a wanted chunk has had no usable holder among them
+    /// for [`PEER_SWAP_AFTER_MS`] without the swarm making progress, the peers followed cannot
+    /// finish the blob and are not getting there. Returns the peer with no request in flight
+    /// that delivered least recently; `None`: keep them all. Without this a follower kept the
+    /// same peers to the end and, when none of them got the chunks it lacked, fetched those
+    /// from the upstream at the takeover time.
+    pub fn replaceable_peer(&self, now: u64) -> Option<PeerId> {
+        let &(since, _) = self.unavailable.first()?;
+        if self
+            .unavailable_due(since)
+            .saturating_add(PEER_SWAP_AFTER_MS)
+            > now
+        {
+            return None;
+        }
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.in_flight == 0)
+            .min_by_key(|(id, p)| (p.last_delivery, p.tiebreak, **id))
+            .map(|(id, _)| *id)
     }
 
     /// True when [`Download::poll_action`] at `now` would return `None` with no input since

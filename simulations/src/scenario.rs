@@ -94,6 +94,9 @@ pub struct Params {
     /// Seed every node's `Download` of a blob alike (as a daemon seeding it from the digest
     /// alone would) instead of per node.
     pub shared_seed: bool,
+    /// A download at `provider_limit` peers lets one go for a newly found provider when they
+    /// cannot finish the blob (`Download::replaceable_peer`).
+    pub peer_swap: bool,
 }
 
 impl Params {
@@ -133,6 +136,7 @@ impl Params {
             locality: true,
             download: DownloadConfig::default(),
             shared_seed: false,
+            peer_swap: true,
         }
     }
 
@@ -226,6 +230,7 @@ impl Params {
                 "endgame_max_requests" => d.endgame_max_requests = v as u32,
                 "max_in_flight_bytes" => d.max_in_flight_bytes = v,
                 "shared_seed" => self.shared_seed = v != 0,
+                "peer_swap" => self.peer_swap = v != 0,
                 "busy_backoff_ms" => d.busy_backoff_ms = v,
                 "timeout_floor_ms" => d.timeout_floor_ms = v,
                 "upstream_grace_ms" => d.upstream_grace_ms = v,

@@ -238,6 +238,8 @@ pub struct Report {
     pub wasted_bytes: u64,
     /// `Action::Ban`s emitted (a node banning a peer).
     pub bans: u64,
+    /// Peers let go for a newly found provider (`Download::replaceable_peer`).
+    pub peer_swaps: u64,
     /// Chunk requests answered `Busy` (sender's serve queue full, or waited too long).
     pub busy: u64,
     /// Of which after waiting in the sender's queue for `max_wait_ms`.
@@ -458,6 +460,7 @@ impl Sim {
             corrupt_bytes: 0,
             wasted_bytes: 0,
             bans: 0,
+            peer_swaps: 0,
             busy: 0,
             busy_after_wait: 0,
             queued: 0,
@@ -933,12 +936,23 @@ impl Sim {
         for &p in found {
             let t = &self.tasks[task as usize];
             let far = self.p.locality && self.p.sites > 1 && self.nodes[p as usize].site != site;
-            if t.peers.len() >= self.p.provider_limit
-                || t.peers.iter().any(|k| k.id == p)
+            if t.peers.iter().any(|k| k.id == p)
                 || t.banned.contains(&p)
                 || (far && t.peers.iter().filter(|k| k.far).count() >= FAR_PEER_LIMIT)
             {
                 continue;
+            }
+            if t.peers.len() >= self.p.provider_limit {
+                // Full: a new provider replaces a peer only when the ones followed cannot
+                // finish the blob (`Download::replaceable_peer`).
+                let Some(old) = dl.replaceable_peer(now_ms).filter(|_| self.p.peer_swap) else {
+                    continue;
+                };
+                let old = pidx(&old);
+                dl.remove_peer(pid(old), now_ms);
+                self.tasks[task as usize].peers.retain(|k| k.id != old);
+                self.watchers[(old * self.nb + b) as usize].retain(|&w| w != task);
+                self.r.peer_swaps += 1;
             }
             let have = &self.tasks[(p * self.nb + b) as usize].have;
             let complete = have.is_full();
@@ -986,8 +1000,14 @@ impl Sim {
         let mut peers = std::mem::take(&mut self.tasks[task as usize].peers);
         let mut new = std::mem::take(&mut self.new_chunks);
         let full = self.layouts[b as usize].count();
+        // Nobody died yet (the common case): no need to read each peer's death time.
+        let deaths = self.r.deaths > 0;
         peers.retain_mut(|k| {
-            let died = self.died[k.id as usize];
+            let died = if deaths {
+                self.died[k.id as usize]
+            } else {
+                u64::MAX
+            };
             if died != u64::MAX {
                 if self.now >= died.saturating_add(detect) {
                     dl.remove_peer(pid(k.id), now_ms);
@@ -1009,9 +1029,7 @@ impl Sim {
                 &self.gained[(k.id * self.nb + b) as usize][k.last_count as usize..count as usize],
             );
             new.sort_unstable();
-            for &i in &new {
-                dl.peer_has(pid(k.id), i, now_ms);
-            }
+            dl.peer_has_many(pid(k.id), &new, now_ms);
             k.last_count = count;
             k.complete = count == full;
             true

@@ -71,6 +71,39 @@ fn peer_ids() {
 }
 
 #[test]
+fn peers_that_cannot_finish_the_blob_are_replaceable() {
+    // Chunk 2 is held by nobody followed: after PEER_SWAP_AFTER_MS without progress, an idle
+    // peer may go; any progress (a peer announcing a chunk) restarts the wait.
+    let mut d = Download::new(
+        layout(3),
+        DownloadConfig {
+            upstream_allowed: false,
+            ..fixed(1)
+        },
+        0,
+    );
+    d.add_peer(p(1), bits(3, &[0]), 0);
+    d.add_peer(p(2), bits(3, &[0, 1]), 0);
+    let first = drain(&mut d, 0);
+    assert_eq!(requests(&first).len(), 2, "{first:?}");
+    d.chunk_received(p(1), 0, u64::from(CS), 10);
+    d.chunk_received(p(2), 1, u64::from(CS), 20);
+    drain(&mut d, 20);
+    // Chunk 2 has had no holder since 0, when the last peer joined.
+    assert_eq!(d.replaceable_peer(20), None, "too soon");
+    assert_eq!(d.replaceable_peer(PEER_SWAP_AFTER_MS - 1), None);
+    // Both idle: the one that delivered least recently goes first.
+    assert_eq!(d.replaceable_peer(PEER_SWAP_AFTER_MS), Some(p(1)));
+    d.peer_has(p(1), 1, 1_500);
+    let wait = d.replaceable_peer(2_000);
+    assert_eq!(wait, None, "progress restarts the wait");
+    assert_eq!(d.replaceable_peer(1_500 + PEER_SWAP_AFTER_MS), Some(p(1)));
+    // A holder of the missing chunk: nothing to replace.
+    d.add_peer(p(3), bits(3, &[2]), 600);
+    assert_eq!(d.replaceable_peer(10_000), None);
+}
+
+#[test]
 fn rarest_first() {
     // Chunk 3 is held by S only; 2 by one partial peer more, 1 by two, 0 by three.
     for seed in 0..20 {
@@ -1098,6 +1131,58 @@ fn arb_scenario() -> impl Strategy<Value = Scenario> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
+    /// `PeerId`'s word-by-word order is the order of the byte strings (prefixes, zero bytes and
+    /// all lengths included).
+    #[test]
+    fn peer_id_order_is_byte_order(
+        a in proptest::collection::vec(prop_oneof![Just(0u8), Just(1u8), any::<u8>()], 0..=MAX_PEER_ID_LEN),
+        b in proptest::collection::vec(prop_oneof![Just(0u8), Just(1u8), any::<u8>()], 0..=MAX_PEER_ID_LEN),
+        cut in 0..=MAX_PEER_ID_LEN,
+    ) {
+        let x = PeerId::from_bytes(&a).unwrap();
+        let y = PeerId::from_bytes(&b).unwrap();
+        prop_assert_eq!(x.cmp(&y), a.cmp(&b));
+        // A prefix of the same bytes.
+        let c = &a[..cut.min(a.len())];
+        let z = PeerId::from_bytes(c).unwrap();
+        prop_assert_eq!(z.cmp(&x), c.cmp(&a[..]));
+        prop_assert_eq!(x.cmp(&z), a[..].cmp(c));
+    }
+
+    /// A batch of announcements is the same as announcing each in turn.
+    #[test]
+    fn peer_has_many_is_peer_has_in_turn(
+        held in proptest::collection::vec(0u32..12, 0..12),
+        news in proptest::collection::vec(0u32..14, 0..20),
+        seed in any::<u64>(),
+    ) {
+        let layout = ChunkLayout::new(12 * 1024, 1024).unwrap();
+        let config = DownloadConfig { seed, ..DownloadConfig::default() };
+        let mut one = Download::new(layout, config.clone(), 0);
+        let mut many = Download::new(layout, config, 0);
+        let mut bits = Bitfield::new(12);
+        for &i in &held {
+            bits.set(i);
+        }
+        for d in [&mut one, &mut many] {
+            d.add_peer(p(1), Have::Bits(bits.clone()), 0);
+            d.add_peer(p(2), Have::Bits(Bitfield::new(12)), 0);
+        }
+        for &i in &news {
+            one.peer_has(p(1), i, 5);
+        }
+        many.peer_has_many(p(1), &news, 5);
+        let drain = |d: &mut Download| {
+            let mut out = Vec::new();
+            while let Some(a) = d.poll_action(5) {
+                out.push(a);
+            }
+            out
+        };
+        prop_assert_eq!(drain(&mut one), drain(&mut many));
+        prop_assert_eq!(one.next_wakeup(), many.next_wakeup());
+    }
+
     #[test]
     fn random_swarms_complete_within_the_invariants(s in arb_scenario()) {
         let log = simulate(&s);
@@ -1207,6 +1292,8 @@ fn a_large_download_stays_cheap() {
         layout(count),
         DownloadConfig {
             seed: 9,
+            // Up to 4 requests per peer: more in flight to keep track of.
+            max_pipeline: 4,
             ..DownloadConfig::default()
         },
         0,
