@@ -1074,10 +1074,13 @@ impl Mirror {
                             dl.set_peer_far(peer, true, now());
                         }
                     } else {
-                        for i in 0..covered {
-                            if bits.get(i) && !p.bits.as_ref().is_some_and(|old| old.get(i)) {
-                                dl.peer_has(peer, i, now());
-                            }
+                        let new: Vec<u32> = (0..covered)
+                            .filter(|&i| {
+                                bits.get(i) && !p.bits.as_ref().is_some_and(|old| old.get(i))
+                            })
+                            .collect();
+                        if !new.is_empty() {
+                            dl.peer_has_many(peer, &new, now());
                         }
                     }
                     // It holds chunks beyond what this node's table covers: it knows more of
