@@ -141,9 +141,9 @@ fn pushed_haves_and_quick_relookups_beat_polling() {
 #[test]
 fn locality_keeps_chunks_inside_their_site() {
     // 200 nodes in four sites behind 10 Gbit/s WAN links: without locality a node follows
-    // peers of every site alike and the WAN links carry most of what the nodes fetch (120 GB
-    // for 200 GB pulled; p99 31 s); following at most `FAR_PEER_LIMIT` far peers, marked far,
-    // cuts that to 28 GB and p99 to 18 s (simulated time).
+    // peers of every site alike and the WAN links carry most of what the nodes fetch (127 GB
+    // for 200 GB pulled; p99 30.5 s); following at most `FAR_PEER_LIMIT` far peers, marked far,
+    // cuts that to 28 GB and p99 to 17.5 s (simulated time).
     let mut near = Params::scenario("sites").expect("scenario");
     near.nodes = 200;
     assert!(near.locality, "the default models the daemon");
