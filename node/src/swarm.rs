@@ -58,7 +58,7 @@ const PROVIDER_POLL: Duration = Duration::from_millis(250);
 const STALL_LIMIT: Duration = Duration::from_secs(60);
 /// A follower's download that has received no chunk for this long may go to the upstream like
 /// a designated seeder's (`Download::allow_upstream`), even while its peers look alive.
-const STARVED_UPSTREAM: Duration = Duration::from_secs(20);
+const STARVED_UPSTREAM: Duration = Duration::from_secs(40);
 
 /// Errors starting the swarm.
 #[derive(Debug, thiserror::Error)]
