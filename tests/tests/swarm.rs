@@ -441,3 +441,50 @@ async fn a_lying_table_is_found_out_and_honest_providers_are_not_blamed() {
         n.shutdown().await;
     }
 }
+
+/// Locality: a node of site "b" pulling a blob that a peer of its own site and a peer of site
+/// "a" both hold whole takes it from its own site; the far peer is asked only for chunks no
+/// near peer holds (here: at most the one or two asked before the near peer's bitfield came).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_takes_a_blob_from_its_own_site() {
+    let origin = Origin::start().await.unwrap();
+    // 16 chunks of 1 MiB.
+    let data = pseudo_random(16 << 20, 77);
+    let d = origin.put_blob(data.clone());
+    let key = [6u8; 32];
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let boot = start_node(&origin, dirs[0].path(), vec![], key).await;
+    let seed = p2p_addr(&boot);
+    let site = |s: &'static str| move |p: &mut P2pConfig| p.site = s.into();
+    let far = start_node_with(&origin, dirs[1].path(), vec![seed.clone()], key, site("a")).await;
+    let near = start_node_with(&origin, dirs[2].path(), vec![seed.clone()], key, site("b")).await;
+    let puller = start_node_with(&origin, dirs[3].path(), vec![seed], key, |p| {
+        p.site = "b".into();
+        p.seeders = 0;
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    hold(&far, &data);
+    hold(&near, &data);
+    tokio::time::sleep(Duration::from_millis(500)).await; // let the provider records spread
+
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/v2/x/blobs/{d}", puller.addr());
+    let got = tokio::time::timeout(Duration::from_secs(60), get_bytes(&http, url))
+        .await
+        .expect("the pull finishes");
+    assert!(got == data, "the puller must end with the right bytes");
+    let rec = puller.mirror().pulls.get(&d).unwrap();
+    let from = |n: &Node| {
+        rec.fetched_from_peers
+            .get(&peer_name(n))
+            .copied()
+            .unwrap_or(0)
+    };
+    assert_eq!(rec.fetched_from_upstream, 0, "{rec:?}");
+    assert!(
+        from(&far) <= 2 << 20,
+        "the far peer served more than two chunks: {rec:?}"
+    );
+    assert!(from(&near) >= 14 << 20, "{rec:?}");
+}
