@@ -745,7 +745,7 @@ impl Mirror {
         let mut got = vec![false; count as usize];
         // Chunks on disk that are proven consistent with the table in use: checked against it
         // on arrival, or used to extend it (their end state was computed from them). At the
-        // end, only the others are read back and checked (see `prove`).
+        // end, only the others are read back and checked (see `commit_assembled`).
         let mut checked = vec![false; count as usize];
         let mut prefix = 0u32;
         let mut last_progress = Instant::now();
