@@ -1269,13 +1269,8 @@ impl Mirror {
             Some(e) => Err(e),
             None => {
                 let origin = (!authz.is_empty()).then(|| reg.key.clone());
-                let outcome = self
-                    .commit_assembled(writer, &view, &checked, digest, origin, &tx)
-                    .await;
-                if outcome.is_err() {
-                    self.metrics.digest_mismatches.inc();
-                }
-                outcome
+                self.commit_assembled(writer, &view, &checked, digest, origin, &tx)
+                    .await
             }
         };
         match &outcome {
@@ -1322,6 +1317,9 @@ impl Mirror {
             })
             .await
             .map_err(|e| format!("check task failed: {e}"))?;
+            if proven.is_err() {
+                self.metrics.digest_mismatches.inc();
+            }
             proven?;
             tx.send_modify(|p| {
                 p.written = size;
@@ -1343,7 +1341,10 @@ impl Mirror {
         .await
         {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Err(e)) => {
+                self.metrics.digest_mismatches.inc();
+                Err(e.to_string())
+            }
             Err(e) => Err(format!("commit task failed: {e}")),
         }
     }
