@@ -926,12 +926,11 @@ impl Sim {
 
     /// Adds newly found providers, up to `self.p.provider_limit` peers in all.
     fn add_peers(&mut self, task: u32, found: &[u32]) {
-        let (_, b) = self.split(task);
+        let (node, b) = self.split(task);
         let now_ms = ms(self.now);
         let Some(mut dl) = self.tasks[task as usize].dl.take() else {
             return;
         };
-        let (node, _) = self.split(task);
         let site = self.nodes[node as usize].site;
         for &p in found {
             let t = &self.tasks[task as usize];
