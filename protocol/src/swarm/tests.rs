@@ -723,6 +723,70 @@ fn designated_seeders_are_the_nearest_by_xor() {
 }
 
 #[test]
+fn sibling_layers_get_distinct_seeders() {
+    let peers: Vec<PeerId> = (0..8).map(p).collect();
+    let layers: Vec<[u8; 32]> = (0..4u8).map(|i| [i.wrapping_mul(37) ^ 0x11; 32]).collect();
+    // With enough candidates, each layer's first seeders are free of every other layer's.
+    for seeders in [1, 2] {
+        let firsts: Vec<Vec<PeerId>> = layers
+            .iter()
+            .map(|l| {
+                let order = seeder_order(l, &layers, peers.iter().copied(), seeders);
+                assert_eq!(order.len(), peers.len(), "every candidate, once");
+                // Any order of candidates and siblings, with duplicates: the same answer.
+                let mut rev = layers.clone();
+                rev.reverse();
+                rev.push(layers[0]);
+                let shuffled = peers.iter().rev().chain(peers.iter().step_by(2)).copied();
+                assert_eq!(seeder_order(l, &rev, shuffled, seeders), order);
+                order[..seeders].to_vec()
+            })
+            .collect();
+        let all: BTreeSet<PeerId> = firsts.iter().flatten().copied().collect();
+        assert_eq!(all.len(), layers.len() * seeders, "{firsts:?}");
+    }
+    // The first blob in digest order keeps its nearest; without siblings the order is
+    // `designated_seeders`'.
+    let mut sorted = layers.clone();
+    sorted.sort();
+    let nearest = designated_seeders(&sorted[0], peers.iter().copied(), peers.len());
+    assert_eq!(
+        seeder_order(&sorted[0], &layers, peers.iter().copied(), 1),
+        nearest
+    );
+    for l in &layers {
+        assert_eq!(
+            seeder_order(l, &[], peers.iter().copied(), 1),
+            designated_seeders(l, peers.iter().copied(), peers.len())
+        );
+    }
+    // A later blob: the free candidates by distance, then the taken ones by distance.
+    let last = sorted[3];
+    let order = seeder_order(&last, &layers, peers.iter().copied(), 1);
+    let taken: BTreeSet<PeerId> = sorted[..3]
+        .iter()
+        .map(|l| seeder_order(l, &layers, peers.iter().copied(), 1)[0])
+        .collect();
+    let by_distance = designated_seeders(&last, peers.iter().copied(), peers.len());
+    let expected: Vec<PeerId> = by_distance
+        .iter()
+        .filter(|q| !taken.contains(q))
+        .chain(by_distance.iter().filter(|q| taken.contains(q)))
+        .copied()
+        .collect();
+    assert_eq!(order, expected);
+    // More blobs than candidates: the candidates are reused in turn, each blob still gets one.
+    let two: Vec<PeerId> = (0..2).map(p).collect();
+    let firsts: Vec<PeerId> = sorted
+        .iter()
+        .map(|l| seeder_order(l, &layers, two.iter().copied(), 1)[0])
+        .collect();
+    assert_ne!(firsts[0], firsts[1]);
+    assert_ne!(firsts[2], firsts[3]);
+    assert!(seeder_order(&last, &layers, std::iter::empty(), 1).is_empty());
+}
+
+#[test]
 fn seed_plan() {
     let mut plan = SeedPlan::new(true, 5_000, 100);
     assert_eq!(plan.poll(100), Some(SeedReason::Designated));
