@@ -8,8 +8,8 @@ use sha2::{Digest as _, Sha256};
 use shoal_protocol::chunk::ChunkLayout;
 use shoal_protocol::serve::{Offer, ServeScheduler};
 use shoal_protocol::swarm::{
-    designated_seeders, relookup_after_ms, Action, Download, DownloadConfig, FailReason, Have,
-    PeerId, SeedPlan, FAR_PEER_LIMIT, IMPORT_HOLD_MAX_MS,
+    designated_seeders, relookup_after_ms, seeder_order, Action, Download, DownloadConfig,
+    FailReason, Have, PeerId, SeedPlan, FAR_PEER_LIMIT, IMPORT_HOLD_MAX_MS,
 };
 use shoal_protocol::wire::Bitfield;
 
@@ -402,17 +402,28 @@ impl Sim {
             nodes[i].poisoned = true;
         }
         // Each blob's digest: a hash of the seed and the layer number.
-        let designated: Vec<Vec<u32>> = (0..nb)
+        let digests: Vec<[u8; 32]> = (0..nb)
             .map(|b| {
                 let mut h = Sha256::new();
                 h.update(b"shoal-sim blob");
                 h.update(p.seed.to_le_bytes());
                 h.update(b.to_le_bytes());
-                let digest: [u8; 32] = h.finalize().into();
-                designated_seeders(&digest, (0..n).map(pid), p.seeders)
-                    .iter()
-                    .map(pidx)
-                    .collect()
+                h.finalize().into()
+            })
+            .collect();
+        // The layers of one image: each node knows them all from the manifest
+        // (`swarm::seeder_order`), unless `spread_seeders` is off.
+        let designated: Vec<Vec<u32>> = digests
+            .iter()
+            .map(|digest| {
+                let seeders = if p.spread_seeders {
+                    let mut order = seeder_order(digest, &digests, (0..n).map(pid), p.seeders);
+                    order.truncate(p.seeders);
+                    order
+                } else {
+                    designated_seeders(digest, (0..n).map(pid), p.seeders)
+                };
+                seeders.iter().map(pidx).collect()
             })
             .collect();
         let mut tasks = Vec::with_capacity((n * nb) as usize);
@@ -768,6 +779,19 @@ impl Sim {
             (self.r.upstream_stream_bytes + self.r.upstream_chunk_bytes) as f64
                 / self.p.image_bytes() as f64,
         );
+        // `SHOAL_SIM_TASKS=1` (with the trace): every task's state too, for small runs.
+        if std::env::var_os("SHOAL_SIM_TASKS").is_some() {
+            for (ti, t) in self.tasks.iter().enumerate() {
+                eprintln!(
+                    "  task {ti} node {} {:?} have {} inflight(peer,chunk,flow) {:?} peers {}",
+                    ti as u32 / self.nb,
+                    t.state,
+                    t.have.count_ones(),
+                    t.inflight,
+                    t.peers.len(),
+                );
+            }
+        }
         // `SHOAL_SIM_TRACE=MS`: every MS milliseconds of simulated time (1 s if not a number).
         let every_ms = std::env::var("SHOAL_SIM_TRACE")
             .ok()
@@ -1058,6 +1082,16 @@ impl Sim {
         };
         let now_ms = ms(self.now);
         dl.hold_peer_requests(importing, now_ms);
+        if self.p.in_flight_budget_ms > 0 {
+            let (node, _) = self.split(task);
+            // This download (taken out of its task) and the node's others still running.
+            let others = (0..self.nb)
+                .filter(|&o| self.tasks[(node * self.nb + o) as usize].dl.is_some())
+                .count() as u64;
+            let active = others + 1;
+            let budget = self.p.down * self.p.in_flight_budget_ms / 1000;
+            dl.set_max_in_flight_bytes((budget / active).max(u64::from(self.p.chunk_size)));
+        }
         let mut done = false;
         while let Some(action) = dl.poll_action(now_ms) {
             match action {
