@@ -377,7 +377,11 @@ impl Mirror {
             Reference::Digest(d) => *d,
             Reference::Tag(t) => self.resolve_tag(reg, name, t, auth).await?,
         };
-        self.manifest_by_digest(reg, name, digest, auth).await
+        let m = self.manifest_by_digest(reg, name, digest, auth).await?;
+        if let Some(sw) = &self.swarm {
+            sw.note_manifest(&m.body);
+        }
+        Ok(m)
     }
 
     async fn resolve_tag(
@@ -849,14 +853,14 @@ impl Mirror {
                     let written = writer.written();
                     // Past `IMPORT_HOLD_PERCENT`, or `IMPORT_HOLD_MAX_MS` into the import, this
                     // node's other downloads go on.
-                    let half = size.is_some_and(|s| {
+                    let held_enough = size.is_some_and(|s| {
                         u128::from(written) * 100
                             >= u128::from(s)
                                 * u128::from(shoal_protocol::swarm::IMPORT_HOLD_PERCENT)
                     });
                     let long = import_started.elapsed()
                         >= Duration::from_millis(shoal_protocol::swarm::IMPORT_HOLD_MAX_MS);
-                    if half || long {
+                    if held_enough || long {
                         importing = None;
                     }
                     tx.send_modify(|p| p.written = written);

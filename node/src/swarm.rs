@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use shoal_protocol::chunk::{ChunkError, TablePrefix};
 use shoal_protocol::swarm::{
-    designated_seeders, relookup_after_ms, Action, Download, DownloadConfig, FailReason, Have,
-    PeerId, FAR_PEER_LIMIT, HAVE_POLL_MS, PROVIDER_LIMIT,
+    designated_seeders, relookup_after_ms, seeder_order, Action, Download, DownloadConfig,
+    FailReason, Have, PeerId, FAR_PEER_LIMIT, HAVE_POLL_MS, PROVIDER_LIMIT,
 };
 use shoal_protocol::wire::Bitfield;
 use shoal_protocol::Digest;
@@ -85,6 +85,72 @@ pub struct Swarm {
     pub takeover_after: Duration,
     /// Blobs this node is importing from the upstream right now (see [`Swarm::import`]).
     imports: Arc<AtomicUsize>,
+    /// The other layers of the image manifests this node served (see [`Siblings`]).
+    siblings: std::sync::Mutex<Siblings>,
+}
+
+/// Layer digests most recently seen, each with the layers of its image manifest: the blobs
+/// pulled together, whose designated seeders `seeder_order` spreads over distinct nodes.
+/// Bounded: the oldest manifest's entries go first.
+#[derive(Default)]
+struct Siblings {
+    by_layer: HashMap<Digest, Arc<[[u8; 32]]>>,
+    order: VecDeque<Digest>,
+}
+
+/// Layers remembered at most ([`Siblings`]): 64 bytes and a few pointers each.
+const MAX_SIBLING_LAYERS: usize = 4096;
+
+/// The large layers of an image manifest (`layers[]`, as Docker's schema 2 and OCI image
+/// manifests list them): those that go through seeding (above [`SMALL_BLOB_DIRECT`]). Anything
+/// else (an index, a malformed body) has none.
+fn manifest_layers(body: &[u8]) -> Vec<Digest> {
+    #[derive(serde::Deserialize)]
+    struct Layer {
+        digest: String,
+        #[serde(default)]
+        size: u64,
+    }
+    #[derive(serde::Deserialize)]
+    struct Layers {
+        #[serde(default)]
+        layers: Vec<Layer>,
+    }
+    let Ok(m) = serde_json::from_slice::<Layers>(body) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Digest> = m
+        .layers
+        .iter()
+        .filter(|l| l.size > SMALL_BLOB_DIRECT)
+        .filter_map(|l| Digest::parse(&l.digest).ok())
+        .collect();
+    out.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    out.dedup();
+    out
+}
+
+impl Siblings {
+    fn note(&mut self, layers: &[Digest]) {
+        if layers.len() < 2 {
+            return;
+        }
+        let all: Arc<[[u8; 32]]> = layers.iter().map(|d| *d.as_bytes()).collect();
+        for d in layers {
+            if self.by_layer.insert(*d, all.clone()).is_none() {
+                self.order.push_back(*d);
+            }
+        }
+        while self.order.len() > MAX_SIBLING_LAYERS {
+            if let Some(old) = self.order.pop_front() {
+                self.by_layer.remove(&old);
+            }
+        }
+    }
+
+    fn of(&self, digest: &Digest) -> Option<Arc<[[u8; 32]]>> {
+        self.by_layer.get(digest).cloned()
+    }
 }
 
 /// Counts one import from the upstream while alive ([`Swarm::import`]).
@@ -157,6 +223,7 @@ impl Swarm {
             conns: tokio::sync::Mutex::new(HashMap::new()),
             takeover_after: Duration::from_millis(shoal_protocol::swarm::DEFAULT_TAKEOVER_AFTER_MS),
             imports: Arc::new(AtomicUsize::new(0)),
+            siblings: std::sync::Mutex::new(Siblings::default()),
         })
     }
 
@@ -214,8 +281,19 @@ impl Swarm {
         }
     }
 
+    /// Remembers the layers of an image manifest this node serves: its blobs' seeders are
+    /// spread over distinct nodes ([`Swarm::seeder_rank`]).
+    pub fn note_manifest(&self, body: &[u8]) {
+        let layers = manifest_layers(body);
+        if let Ok(mut s) = self.siblings.lock() {
+            s.note(&layers);
+        }
+    }
+
     /// This node's rank among the candidates nearest `digest` (0: the nearest). The first
     /// `seeders` ranks are the designated upstream fetchers; the others take over in rank order.
+    /// A layer of an image manifest this node served is ranked with its sibling layers
+    /// (`seeder_order`), so that one node is not the designated seeder of two of them.
     async fn seeder_rank(&self, digest: &Digest) -> usize {
         let me = swarm_id(&self.peer_id());
         match self
@@ -228,8 +306,13 @@ impl Swarm {
                 if !candidates.contains(&me) {
                     candidates.push(me);
                 }
-                let order =
-                    designated_seeders(digest.as_bytes(), candidates, SEEDER_CANDIDATES + 1);
+                let siblings = self.siblings.lock().ok().and_then(|s| s.of(digest));
+                let order = seeder_order(
+                    digest.as_bytes(),
+                    siblings.as_deref().unwrap_or(&[]),
+                    candidates,
+                    self.config.seeders,
+                );
                 order.iter().position(|p| *p == me).unwrap_or(0)
             }
             // Alone or the DHT failing: this node is its own seeder.
@@ -1525,6 +1608,48 @@ fn report_covered(
 mod tests {
     use super::*;
     use shoal_protocol::chunk::{ChunkLayout, MidstateTable};
+
+    /// An image manifest's large layers are remembered with one another (the config and small
+    /// layers are not seeded, so they are left out); an index or a malformed body gives none,
+    /// and the memory is bounded, oldest first.
+    #[test]
+    fn manifest_layers_are_remembered_as_siblings() {
+        let d = |i: u8| Digest::of(&[i]);
+        let body = format!(
+            r#"{{"schemaVersion":2,"config":{{"digest":"{}","size":900}},
+               "layers":[{{"digest":"{}","size":5000000}},{{"digest":"{}","size":100}},
+                         {{"digest":"{}","size":3000000}},{{"digest":"not a digest","size":9000000}}]}}"#,
+            d(0),
+            d(1),
+            d(2),
+            d(3)
+        );
+        let layers = manifest_layers(body.as_bytes());
+        let mut expected = vec![d(1), d(3)];
+        expected.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        assert_eq!(layers, expected);
+        assert!(manifest_layers(b"{\"manifests\":[]}").is_empty());
+        assert!(manifest_layers(b"not json").is_empty());
+        let mut s = Siblings::default();
+        s.note(&layers);
+        let of1 = s.of(&d(1)).unwrap();
+        assert_eq!(of1.len(), 2);
+        assert_eq!(s.of(&d(3)).unwrap(), of1);
+        assert!(s.of(&d(0)).is_none());
+        // A single layer has nobody to be spread from.
+        s.note(&[d(9)]);
+        assert!(s.of(&d(9)).is_none());
+        // Bounded: the oldest layers go first.
+        for i in 0..MAX_SIBLING_LAYERS as u32 {
+            s.note(&[
+                Digest::of(&i.to_le_bytes()),
+                Digest::of(&((i + 1) << 20).to_le_bytes()),
+            ]);
+        }
+        assert!(s.order.len() <= MAX_SIBLING_LAYERS);
+        assert_eq!(s.by_layer.len(), s.order.len());
+        assert!(s.of(&d(1)).is_none());
+    }
 
     /// The chunks never checked on arrival are read back and checked before a blob is proven:
     /// a bad one (a corrupt upstream chunk that arrived past the known table) fails the commit,
