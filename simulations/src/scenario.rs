@@ -98,9 +98,9 @@ pub struct Params {
     /// the designated seeder of at most one layer while there are more nodes than layers)
     /// instead of each layer's nearest node (`swarm::designated_seeders`).
     pub spread_seeders: bool,
-    /// A node's chunk requests in flight, all downloads together, carry at most this many
-    /// milliseconds of its downlink (0: each download's own `max_in_flight_bytes`).
-    pub in_flight_budget_ms: u64,
+    /// A node's chunk requests in flight, all downloads together, follow its measured receive
+    /// rate (`swarm::InFlightBudget`) instead of each download's own `max_in_flight_bytes`.
+    pub in_flight_budget: bool,
     /// A download at `provider_limit` peers lets one go for a newly found provider when they
     /// cannot finish the blob (`Download::replaceable_peer`).
     pub peer_swap: bool,
@@ -145,7 +145,7 @@ impl Params {
             shared_seed: false,
             peer_swap: true,
             spread_seeders: true,
-            in_flight_budget_ms: 0,
+            in_flight_budget: true,
         }
     }
 
@@ -241,7 +241,7 @@ impl Params {
                 "shared_seed" => self.shared_seed = v != 0,
                 "peer_swap" => self.peer_swap = v != 0,
                 "spread_seeders" => self.spread_seeders = v != 0,
-                "in_flight_budget_ms" => self.in_flight_budget_ms = v,
+                "in_flight_budget" => self.in_flight_budget = v != 0,
                 "busy_backoff_ms" => d.busy_backoff_ms = v,
                 "timeout_floor_ms" => d.timeout_floor_ms = v,
                 "upstream_grace_ms" => d.upstream_grace_ms = v,

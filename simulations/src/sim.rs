@@ -9,7 +9,7 @@ use shoal_protocol::chunk::ChunkLayout;
 use shoal_protocol::serve::{Offer, ServeScheduler};
 use shoal_protocol::swarm::{
     designated_seeders, relookup_after_ms, seeder_order, Action, Download, DownloadConfig,
-    FailReason, Have, PeerId, SeedPlan, FAR_PEER_LIMIT, IMPORT_HOLD_MAX_MS,
+    FailReason, Have, InFlightBudget, PeerId, SeedPlan, FAR_PEER_LIMIT, IMPORT_HOLD_MAX_MS,
 };
 use shoal_protocol::wire::Bitfield;
 
@@ -153,6 +153,8 @@ struct Node {
     done_blobs: u32,
     done_at: Option<u64>,
     rebalance_pending: bool,
+    /// The node's in-flight budget, shared by its downloads (`Params::in_flight_budget`).
+    budget: InFlightBudget,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -392,6 +394,7 @@ impl Sim {
                 done_blobs: 0,
                 done_at: None,
                 rebalance_pending: false,
+                budget: InFlightBudget::new(),
             })
             .collect();
         let poisoned = rng.pick(
@@ -1082,15 +1085,17 @@ impl Sim {
         };
         let now_ms = ms(self.now);
         dl.hold_peer_requests(importing, now_ms);
-        if self.p.in_flight_budget_ms > 0 {
+        if self.p.in_flight_budget {
             let (node, _) = self.split(task);
             // This download (taken out of its task) and the node's others still running.
             let others = (0..self.nb)
                 .filter(|&o| self.tasks[(node * self.nb + o) as usize].dl.is_some())
-                .count() as u64;
-            let active = others + 1;
-            let budget = self.p.down * self.p.in_flight_budget_ms / 1000;
-            dl.set_max_in_flight_bytes((budget / active).max(u64::from(self.p.chunk_size)));
+                .count();
+            let cap = self.nodes[node as usize]
+                .budget
+                .per_download(self.p.chunk_size, others + 1, now_ms)
+                .min(self.p.download.max_in_flight_bytes);
+            dl.set_max_in_flight_bytes(cap);
         }
         let mut done = false;
         while let Some(action) = dl.poll_action(now_ms) {
@@ -1695,6 +1700,12 @@ impl Sim {
     fn mark_have(&mut self, task: u32, index: u32) {
         if self.tasks[task as usize].have.set(index) {
             self.have_count[task as usize] += 1;
+            let (node, b) = self.split(task);
+            let len = self.layouts[b as usize].range(index).map_or(0, |(_, l)| l);
+            let now_ms = ms(self.now);
+            self.nodes[node as usize]
+                .budget
+                .received(u64::from(len), now_ms);
             self.gained[task as usize].push(index);
             for &w in &self.watchers[task as usize] {
                 self.poll_dirty[w as usize] = true;

@@ -111,9 +111,11 @@ fn the_serve_scheduler_beats_the_old_fixed_limit_at_8_nodes() {
     assert_eq!(new.completed, 8, "{new:?}");
     assert!(new.queued > 0, "{new:?}");
     assert_eq!(old.queued, 0, "{old:?}");
-    // Simulated seconds, deterministic: 15.2 against 22.5 with watches, quick relookups and
-    // imports first (16.6 against 29.8 with Have polls).
-    assert!(new.p99_s * 1.3 < old.p99_s, "new {new:?} old {old:?}");
+    // Simulated seconds, deterministic: 13.1 against 16.7 with the node's in-flight budget
+    // (`swarm::InFlightBudget`, which also spares the old limit many slow parallel uploads),
+    // 15.2 against 22.5 before it with watches, quick relookups and imports first (16.6
+    // against 29.8 with Have polls).
+    assert!(new.p99_s * 1.2 < old.p99_s, "new {new:?} old {old:?}");
     assert!(new.upstream_copies <= 1.01, "{new:?}");
 }
 

@@ -787,6 +787,52 @@ fn sibling_layers_get_distinct_seeders() {
 }
 
 #[test]
+fn in_flight_budget_follows_the_best_recent_window() {
+    let chunk = 4 << 20;
+    let mut b = InFlightBudget::new();
+    // Nothing measured: the floor, shared.
+    assert_eq!(b.rate(0), 0);
+    assert_eq!(
+        b.per_download(chunk, 1, 0),
+        IN_FLIGHT_MIN_CHUNKS * u64::from(chunk)
+    );
+    assert_eq!(b.per_download(chunk, 4, 0), 2 * u64::from(chunk));
+    // Never below one chunk a download.
+    assert_eq!(b.per_download(chunk, 100, 0), u64::from(chunk));
+    // 12.5 MB/s for a while: 3 s of that is 37.5 MB, above the 32 MiB floor.
+    for t in 0..10u64 {
+        b.received(1_250_000, t * 100);
+    }
+    b.received(12_500_000, 1_000);
+    b.received(12_500_000, 3_000);
+    let rate = 25_000_000 * 1_000 / RATE_WINDOW_MS;
+    assert_eq!(b.rate(3_000), rate);
+    assert_eq!(
+        b.per_download(chunk, 1, 3_000),
+        rate * IN_FLIGHT_BUDGET_MS / 1_000
+    );
+    assert_eq!(
+        b.per_download(chunk, 3, 3_000),
+        rate * IN_FLIGHT_BUDGET_MS / 1_000 / 3
+    );
+    // A fast link: the budget grows with it.
+    b.received(1_000_000_000, 4_500);
+    assert_eq!(b.rate(4_500), 1_000_000_000 * 1_000 / RATE_WINDOW_MS);
+    // The best window is forgotten once it is older than the windows kept.
+    let horizon = RATE_WINDOW_MS * RATE_WINDOWS as u64;
+    assert_eq!(
+        b.rate(4_000 + horizon - 1),
+        1_000_000_000 * 1_000 / RATE_WINDOW_MS
+    );
+    assert_eq!(b.rate(4_000 + horizon), 0);
+    // At most RATE_WINDOWS windows are kept however long it runs.
+    for t in 0..1_000u64 {
+        b.received(1, t * RATE_WINDOW_MS);
+    }
+    assert!(b.windows.len() <= RATE_WINDOWS);
+}
+
+#[test]
 fn seed_plan() {
     let mut plan = SeedPlan::new(true, 5_000, 100);
     assert_eq!(plan.poll(100), Some(SeedReason::Designated));
