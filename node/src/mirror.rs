@@ -850,6 +850,9 @@ impl Mirror {
                     }
                     self.count_upstream(&reg, chunk.len() as u64);
                     self.pulls.from_upstream(&digest, chunk.len() as u64);
+                    if let Some(sw) = &self.swarm {
+                        sw.received(chunk.len() as u64);
+                    }
                     let written = writer.written();
                     // Past `IMPORT_HOLD_PERCENT`, or `IMPORT_HOLD_MAX_MS` into the import, this
                     // node's other downloads go on.

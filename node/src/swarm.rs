@@ -31,7 +31,7 @@ use bytes::Bytes;
 use shoal_protocol::chunk::{ChunkError, TablePrefix};
 use shoal_protocol::swarm::{
     designated_seeders, relookup_after_ms, seeder_order, Action, Download, DownloadConfig,
-    FailReason, Have, PeerId, FAR_PEER_LIMIT, HAVE_POLL_MS, PROVIDER_LIMIT,
+    FailReason, Have, InFlightBudget, PeerId, FAR_PEER_LIMIT, HAVE_POLL_MS, PROVIDER_LIMIT,
 };
 use shoal_protocol::wire::Bitfield;
 use shoal_protocol::Digest;
@@ -87,6 +87,11 @@ pub struct Swarm {
     imports: Arc<AtomicUsize>,
     /// The other layers of the image manifests this node served (see [`Siblings`]).
     siblings: std::sync::Mutex<Siblings>,
+    /// One in-flight budget for all of this node's swarm downloads (`InFlightBudget`), on the
+    /// clock of `epoch`, and the downloads sharing it.
+    budget: std::sync::Mutex<InFlightBudget>,
+    epoch: Instant,
+    downloads: Arc<AtomicUsize>,
 }
 
 /// Layer digests most recently seen, each with the layers of its image manifest: the blobs
@@ -153,10 +158,17 @@ impl Siblings {
     }
 }
 
-/// Counts one import from the upstream while alive ([`Swarm::import`]).
-pub(crate) struct ImportGuard(Arc<AtomicUsize>);
+/// Counts one import from the upstream ([`Swarm::import`]) or one swarm download while alive.
+pub(crate) struct CountGuard(Arc<AtomicUsize>);
 
-impl Drop for ImportGuard {
+impl CountGuard {
+    fn new(count: &Arc<AtomicUsize>) -> CountGuard {
+        count.fetch_add(1, Ordering::Relaxed);
+        CountGuard(count.clone())
+    }
+}
+
+impl Drop for CountGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
@@ -224,6 +236,9 @@ impl Swarm {
             takeover_after: Duration::from_millis(shoal_protocol::swarm::DEFAULT_TAKEOVER_AFTER_MS),
             imports: Arc::new(AtomicUsize::new(0)),
             siblings: std::sync::Mutex::new(Siblings::default()),
+            budget: std::sync::Mutex::new(InFlightBudget::new()),
+            epoch: Instant::now(),
+            downloads: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -231,9 +246,8 @@ impl Swarm {
     /// is dropped (the caller drops it once `IMPORT_HOLD_PERCENT` of the blob is in). Meanwhile
     /// this node's swarm downloads make no new peer requests (`Download::hold_peer_requests`):
     /// its downlink carries the import, which the rest of the swarm waits for, at full speed.
-    pub(crate) fn import(&self) -> ImportGuard {
-        self.imports.fetch_add(1, Ordering::Relaxed);
-        ImportGuard(self.imports.clone())
+    pub(crate) fn import(&self) -> CountGuard {
+        CountGuard::new(&self.imports)
     }
 
     /// True while this node imports a blob from the upstream.
@@ -279,6 +293,25 @@ impl Swarm {
                 Vec::new()
             }
         }
+    }
+
+    /// `bytes` of blob content arrived at this node (a verified chunk from a peer or the
+    /// upstream, or a piece of an import): the in-flight budget follows the receive rate.
+    pub(crate) fn received(&self, bytes: u64) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        if let Ok(mut b) = self.budget.lock() {
+            b.received(bytes, now);
+        }
+    }
+
+    /// The bytes one swarm download may have in flight now: its part of the node's budget.
+    fn in_flight_cap(&self, chunk_size: u32) -> u64 {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let downloads = self.downloads.load(Ordering::Relaxed).max(1);
+        self.budget
+            .lock()
+            .map(|b| b.per_download(chunk_size, downloads, now))
+            .unwrap_or(u64::MAX)
     }
 
     /// Remembers the layers of an image manifest this node serves: its blobs' seeders are
@@ -731,6 +764,9 @@ impl Mirror {
         // Events the driver gives itself (a dispute settled without asking anyone).
         let mut again: VecDeque<Event> = VecDeque::new();
         let layout = view.layout();
+        // This download's part of the node's in-flight budget, within its own memory cap.
+        let _counted = CountGuard::new(&sw.downloads);
+        let max_in_flight = config.max_in_flight_bytes;
         let count = layout.count();
         let chunk_size = layout.chunk_size();
         let t0 = Instant::now();
@@ -849,6 +885,7 @@ impl Mirror {
             // held download is waiting by choice, not stalled.
             let held = sw.importing();
             dl.hold_peer_requests(held, now());
+            dl.set_max_in_flight_bytes(sw.in_flight_cap(chunk_size).min(max_in_flight));
             if held {
                 last_progress = Instant::now();
             }
@@ -1071,6 +1108,7 @@ impl Mirror {
                             layout.range(prefix).map_or(layout.blob_size(), |(s, _)| s);
                         tx.send_modify(|p| p.written = contiguous);
                         last_progress = Instant::now();
+                        sw.received(bytes.len() as u64);
                         match peer.and_then(|p| peers.get(&p)) {
                             Some(p) => {
                                 self.pulls.from_peer(&digest, &p.name, bytes.len() as u64);
