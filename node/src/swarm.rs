@@ -304,14 +304,25 @@ impl Swarm {
         }
     }
 
-    /// The bytes one swarm download may have in flight now: its part of the node's budget.
-    fn in_flight_cap(&self, chunk_size: u32) -> u64 {
+    /// Sets a swarm download's part of the node's in-flight budget, within its own memory cap
+    /// `max_in_flight`, and the request timeout floor that goes with the budget, at least
+    /// `min_timeout_ms`.
+    fn apply_budget(
+        &self,
+        dl: &mut Download,
+        chunk_size: u32,
+        max_in_flight: u64,
+        min_timeout_ms: u64,
+    ) {
         let now = self.epoch.elapsed().as_millis() as u64;
         let downloads = self.downloads.load(Ordering::Relaxed).max(1);
-        self.budget
-            .lock()
-            .map(|b| b.per_download(chunk_size, downloads, now))
-            .unwrap_or(u64::MAX)
+        if let Ok(b) = self.budget.lock() {
+            dl.set_max_in_flight_bytes(
+                b.per_download(chunk_size, downloads, now)
+                    .min(max_in_flight),
+            );
+            dl.set_timeout_floor_ms(b.timeout_floor_ms(chunk_size, now, min_timeout_ms));
+        }
     }
 
     /// Remembers the layers of an image manifest this node serves: its blobs' seeders are
@@ -766,7 +777,7 @@ impl Mirror {
         let layout = view.layout();
         // This download's part of the node's in-flight budget, within its own memory cap.
         let _counted = CountGuard::new(&sw.downloads);
-        let max_in_flight = config.max_in_flight_bytes;
+        let (max_in_flight, min_timeout_ms) = (config.max_in_flight_bytes, config.timeout_floor_ms);
         let count = layout.count();
         let chunk_size = layout.chunk_size();
         let t0 = Instant::now();
@@ -885,7 +896,7 @@ impl Mirror {
             // held download is waiting by choice, not stalled.
             let held = sw.importing();
             dl.hold_peer_requests(held, now());
-            dl.set_max_in_flight_bytes(sw.in_flight_cap(chunk_size).min(max_in_flight));
+            sw.apply_budget(&mut dl, chunk_size, max_in_flight, min_timeout_ms);
             if held {
                 last_progress = Instant::now();
             }

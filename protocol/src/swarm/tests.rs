@@ -815,6 +815,22 @@ fn in_flight_budget_follows_the_best_recent_window() {
         b.per_download(chunk, 3, 3_000),
         rate * IN_FLIGHT_BUDGET_MS / 1_000 / 3
     );
+    // The timeout floor: three times the time the budget takes at the rate, at least the
+    // minimum.
+    assert_eq!(
+        InFlightBudget::new().timeout_floor_ms(chunk, 0, 5_000),
+        5_000
+    );
+    assert_eq!(
+        b.timeout_floor_ms(chunk, 3_000, 5_000),
+        3 * IN_FLIGHT_BUDGET_MS
+    );
+    assert_eq!(b.timeout_floor_ms(chunk, 3_000, 10_000), 10_000);
+    let mut slow = InFlightBudget::new();
+    slow.received(2 * 6_250_000, 0);
+    let floor = IN_FLIGHT_MIN_CHUNKS * u64::from(chunk) * 3_000 / 6_250_000;
+    assert_eq!(slow.timeout_floor_ms(chunk, 100, 5_000), floor);
+    assert!(floor > 15_000);
     // A fast link: the budget grows with it.
     b.received(1_000_000_000, 4_500);
     assert_eq!(b.rate(4_500), 1_000_000_000 * 1_000 / RATE_WINDOW_MS);
