@@ -30,8 +30,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use shoal_protocol::chunk::{ChunkError, TablePrefix};
 use shoal_protocol::swarm::{
-    designated_seeders, relookup_after_ms, seeder_order, Action, Download, DownloadConfig,
-    FailReason, Have, InFlightBudget, PeerId, FAR_PEER_LIMIT, HAVE_POLL_MS, PROVIDER_LIMIT,
+    designated_seeders, next_lookup_after_ms, relookup_after_ms, seeder_order, Action, Download,
+    DownloadConfig, FailReason, Have, InFlightBudget, PeerId, FAR_PEER_LIMIT, HAVE_POLL_MS,
+    PROVIDER_LIMIT,
 };
 use shoal_protocol::wire::Bitfield;
 use shoal_protocol::Digest;
@@ -462,8 +463,9 @@ enum Event {
         peer: PeerId,
         result: Result<TablePrefix, PeerError>,
     },
-    /// A provider lookup finished.
-    Providers(Vec<Provider>),
+    /// A provider lookup finished, and how many peers the node knows of at all (its routing
+    /// table; `usize::MAX` when the DHT did not say).
+    Providers(Vec<Provider>, usize),
     /// The table asked for by [`Action::RefetchTable`] (or after a table conflict) from
     /// `arbiter`, a provider other than `exclude` and other than the sources of the table in use.
     Refetched {
@@ -1032,7 +1034,12 @@ impl Mirror {
                 let (sw, etx) = (sw.clone(), etx.clone());
                 tokio::spawn(async move {
                     let list = sw.providers(&digest, PROVIDER_LIMIT).await;
-                    let _ = etx.send(Event::Providers(list)).await;
+                    // How many peers this node knows of at all (`usize::MAX`: unknown).
+                    let known = match sw.handle.known_peers().await {
+                        Ok(p) => p.len(),
+                        Err(_) => usize::MAX,
+                    };
+                    let _ = etx.send(Event::Providers(list, known)).await;
                 });
             }
             // Wake for the download's own deadlines, the next Have poll and the next lookup.
@@ -1307,7 +1314,7 @@ impl Mirror {
                         p.have_pending = false;
                     }
                 }
-                Event::Providers(list) => {
+                Event::Providers(list, known) => {
                     lookup_pending = false;
                     let before = peers.len();
                     add_providers(list, &mut peers);
@@ -1317,10 +1324,11 @@ impl Mirror {
                         fruitless + 1
                     };
                     next_lookup = Instant::now()
-                        + Duration::from_millis(relookup_after_ms(
+                        + Duration::from_millis(next_lookup_after_ms(
                             peers.len(),
                             PROVIDER_LIMIT,
                             fruitless,
+                            peers.len() >= known,
                         ));
                 }
                 Event::Refetched {

@@ -8,7 +8,7 @@ use sha2::{Digest as _, Sha256};
 use shoal_protocol::chunk::ChunkLayout;
 use shoal_protocol::serve::{Offer, ServeScheduler};
 use shoal_protocol::swarm::{
-    designated_seeders, relookup_after_ms, seeder_order, Action, Download, DownloadConfig,
+    designated_seeders, next_lookup_after_ms, seeder_order, Action, Download, DownloadConfig,
     FailReason, Have, InFlightBudget, PeerId, SeedPlan, FAR_PEER_LIMIT, IMPORT_HOLD_MAX_MS,
 };
 use shoal_protocol::wire::Bitfield;
@@ -944,7 +944,9 @@ impl Sim {
     fn relookup_after_us(&self, task: u32) -> u64 {
         let t = &self.tasks[task as usize];
         let ms = if self.p.adaptive_lookup {
-            relookup_after_ms(t.peers.len(), self.p.provider_limit, t.fruitless)
+            // Every node knows every other (the simulated routing table is the whole swarm).
+            let everyone = t.peers.len() + 1 >= self.p.nodes;
+            next_lookup_after_ms(t.peers.len(), self.p.provider_limit, t.fruitless, everyone)
         } else {
             self.p.lookup_interval_ms
         };

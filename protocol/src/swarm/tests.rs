@@ -849,6 +849,22 @@ fn in_flight_budget_follows_the_best_recent_window() {
 }
 
 #[test]
+fn a_download_following_everyone_looks_up_seldom() {
+    for (known, fruitless) in [(1, 0), (7, 3), (PROVIDER_LIMIT, 0)] {
+        let usual = relookup_after_ms(known, PROVIDER_LIMIT, fruitless);
+        assert_eq!(
+            next_lookup_after_ms(known, PROVIDER_LIMIT, fruitless, false),
+            usual
+        );
+        assert_eq!(
+            next_lookup_after_ms(known, PROVIDER_LIMIT, fruitless, true),
+            LOOKUP_IDLE_MS.max(usual)
+        );
+    }
+    const { assert!(LOOKUP_IDLE_MS > LOOKUP_INTERVAL_MS) };
+}
+
+#[test]
 fn seed_plan() {
     let mut plan = SeedPlan::new(true, 5_000, 100);
     assert_eq!(plan.poll(100), Some(SeedReason::Designated));
