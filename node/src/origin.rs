@@ -34,6 +34,9 @@ pub enum Fault {
     CorruptBlobs,
     /// Sends blob headers, then never sends the body.
     HangBlobs,
+    /// Sends the first this many bytes of each blob body, then nothing more (an upstream that
+    /// stalls mid-blob).
+    HangBlobsAfter(u64),
     /// Answers 500 to everything but `/token`.
     ServerError,
     /// Sends blob bodies at this many bytes per second (a slow upstream link).
@@ -360,6 +363,9 @@ fn serve(
                 bytes.fetch_add(len as u64, Ordering::Relaxed);
                 match s.fault {
                     Fault::HangBlobs => hanging_body(),
+                    Fault::HangBlobsAfter(n) => {
+                        stalling_body(slice.slice(..slice.len().min(n as usize)))
+                    }
                     Fault::SlowBlobs(rate) => throttled(slice, rate),
                     _ => chunked(slice),
                 }
@@ -423,6 +429,20 @@ fn throttled(data: Bytes, bytes_per_sec: u64) -> Body {
             rest.slice(n..),
         ))
     });
+    StreamBody::new(s).boxed()
+}
+
+/// `head`, then nothing more for an hour.
+fn stalling_body(head: Bytes) -> Body {
+    use http_body_util::{BodyExt, StreamBody};
+    let stall = futures::stream::once(async {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        Ok(hyper::body::Frame::data(Bytes::new()))
+    });
+    let s = futures::StreamExt::chain(
+        futures::stream::iter([Ok(hyper::body::Frame::data(head))]),
+        stall,
+    );
     StreamBody::new(s).boxed()
 }
 

@@ -488,3 +488,137 @@ async fn a_node_takes_a_blob_from_its_own_site() {
     );
     assert!(from(&near) >= 14 << 20, "{rec:?}");
 }
+
+/// A provider whose table disagrees with the one in use (the table-conflict path, where no chunk
+/// has failed yet): the victim took a partial table from an honest seeder whose import stalled
+/// mid-blob (the origin sends 5 of the 8 MiB, then nothing); a liar then provides the whole blob
+/// with a table whose fourth state lies, inside the honest prefix. The victim asks the liar for
+/// the rest of the table (it holds chunks the victim's table does not cover), finds that it
+/// disagrees with the prefix in use and, with no third provider to decide (the honest seeder is
+/// the table's source), bans the liar. The honest seeder is not blamed, and its chunks, checked
+/// against its own table, keep coming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_whose_table_conflicts_with_the_one_in_use_is_banned() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("SHOAL_LOG"))
+        .with_test_writer()
+        .try_init();
+    let origin = Origin::start().await.unwrap();
+    let data = pseudo_random(8 << 20, 94);
+    let d = origin.put_blob(data.clone());
+    let key = [5u8; 32];
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let boot = start_node(&origin, dirs[0].path(), vec![], key).await;
+    let seed = p2p_addr(&boot);
+    // The honest seeder: a designated seeder of every blob, patient with a stalled upstream.
+    let honest = {
+        let mut c = Config::new(
+            "127.0.0.1:0".parse().unwrap(),
+            dirs[1].path(),
+            &origin.url(),
+        );
+        c.upstream_timeout = Duration::from_secs(120);
+        let mut p2p = P2pConfig::new("127.0.0.1:0".parse().unwrap());
+        p2p.peers = vec![seed.clone()];
+        p2p.cluster_key = Some(key);
+        p2p.chunk_size = 1 << 20;
+        p2p.seeders = 10;
+        c.p2p = Some(p2p);
+        Node::start(c).await.expect("node starts")
+    };
+    let liar = start_node_with(&origin, dirs[2].path(), vec![seed.clone()], key, |p| {
+        p.fault_lie_tables = true
+    })
+    .await;
+    let victim = start_node_with(&origin, dirs[3].path(), vec![seed], key, |p| p.seeders = 0).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // The honest seeder imports 5 MiB of the blob and stalls.
+    origin.set_fault(shoal_node::origin::Fault::HangBlobsAfter(5 << 20));
+    let http = reqwest::Client::new();
+    let honest_pull = tokio::spawn({
+        let (http, url) = (
+            http.clone(),
+            format!("http://{}/v2/x/blobs/{d}", honest.addr()),
+        );
+        async move { http.get(url).send().await.map(|r| r.status()) }
+    });
+    let mut imported = 0;
+    for _ in 0..200 {
+        imported = honest
+            .mirror()
+            .pulls
+            .get(&d)
+            .map_or(0, |r| r.fetched_from_upstream);
+        if imported >= 5 << 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        imported,
+        5 << 20,
+        "the honest seeder's import stalls at 5 MiB"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await; // its provider record spreads
+
+    // The victim pulls: its only provider is the honest seeder, whose table covers 5 chunks.
+    let victim_pull = tokio::spawn({
+        let (http, url) = (
+            http.clone(),
+            format!("http://{}/v2/x/blobs/{d}", victim.addr()),
+        );
+        async move { get_bytes(&http, url).await }
+    });
+    let honest_name = peer_name(&honest);
+    let from_honest = |v: &Node| {
+        v.mirror()
+            .pulls
+            .get(&d)
+            .and_then(|r| r.fetched_from_peers.get(&honest_name).copied())
+            .unwrap_or(0)
+    };
+    for _ in 0..200 {
+        if from_honest(&victim) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        from_honest(&victim) > 0,
+        "the victim fetches from the honest seeder"
+    );
+
+    // The liar appears, holding the whole blob: its table disagrees with the prefix in use.
+    hold(&liar, &data);
+    let liar_name = peer_name(&liar);
+    let mut banned = Default::default();
+    for _ in 0..600 {
+        if let Some(rec) = victim.mirror().pulls.get(&d) {
+            banned = rec.banned_peers.clone();
+            if !banned.is_empty() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        banned,
+        [liar_name].into(),
+        "the provider whose table disagrees is banned, the table's honest source is not"
+    );
+    let rec = victim.mirror().pulls.get(&d).unwrap();
+    assert!(
+        rec.fetched_from_peers
+            .get(&peer_name(&liar))
+            .copied()
+            .unwrap_or(0)
+            <= 1 << 20,
+        "at most the chunk in flight when the table came: {rec:?}"
+    );
+    honest_pull.abort();
+    victim_pull.abort();
+    for n in [boot, honest, liar, victim] {
+        let _ = tokio::time::timeout(Duration::from_secs(30), n.shutdown()).await;
+    }
+}
