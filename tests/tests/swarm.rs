@@ -499,6 +499,18 @@ async fn a_node_takes_a_blob_from_its_own_site() {
 /// against its own table, keep coming.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_whose_table_conflicts_with_the_one_in_use_is_banned() {
+    table_conflict(false).await;
+}
+
+/// The same with a third provider to decide: a follower that took the honest seeder's prefix
+/// before the victim started. The victim's table came from one of the two; the other is asked
+/// for its table, agrees with the one in use, and the liar is banned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_third_provider_decides_a_table_conflict() {
+    table_conflict(true).await;
+}
+
+async fn table_conflict(with_arbiter: bool) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("SHOAL_LOG"))
         .with_test_writer()
@@ -507,7 +519,7 @@ async fn a_provider_whose_table_conflicts_with_the_one_in_use_is_banned() {
     let data = pseudo_random(8 << 20, 94);
     let d = origin.put_blob(data.clone());
     let key = [5u8; 32];
-    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let dirs: Vec<_> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
     let boot = start_node(&origin, dirs[0].path(), vec![], key).await;
     let seed = p2p_addr(&boot);
     // The honest seeder: a designated seeder of every blob, patient with a stalled upstream.
@@ -530,19 +542,21 @@ async fn a_provider_whose_table_conflicts_with_the_one_in_use_is_banned() {
         p.fault_lie_tables = true
     })
     .await;
-    let victim = start_node_with(&origin, dirs[3].path(), vec![seed], key, |p| p.seeders = 0).await;
+    let victim = start_node_with(&origin, dirs[3].path(), vec![seed.clone()], key, |p| {
+        p.seeders = 0
+    })
+    .await;
+    let third = start_node_with(&origin, dirs[4].path(), vec![seed], key, |p| p.seeders = 0).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // The honest seeder imports 5 MiB of the blob and stalls.
     origin.set_fault(shoal_node::origin::Fault::HangBlobsAfter(5 << 20));
     let http = reqwest::Client::new();
-    let honest_pull = tokio::spawn({
-        let (http, url) = (
-            http.clone(),
-            format!("http://{}/v2/x/blobs/{d}", honest.addr()),
-        );
-        async move { http.get(url).send().await.map(|r| r.status()) }
-    });
+    let pull = |n: &Node| {
+        let (http, url) = (http.clone(), format!("http://{}/v2/x/blobs/{d}", n.addr()));
+        tokio::spawn(async move { http.get(url).send().await.map(|r| r.status()) })
+    };
+    let honest_pull = pull(&honest);
     let mut imported = 0;
     for _ in 0..200 {
         imported = honest
@@ -555,39 +569,37 @@ async fn a_provider_whose_table_conflicts_with_the_one_in_use_is_banned() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(
-        imported,
-        5 << 20,
-        "the honest seeder's import stalls at 5 MiB"
-    );
+    assert_eq!(imported, 5 << 20, "the honest import stalls at 5 MiB");
+    // From now on the upstream sends nobody anything: no fallback completes the blob.
+    origin.set_fault(shoal_node::origin::Fault::HangBlobs);
     tokio::time::sleep(Duration::from_millis(500)).await; // its provider record spreads
 
-    // The victim pulls: its only provider is the honest seeder, whose table covers 5 chunks.
-    let victim_pull = tokio::spawn({
-        let (http, url) = (
-            http.clone(),
-            format!("http://{}/v2/x/blobs/{d}", victim.addr()),
+    // With an arbiter: a follower takes the honest seeder's 5 chunks (and its table) first.
+    let third_pull = with_arbiter.then(|| pull(&third));
+    if with_arbiter {
+        for _ in 0..400 {
+            if fetched(&third, &d) >= 5 << 20 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            fetched(&third, &d),
+            5 << 20,
+            "the follower holds the prefix"
         );
-        async move { get_bytes(&http, url).await }
-    });
-    let honest_name = peer_name(&honest);
-    let from_honest = |v: &Node| {
-        v.mirror()
-            .pulls
-            .get(&d)
-            .and_then(|r| r.fetched_from_peers.get(&honest_name).copied())
-            .unwrap_or(0)
-    };
+        tokio::time::sleep(Duration::from_millis(500)).await; // its provider record spreads
+    }
+
+    // The victim pulls: its providers hold 5 chunks, and so does the table it takes.
+    let victim_pull = pull(&victim);
     for _ in 0..200 {
-        if from_honest(&victim) > 0 {
+        if fetched(&victim, &d) > 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(
-        from_honest(&victim) > 0,
-        "the victim fetches from the honest seeder"
-    );
+    assert!(fetched(&victim, &d) > 0, "the victim fetches from peers");
 
     // The liar appears, holding the whole blob: its table disagrees with the prefix in use.
     hold(&liar, &data);
@@ -604,21 +616,30 @@ async fn a_provider_whose_table_conflicts_with_the_one_in_use_is_banned() {
     }
     assert_eq!(
         banned,
-        [liar_name].into(),
-        "the provider whose table disagrees is banned, the table's honest source is not"
+        [liar_name.clone()].into(),
+        "the provider whose table disagrees is banned, the honest providers are not"
     );
     let rec = victim.mirror().pulls.get(&d).unwrap();
+    let from_liar = rec.fetched_from_peers.get(&liar_name).copied();
     assert!(
-        rec.fetched_from_peers
-            .get(&peer_name(&liar))
-            .copied()
-            .unwrap_or(0)
-            <= 1 << 20,
+        from_liar.unwrap_or(0) <= 1 << 20,
         "at most the chunk in flight when the table came: {rec:?}"
     );
-    honest_pull.abort();
-    victim_pull.abort();
-    for n in [boot, honest, liar, victim] {
+    for task in [Some(honest_pull), Some(victim_pull), third_pull]
+        .into_iter()
+        .flatten()
+    {
+        task.abort();
+    }
+    for n in [boot, honest, liar, victim, third] {
         let _ = tokio::time::timeout(Duration::from_secs(30), n.shutdown()).await;
     }
+}
+
+/// Bytes `n` has fetched of `d` from peers, all of them together.
+fn fetched(n: &Node, d: &shoal_protocol::Digest) -> u64 {
+    n.mirror()
+        .pulls
+        .get(d)
+        .map_or(0, |r| r.fetched_from_peers.values().sum())
 }
