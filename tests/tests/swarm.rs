@@ -378,16 +378,7 @@ async fn a_lying_table_is_found_out_and_honest_providers_are_not_blamed() {
 
     // 1. Only the liar: banned once its own chunk fails against its own table.
     let liar_name = peer_name(&liar);
-    let mut banned = Default::default();
-    for _ in 0..200 {
-        if let Some(rec) = victim.mirror().pulls.get(&d) {
-            banned = rec.banned_peers.clone();
-            if !banned.is_empty() {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let banned = first_bans(&victim, &d, 200).await;
     assert_eq!(
         banned,
         [liar_name.clone()].into(),
@@ -604,16 +595,7 @@ async fn table_conflict(with_arbiter: bool) {
     // The liar appears, holding the whole blob: its table disagrees with the prefix in use.
     hold(&liar, &data);
     let liar_name = peer_name(&liar);
-    let mut banned = Default::default();
-    for _ in 0..600 {
-        if let Some(rec) = victim.mirror().pulls.get(&d) {
-            banned = rec.banned_peers.clone();
-            if !banned.is_empty() {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let banned = first_bans(&victim, &d, 600).await;
     assert_eq!(
         banned,
         [liar_name.clone()].into(),
@@ -642,4 +624,22 @@ fn fetched(n: &Node, d: &shoal_protocol::Digest) -> u64 {
         .pulls
         .get(d)
         .map_or(0, |r| r.fetched_from_peers.values().sum())
+}
+
+/// The peers `n`'s pull of `d` has banned, once it has banned any (polled every 50 ms, at most
+/// `tries` times; empty if none by then).
+async fn first_bans(
+    n: &Node,
+    d: &shoal_protocol::Digest,
+    tries: u32,
+) -> std::collections::BTreeSet<String> {
+    for _ in 0..tries {
+        if let Some(rec) = n.mirror().pulls.get(d) {
+            if !rec.banned_peers.is_empty() {
+                return rec.banned_peers;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Default::default()
 }
