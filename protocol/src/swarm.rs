@@ -160,8 +160,13 @@ impl core::fmt::Debug for PeerId {
 
 /// The XOR distance (Kademlia metric) between a key and a peer's position `sha256(peer id)`.
 pub fn xor_distance(key: &[u8; 32], peer: &PeerId) -> [u8; 32] {
-    let mut d = peer.kad_key();
-    for (d, k) in d.iter_mut().zip(key) {
+    xor_keys(key, &peer.kad_key())
+}
+
+/// The XOR distance between two positions in the key space.
+fn xor_keys(a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
+    let mut d = *b;
+    for (d, k) in d.iter_mut().zip(a) {
         *d ^= k;
     }
     d
@@ -228,13 +233,7 @@ pub fn seeder_order(
         let mut order: Vec<([u8; 32], usize)> = cands
             .iter()
             .enumerate()
-            .map(|(i, (k, _))| {
-                let mut d = *k;
-                for (d, k) in d.iter_mut().zip(key) {
-                    *d ^= k;
-                }
-                (d, i)
-            })
+            .map(|(i, (k, _))| (xor_keys(key, k), i))
             .collect();
         order.sort_unstable();
         order.into_iter().map(|(_, i)| i).collect()
