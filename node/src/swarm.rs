@@ -305,24 +305,13 @@ impl Swarm {
         }
     }
 
-    /// Sets a swarm download's part of the node's in-flight budget, within its own memory cap
-    /// `max_in_flight`, and the request timeout floor that goes with the budget, at least
-    /// `min_timeout_ms`.
-    fn apply_budget(
-        &self,
-        dl: &mut Download,
-        chunk_size: u32,
-        max_in_flight: u64,
-        min_timeout_ms: u64,
-    ) {
+    /// Sets a swarm download's part of the node's in-flight budget and the request timeout
+    /// floor that goes with it (`InFlightBudget::apply`).
+    fn apply_budget(&self, dl: &mut Download) {
         let now = self.epoch.elapsed().as_millis() as u64;
         let downloads = self.downloads.load(Ordering::Relaxed).max(1);
         if let Ok(b) = self.budget.lock() {
-            dl.set_max_in_flight_bytes(
-                b.per_download(chunk_size, downloads, now)
-                    .min(max_in_flight),
-            );
-            dl.set_timeout_floor_ms(b.timeout_floor_ms(chunk_size, now, min_timeout_ms));
+            b.apply(dl, downloads, now);
         }
     }
 
@@ -777,9 +766,8 @@ impl Mirror {
         // Events the driver gives itself (a dispute settled without asking anyone).
         let mut again: VecDeque<Event> = VecDeque::new();
         let layout = view.layout();
-        // This download's part of the node's in-flight budget, within its own memory cap.
+        // Counted among the downloads that share the node's in-flight budget.
         let _counted = CountGuard::new(&sw.downloads);
-        let (max_in_flight, min_timeout_ms) = (config.max_in_flight_bytes, config.timeout_floor_ms);
         let count = layout.count();
         let chunk_size = layout.chunk_size();
         let t0 = Instant::now();
@@ -898,7 +886,7 @@ impl Mirror {
             // held download is waiting by choice, not stalled.
             let held = sw.importing();
             dl.hold_peer_requests(held, now());
-            sw.apply_budget(&mut dl, chunk_size, max_in_flight, min_timeout_ms);
+            sw.apply_budget(&mut dl);
             if held {
                 last_progress = Instant::now();
             }

@@ -334,7 +334,7 @@ pub const RATE_WINDOWS: usize = 5;
 /// One in-flight budget for all of a node's downloads: at most [`IN_FLIGHT_BUDGET_MS`] of its
 /// measured receive rate (the best [`RATE_WINDOW_MS`] window of the last [`RATE_WINDOWS`]), at
 /// least [`IN_FLIGHT_MIN_CHUNKS`] chunks, shared evenly among the downloads running
-/// ([`InFlightBudget::per_download`], for [`Download::set_max_in_flight_bytes`]).
+/// ([`InFlightBudget::apply`]).
 ///
 /// Why: flows that share a link share its rate, and a chunk is worth nothing to the swarm until
 /// it is whole. A node pulling four layers from seven peers at once had up to 28 chunks in
@@ -393,8 +393,7 @@ impl InFlightBudget {
         (self.total(chunk_size, now) / downloads.max(1) as u64).max(chunk)
     }
 
-    /// The request timeout floor that goes with the budget (for
-    /// [`Download::set_timeout_floor_ms`]): three times the time the measured rate takes to
+    /// The request timeout floor that goes with the budget (for [`Download::set_budget`]): three times the time the measured rate takes to
     /// carry the whole budget, at least `min_ms` (also while nothing is measured). On a slow
     /// link the budget's floor of [`IN_FLIGHT_MIN_CHUNKS`] chunks is more than 3 s of it, and
     /// every chunk in flight takes about that long: a fixed 5 s floor timed out chunks that
@@ -407,6 +406,17 @@ impl InFlightBudget {
             0 => min_ms,
             rate => (self.total(chunk_size, now).saturating_mul(3_000) / rate).max(min_ms),
         }
+    }
+
+    /// Gives `dl`, one of `downloads` downloads sharing this budget, its part
+    /// ([`Download::set_budget`]): [`InFlightBudget::per_download`] in flight and the timeout
+    /// floor that goes with it; the download keeps its own caps and floors.
+    pub fn apply(&self, dl: &mut Download, downloads: usize, now: u64) {
+        let chunk_size = dl.layout().chunk_size();
+        dl.set_budget(
+            self.per_download(chunk_size, downloads, now),
+            self.timeout_floor_ms(chunk_size, now, 0),
+        );
     }
 }
 
@@ -879,6 +889,11 @@ pub struct Download {
     /// No request deadline or peer timer falls before this (a lower bound, exact after each
     /// [`Download::tick`]): a tick before it has nothing to do. Every input ticks.
     timers_from: u64,
+    /// This download's part of its node's [`InFlightBudget`] (see [`Download::set_budget`]):
+    /// bytes in flight at most (`u64::MAX`: none set) and a request timeout floor (0: none),
+    /// within its own `max_in_flight_bytes` and above its own `timeout_floor_ms`.
+    budget_bytes: u64,
+    budget_timeout_floor_ms: u64,
     ready: BTreeSet<ReadyKey>,
     starved: BTreeSet<PeerId>,
     /// Requests in flight to far peers.
@@ -920,6 +935,8 @@ impl Download {
             deadlines: BTreeSet::new(),
             peer_timers: BTreeSet::new(),
             timers_from: u64::MAX,
+            budget_bytes: u64::MAX,
+            budget_timeout_floor_ms: 0,
             ready: BTreeSet::new(),
             starved: BTreeSet::new(),
             far_requests: 0,
@@ -950,18 +967,14 @@ impl Download {
         self.layout
     }
 
-    /// Changes [`DownloadConfig::timeout_floor_ms`] for requests issued from now on (a node
-    /// whose in-flight budget makes chunks slower than the floor allows,
-    /// [`InFlightBudget::timeout_floor_ms`]).
-    pub fn set_timeout_floor_ms(&mut self, ms: u64) {
-        self.config.timeout_floor_ms = ms;
-    }
-
-    /// Changes [`DownloadConfig::max_in_flight_bytes`]: a node that shares one in-flight
-    /// budget among its downloads sets each one's part. Requests already in flight stay; new
-    /// ones wait until the download is under the new cap.
-    pub fn set_max_in_flight_bytes(&mut self, bytes: u64) {
-        self.config.max_in_flight_bytes = bytes;
+    /// This download's part of its node's in-flight budget ([`InFlightBudget::apply`]): at
+    /// most `max_in_flight_bytes` in flight (and never more than its own
+    /// [`DownloadConfig::max_in_flight_bytes`]), and requests issued from now on time out no
+    /// sooner than `timeout_floor_ms` (nor than its own [`DownloadConfig::timeout_floor_ms`]).
+    /// Requests already in flight stay; new ones wait until the download is under the cap.
+    pub fn set_budget(&mut self, max_in_flight_bytes: u64, timeout_floor_ms: u64) {
+        self.budget_bytes = max_in_flight_bytes;
+        self.budget_timeout_floor_ms = timeout_floor_ms;
     }
 
     /// The configuration.
@@ -1381,7 +1394,11 @@ impl Download {
         let expected_ms = (u128::from(len) * queued * 1000).div_ceil(u128::from(rate.max(1)));
         let timeout = expected_ms
             .saturating_mul(u128::from(self.config.timeout_factor))
-            .max(u128::from(self.config.timeout_floor_ms));
+            .max(u128::from(
+                self.config
+                    .timeout_floor_ms
+                    .max(self.budget_timeout_floor_ms),
+            ));
         let deadline = now.saturating_add(u64::try_from(timeout).unwrap_or(u64::MAX));
         self.requests.insert(
             (peer, index),
@@ -2004,10 +2021,11 @@ impl Download {
     }
 
     /// The most requests in flight: the memory budget (every request in flight may hold a whole
-    /// chunk in the caller), at least one pipeline.
+    /// chunk in the caller) and the node's in-flight budget, at least one pipeline.
     fn request_cap(&self) -> u64 {
-        (self.config.max_in_flight_bytes / u64::from(self.layout.chunk_size().max(1)))
-            .max(u64::from(self.config.min_pipeline.max(1)))
+        (self.config.max_in_flight_bytes.min(self.budget_bytes)
+            / u64::from(self.layout.chunk_size().max(1)))
+        .max(u64::from(self.config.min_pipeline.max(1)))
     }
 
     /// When a chunk unavailable since `since` starts its wait for the upstream: not before the

@@ -1093,16 +1093,9 @@ impl Sim {
             let others = (0..self.nb)
                 .filter(|&o| self.tasks[(node * self.nb + o) as usize].dl.is_some())
                 .count();
-            let budget = &self.nodes[node as usize].budget;
-            let cap = budget
-                .per_download(self.p.chunk_size, others + 1, now_ms)
-                .min(self.p.download.max_in_flight_bytes);
-            dl.set_max_in_flight_bytes(cap);
-            dl.set_timeout_floor_ms(budget.timeout_floor_ms(
-                self.p.chunk_size,
-                now_ms,
-                self.p.download.timeout_floor_ms,
-            ));
+            self.nodes[node as usize]
+                .budget
+                .apply(&mut dl, others + 1, now_ms);
         }
         let mut done = false;
         while let Some(action) = dl.poll_action(now_ms) {
