@@ -435,7 +435,8 @@ async fn a_lying_table_is_found_out_and_honest_providers_are_not_blamed() {
 
 /// Locality: a node of site "b" pulling a blob that a peer of its own site and a peer of site
 /// "a" both hold whole takes it from its own site; the far peer is asked only for chunks no
-/// near peer holds (here: at most the one or two asked before the near peer's bitfield came).
+/// near peer holds, and only once the site has given nothing for `FAR_QUIET_MS` (here: at most
+/// the one or two asked before the near peer's bitfield came).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_takes_a_blob_from_its_own_site() {
     let origin = Origin::start().await.unwrap();

@@ -1628,13 +1628,16 @@ fn is_idle_tells_when_new_holdings_give_a_peer_with_room_something_to_do() {
     assert!(drain(&mut d, 2).is_empty());
 }
 
-/// Locality: a far peer (another site) is asked only for chunks no usable near peer holds, at
-/// most `far_max_in_flight` at once; when the near holder of a chunk leaves, the far peer is
-/// asked for it.
+/// Locality: a far peer (another site) is asked only when the site has nothing to give (no
+/// near request in flight, no near peer holding a wanted chunk) and no near peer has announced
+/// anything for `far_quiet_ms` (the download wakes up for it); then one far request at a time,
+/// for a chunk no near peer holds. When the near holder of chunks leaves, the far peer is asked
+/// for them, after the quiet time.
 #[test]
-fn far_peers_serve_only_what_no_near_peer_holds() {
+fn far_peers_serve_only_what_the_site_cannot() {
     let cfg = DownloadConfig {
         far_max_in_flight: 1,
+        far_quiet_ms: 100,
         ..fixed(4)
     };
     let mut d = Download::new(layout(8), cfg, 0);
@@ -1642,33 +1645,38 @@ fn far_peers_serve_only_what_no_near_peer_holds() {
     d.add_peer(far, Have::All, 0);
     d.set_peer_far(far, true, 0);
     d.add_peer(near, bits(8, &[0, 1, 2, 3]), 0);
+    // The near peer feeds the download: the far peer waits, although it holds chunks 4..8.
     let first = drain(&mut d, 0);
-    let to_far = requests_to(&first, far);
-    assert_eq!(to_far.len(), 1, "one far request at a time: {first:?}");
-    assert!(
-        to_far[0] >= 4,
-        "the far peer gets a chunk the near one lacks: {first:?}"
-    );
-    assert!(requests_to(&first, near).iter().all(|&i| i < 4));
-    // The far request answered: the next far request, for another chunk the site lacks.
-    d.chunk_received(far, to_far[0], u64::from(CS), 10);
-    let next = requests_to(&drain(&mut d, 10), far);
-    assert_eq!(next.len(), 1);
-    assert!(next[0] >= 4 && next[0] != to_far[0]);
-    // The near peer gets chunk 4..8 too: the far peer is no longer needed for them...
-    for i in 4..8 {
-        d.peer_has(near, i, 20);
+    assert!(requests_to(&first, far).is_empty(), "{first:?}");
+    let to_near = requests_to(&first, near);
+    assert_eq!(to_near.len(), 4, "{first:?}");
+    for &i in &to_near {
+        d.chunk_received(near, i, u64::from(CS), 10);
     }
-    d.chunk_received(far, next[0], u64::from(CS), 20);
-    let after = drain(&mut d, 20);
+    // The site has nothing more, but it was busy until 0: not before 100.
+    assert!(requests_to(&drain(&mut d, 10), far).is_empty());
+    assert_eq!(d.next_wakeup(), Some(100));
+    assert!(requests_to(&drain(&mut d, 99), far).is_empty());
+    let at_quiet = requests_to(&drain(&mut d, 100), far);
+    assert_eq!(at_quiet.len(), 1, "one far request at a time");
+    assert!(at_quiet[0] >= 4);
+    // The near peer gets chunks 4..8 while it is in flight: the far peer is not asked again.
+    for i in 4..8 {
+        d.peer_has(near, i, 120);
+    }
+    d.chunk_received(far, at_quiet[0], u64::from(CS), 130);
+    let after = drain(&mut d, 130);
     assert!(requests_to(&after, far).is_empty(), "{after:?}");
-    // ... until the near peer leaves: then the far peer is asked again.
-    d.remove_peer(near, 30);
-    let left = drain(&mut d, 30);
-    assert_eq!(requests_to(&left, far).len(), 1, "{left:?}");
+    assert!(!requests_to(&after, near).is_empty(), "{after:?}");
+    // The near peer leaves: the far peer is asked for the rest once the site is quiet (its
+    // last announcement was at 120).
+    d.remove_peer(near, 140);
+    assert!(requests_to(&drain(&mut d, 140), far).is_empty());
+    assert_eq!(d.next_wakeup(), Some(220));
+    assert_eq!(requests_to(&drain(&mut d, 220), far).len(), 1);
     // Marked near again, it gets a whole pipeline.
-    d.set_peer_far(far, false, 40);
-    let near_again = drain(&mut d, 40);
+    d.set_peer_far(far, false, 230);
+    let near_again = drain(&mut d, 230);
     assert!(requests_to(&near_again, far).len() > 1, "{near_again:?}");
 }
 
