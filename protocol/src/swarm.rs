@@ -1567,7 +1567,7 @@ impl Download {
         if let Some(&(t, _)) = self.peer_timers.first() {
             consider(t);
         }
-        // A far peer waiting only for the swarm to be quiet long enough.
+        // A far peer waiting only for the site to be quiet long enough.
         let quiet = self.far_quiet_until();
         if quiet > self.now
             && !self.held
