@@ -469,19 +469,30 @@ pub const WATCH_BATCH_MS: u64 = 20;
 pub const FAR_MAX_IN_FLIGHT: u32 = 1;
 
 /// A download asks a far peer only when its own site has nothing to give it and has been
-/// quiet for this long: no request in flight to a near peer, no near peer holding a chunk it
-/// wants, and no near peer announcing a new chunk for this long. Before, a node kept a far
-/// request in flight whenever a far peer held a chunk that none of the near peers it follows
-/// did; with 250 nodes to a site each follows a few per cent of its site, so most chunks that
-/// had reached the site looked absent and crossed the WAN again. Measured with `shoal-sim run
-/// sites` (1,000 nodes in four sites behind 10 Gbit/s WAN links; seeds 1 / 2 / 3): p99 36.3 /
-/// 27.6 / 31.4 s and 108 / 89 / 98 GB over the WANs before; 15.1 / 20.5 / 15.9 s and 30 / 45 /
-/// 28 GB with 400 ms (for the 1,000 GB pulled); 800 ms 18.3 / 17.9 / 18.7 s and 31–33 GB;
-/// 200 ms (seed 1) 25.4 s and 67 GB. Counting every peer's announcements (far ones too) as
-/// progress does better in the model (200 ms: 14.9 / 14.3 / 15.1 s, 14 GB) but can hold a
-/// site's far requests for as long as the other sites keep announcing: in the cluster harness
-/// (two sites of four hosts) a node then went to the upstream for a layer (1.44 copies).
+/// quiet for at least this long: no request in flight to a near peer, no near peer holding a
+/// chunk it wants, and no near peer announcing a new chunk for this long plus the download's
+/// own share of [`FAR_QUIET_JITTER_MS`]. Before, a node kept a far request in flight whenever a
+/// far peer held a chunk that none of the near peers it follows did; with 250 nodes to a site
+/// each follows a few per cent of its site, so most chunks that had reached the site looked
+/// absent and crossed the WAN again. Measured with `shoal-sim run sites` (1,000 nodes in four
+/// sites behind 10 Gbit/s WAN links; seeds 1 / 2 / 3): p99 36.3 / 27.6 / 31.4 s and 108 / 89 /
+/// 98 GB over the WANs before; 15.1 / 20.5 / 15.9 s and 30 / 45 / 28 GB with 400 ms and no
+/// jitter (for the 1,000 GB pulled); 800 ms 18.3 / 17.9 / 18.7 s and 31–33 GB; 200 ms (seed 1)
+/// 25.4 s and 67 GB. Counting every peer's announcements (far ones too) as progress does
+/// better in the model (200 ms: 14.9 / 14.3 / 15.1 s, 14 GB) but can hold a site's far requests
+/// for as long as the other sites keep announcing: in the cluster harness (two sites of four
+/// hosts) a node then went to the upstream for a layer (1.44 copies).
 pub const FAR_QUIET_MS: u64 = 400;
+
+/// The most a download adds to [`FAR_QUIET_MS`], drawn once from its seed: the nodes of a site
+/// that wait for the same chunks do not all reach across the WAN at the same moment, and the
+/// first to do so is seen by the others before their own wait ends (the nodes with the
+/// shortest waits become the site's gateways for the blob). `shoal-sim run sites`, seeds 1 / 2
+/// / 3, with 400 ms: p99 15.1 / 20.5 / 15.9 s and 30 / 45 / 28 GB over the WANs without it;
+/// 16.0 / 14.6 / 15.3 s and 13.6 / 12.2 / 13.0 GB with 1,200 ms; 16.1 / 16.0 / 16.0 s and
+/// 8.4 / 8.1 / 8.5 GB (two copies a site) with 2,800 ms; 15.8 / 17.0 / 16.2 s and 26–29 GB
+/// with 400 ms.
+pub const FAR_QUIET_JITTER_MS: u64 = 1_200;
 
 /// The most peers of other sites a download follows (of its [`PROVIDER_LIMIT`]): the other
 /// places go to peers of its own site, found by later lookups.
@@ -731,6 +742,9 @@ pub struct DownloadConfig {
     /// How long no near peer may have announced a new chunk before a far peer is asked
     /// ([`FAR_QUIET_MS`]).
     pub far_quiet_ms: u64,
+    /// The most a download adds to `far_quiet_ms`, drawn once from `seed`
+    /// ([`FAR_QUIET_JITTER_MS`]).
+    pub far_quiet_jitter_ms: u64,
 }
 
 impl Default for DownloadConfig {
@@ -775,6 +789,7 @@ impl Default for DownloadConfig {
             upstream_retry_ms: 1_000,
             far_max_in_flight: FAR_MAX_IN_FLIGHT,
             far_quiet_ms: FAR_QUIET_MS,
+            far_quiet_jitter_ms: FAR_QUIET_JITTER_MS,
         }
     }
 }
@@ -927,6 +942,9 @@ pub struct Download {
     /// The last time a near peer announced a chunk it did not hold before (see
     /// [`FAR_QUIET_MS`]).
     near_progress: u64,
+    /// How long the site must have been quiet before a far peer is asked: `far_quiet_ms` and
+    /// this download's share of `far_quiet_jitter_ms`.
+    far_quiet: u64,
 }
 
 impl Download {
@@ -934,6 +952,14 @@ impl Download {
     pub fn new(layout: ChunkLayout, config: DownloadConfig, now: u64) -> Download {
         let mut rng = config.seed;
         let count = layout.count();
+        // Its own stream, so that the chunks' tiebreaks stay those of the seed.
+        let mut jitter_rng = config.seed ^ 0xfa12_9e37_79b9_7f4a;
+        let far_quiet = config
+            .far_quiet_ms
+            .saturating_add(match config.far_quiet_jitter_ms {
+                0 => 0,
+                j => splitmix64(&mut jitter_rng) % j,
+            });
         let mut download = Download {
             layout,
             start: now,
@@ -966,6 +992,7 @@ impl Download {
             table_refetch_pending: false,
             last_progress: now,
             near_progress: now,
+            far_quiet,
             queue: VecDeque::new(),
             config,
         };
@@ -2116,7 +2143,7 @@ impl Download {
 
     /// When the site has been quiet long enough for a far request ([`FAR_QUIET_MS`]).
     fn far_quiet_until(&self) -> u64 {
-        self.near_progress.saturating_add(self.config.far_quiet_ms)
+        self.near_progress.saturating_add(self.far_quiet)
     }
 
     /// Whether a usable near peer holds a chunk this download still wants (then the site can

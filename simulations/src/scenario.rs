@@ -217,6 +217,7 @@ impl Params {
                 "locality" => self.locality = v != 0,
                 "far_max_in_flight" => d.far_max_in_flight = v as u32,
                 "far_quiet_ms" => d.far_quiet_ms = v,
+                "far_quiet_jitter_ms" => d.far_quiet_jitter_ms = v,
                 // The old sender model: `v` uploads at once, no queue, more get `Busy`.
                 "serve_limit" => {
                     self.serve.max_active = v as u32;

@@ -1638,6 +1638,7 @@ fn far_peers_serve_only_what_the_site_cannot() {
     let cfg = DownloadConfig {
         far_max_in_flight: 1,
         far_quiet_ms: 100,
+        far_quiet_jitter_ms: 0,
         ..fixed(4)
     };
     let mut d = Download::new(layout(8), cfg, 0);
@@ -1678,6 +1679,39 @@ fn far_peers_serve_only_what_the_site_cannot() {
     d.set_peer_far(far, false, 230);
     let near_again = drain(&mut d, 230);
     assert!(requests_to(&near_again, far).len() > 1, "{near_again:?}");
+}
+
+/// Each download adds its own share of `far_quiet_jitter_ms` to the quiet time, drawn from its
+/// seed: the nodes of a site do not all reach across the WAN at once. The same seed waits the
+/// same time; the waits of many seeds spread over the whole range.
+#[test]
+fn far_quiet_times_differ_by_seed_within_the_jitter() {
+    let first_far_request = |seed: u64| {
+        let cfg = DownloadConfig {
+            seed,
+            far_quiet_ms: 100,
+            far_quiet_jitter_ms: 200,
+            ..fixed(1)
+        };
+        let mut d = Download::new(layout(4), cfg, 0);
+        d.add_peer(p(1), Have::All, 0);
+        d.set_peer_far(p(1), true, 0);
+        assert!(
+            drain(&mut d, 0).is_empty(),
+            "far peers wait for the quiet time"
+        );
+        let at = d.next_wakeup().expect("a wake-up for the far peer");
+        assert!((100..300).contains(&at), "seed {seed}: {at}");
+        assert!(requests_to(&drain(&mut d, at - 1), p(1)).is_empty());
+        assert_eq!(requests_to(&drain(&mut d, at), p(1)).len(), 1);
+        at
+    };
+    let waits: Vec<u64> = (0..40).map(first_far_request).collect();
+    assert_eq!(first_far_request(7), waits[7]);
+    assert!(
+        waits.iter().any(|&w| w < 150) && waits.iter().any(|&w| w >= 250),
+        "{waits:?}"
+    );
 }
 
 /// A follower whose peers keep announcing chunks but deliver none never judges the swarm (it
