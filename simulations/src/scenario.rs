@@ -104,6 +104,13 @@ pub struct Params {
     /// A download at `provider_limit` peers lets one go for a newly found provider when they
     /// cannot finish the blob (`Download::replaceable_peer`).
     pub peer_swap: bool,
+    /// A what-if, not the daemon's behaviour: with N > 0, the N nodes of each site nearest a
+    /// blob's digest (chosen with knowledge of the whole site, which no node has) ask far peers
+    /// after 100 ms of quiet, and every other node only after `site_gateway_fallback_ms`
+    /// (both without jitter). It measures what a per-site gateway rule could give.
+    pub site_gateways: usize,
+    /// See `site_gateways`.
+    pub site_gateway_fallback_ms: u64,
 }
 
 impl Params {
@@ -144,6 +151,8 @@ impl Params {
             download: DownloadConfig::default(),
             shared_seed: false,
             peer_swap: true,
+            site_gateways: 0,
+            site_gateway_fallback_ms: 5_000,
             spread_seeders: true,
             in_flight_budget: true,
         }
@@ -242,6 +251,8 @@ impl Params {
                 "max_in_flight_bytes" => d.max_in_flight_bytes = v,
                 "shared_seed" => self.shared_seed = v != 0,
                 "peer_swap" => self.peer_swap = v != 0,
+                "site_gateways" => self.site_gateways = v as usize,
+                "site_gateway_fallback_ms" => self.site_gateway_fallback_ms = v,
                 "spread_seeders" => self.spread_seeders = v != 0,
                 "in_flight_budget" => self.in_flight_budget = v != 0,
                 "busy_backoff_ms" => d.busy_backoff_ms = v,

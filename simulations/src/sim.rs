@@ -8,8 +8,9 @@ use sha2::{Digest as _, Sha256};
 use shoal_protocol::chunk::ChunkLayout;
 use shoal_protocol::serve::{Offer, ServeScheduler};
 use shoal_protocol::swarm::{
-    designated_seeders, next_lookup_after_ms, seeder_order, Action, Download, DownloadConfig,
-    FailReason, Have, InFlightBudget, PeerId, SeedPlan, FAR_PEER_LIMIT, IMPORT_HOLD_MAX_MS,
+    designated_seeders, next_lookup_after_ms, seeder_order, xor_distance, Action, Download,
+    DownloadConfig, FailReason, Have, InFlightBudget, PeerId, SeedPlan, FAR_PEER_LIMIT,
+    IMPORT_HOLD_MAX_MS,
 };
 use shoal_protocol::wire::Bitfield;
 
@@ -128,6 +129,8 @@ struct Task {
     inflight: Vec<(u32, u32, u32)>,
     wake_at: u64,
     designated: bool,
+    /// One of its site's `Params::site_gateways` for this blob (a what-if).
+    gateway: bool,
     /// Lookups in a row that found no new peer (paces the next one, see
     /// `swarm::relookup_after_ms`).
     fruitless: u32,
@@ -429,6 +432,26 @@ impl Sim {
                 seeders.iter().map(pidx).collect()
             })
             .collect();
+        // The what-if gateways: per blob, the `site_gateways` nodes of each site nearest its
+        // digest.
+        let gateways: Vec<Vec<u32>> = digests
+            .iter()
+            .map(|digest| {
+                let mut out = Vec::new();
+                if p.site_gateways == 0 {
+                    return out;
+                }
+                for site in 0..p.sites {
+                    let mut members: Vec<([u8; 32], u32)> = (0..n)
+                        .filter(|&i| usize::from(nodes[i as usize].site) == site)
+                        .map(|i| (xor_distance(digest, &pid(i)), i))
+                        .collect();
+                    members.sort_unstable();
+                    out.extend(members.iter().take(p.site_gateways).map(|&(_, i)| i));
+                }
+                out
+            })
+            .collect();
         let mut tasks = Vec::with_capacity((n * nb) as usize);
         for node in 0..n {
             for (b, layout) in layouts.iter().enumerate() {
@@ -441,6 +464,7 @@ impl Sim {
                     inflight: Vec::new(),
                     wake_at: u64::MAX,
                     designated: designated[b].contains(&node),
+                    gateway: gateways[b].contains(&node),
                     fruitless: 0,
                 });
             }
@@ -921,6 +945,15 @@ impl Sim {
             upstream_allowed: t.designated,
             ..self.p.download.clone()
         };
+        let mut config = config;
+        if self.p.site_gateways > 0 {
+            config.far_quiet_jitter_ms = 0;
+            config.far_quiet_ms = if t.gateway {
+                100
+            } else {
+                self.p.site_gateway_fallback_ms
+            };
+        }
         t.dl = Some(Box::new(Download::new(
             self.layouts[b as usize],
             config,
