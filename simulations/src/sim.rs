@@ -936,7 +936,7 @@ impl Sim {
     fn start_download(&mut self, task: u32, found: &[u32]) {
         let (_, b) = self.split(task);
         let t = &mut self.tasks[task as usize];
-        let config = DownloadConfig {
+        let mut config = DownloadConfig {
             seed: if self.p.shared_seed {
                 self.p.seed ^ u64::from(b).wrapping_mul(0x9e37_79b9_7f4a_7c15)
             } else {
@@ -945,7 +945,6 @@ impl Sim {
             upstream_allowed: t.designated,
             ..self.p.download.clone()
         };
-        let mut config = config;
         if self.p.site_gateways > 0 {
             config.far_quiet_jitter_ms = 0;
             config.far_quiet_ms = if t.gateway {
