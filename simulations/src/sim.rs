@@ -8,9 +8,8 @@ use sha2::{Digest as _, Sha256};
 use shoal_protocol::chunk::ChunkLayout;
 use shoal_protocol::serve::{Offer, ServeScheduler};
 use shoal_protocol::swarm::{
-    designated_seeders, next_lookup_after_ms, seeder_order, xor_distance, Action, Download,
-    DownloadConfig, FailReason, Have, InFlightBudget, PeerId, SeedPlan, FAR_PEER_LIMIT,
-    IMPORT_HOLD_MAX_MS,
+    designated_seeders, next_lookup_after_ms, seeder_order, Action, Download, DownloadConfig,
+    FailReason, Have, InFlightBudget, PeerId, SeedPlan, FAR_PEER_LIMIT, IMPORT_HOLD_MAX_MS,
 };
 use shoal_protocol::wire::Bitfield;
 
@@ -433,23 +432,22 @@ impl Sim {
             })
             .collect();
         // The what-if gateways: per blob, the `site_gateways` nodes of each site nearest its
-        // digest.
+        // digest (each site's designated seeders, as if every node knew its whole site).
         let gateways: Vec<Vec<u32>> = digests
             .iter()
             .map(|digest| {
-                let mut out = Vec::new();
                 if p.site_gateways == 0 {
-                    return out;
+                    return Vec::new();
                 }
-                for site in 0..p.sites {
-                    let mut members: Vec<([u8; 32], u32)> = (0..n)
-                        .filter(|&i| usize::from(nodes[i as usize].site) == site)
-                        .map(|i| (xor_distance(digest, &pid(i)), i))
-                        .collect();
-                    members.sort_unstable();
-                    out.extend(members.iter().take(p.site_gateways).map(|&(_, i)| i));
-                }
-                out
+                (0..p.sites)
+                    .flat_map(|site| {
+                        let members = (0..n)
+                            .filter(|&i| usize::from(nodes[i as usize].site) == site)
+                            .map(pid);
+                        designated_seeders(digest, members, p.site_gateways)
+                    })
+                    .map(|peer| pidx(&peer))
+                    .collect()
             })
             .collect();
         let mut tasks = Vec::with_capacity((n * nb) as usize);
