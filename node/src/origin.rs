@@ -432,25 +432,25 @@ fn throttled(data: Bytes, bytes_per_sec: u64) -> Body {
     StreamBody::new(s).boxed()
 }
 
+/// An hour of nothing, then an empty frame: a body that stalls.
+fn stall() -> impl futures::Stream<Item = Result<hyper::body::Frame<Bytes>, std::io::Error>> {
+    futures::stream::once(async {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        Ok(hyper::body::Frame::data(Bytes::new()))
+    })
+}
+
 /// `head`, then nothing more for an hour.
 fn stalling_body(head: Bytes) -> Body {
     use http_body_util::{BodyExt, StreamBody};
-    let stall = futures::stream::once(async {
-        tokio::time::sleep(Duration::from_secs(3600)).await;
-        Ok(hyper::body::Frame::data(Bytes::new()))
-    });
     let s = futures::StreamExt::chain(
         futures::stream::iter([Ok(hyper::body::Frame::data(head))]),
-        stall,
+        stall(),
     );
     StreamBody::new(s).boxed()
 }
 
 fn hanging_body() -> Body {
     use http_body_util::{BodyExt, StreamBody};
-    let s = futures::stream::once(async {
-        tokio::time::sleep(Duration::from_secs(3600)).await;
-        Ok(hyper::body::Frame::data(Bytes::new()))
-    });
-    StreamBody::new(s).boxed()
+    StreamBody::new(stall()).boxed()
 }
