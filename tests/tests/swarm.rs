@@ -68,12 +68,17 @@ fn p2p_addr(n: &Node) -> String {
         .to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_blob_reaches_the_swarm_from_one_upstream_fetch() {
+/// The nodes' logs go to the test's output, filtered by `SHOAL_LOG` (once per test binary).
+fn log_to_test_output() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("SHOAL_LOG"))
         .with_test_writer()
         .try_init();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_reaches_the_swarm_from_one_upstream_fetch() {
+    log_to_test_output();
     let origin = Origin::start().await.unwrap();
     let data = pseudo_random(6 << 20, 77);
     let d = origin.put_blob(data.clone());
@@ -210,10 +215,7 @@ async fn a_poisoned_peer_is_banned_and_costs_only_its_chunks() {
 /// upstream themselves, and get their bytes from it and from each other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn followers_fetch_from_a_seeder_while_its_blob_arrives() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("SHOAL_LOG"))
-        .with_test_writer()
-        .try_init();
+    log_to_test_output();
     let origin = Origin::start().await.unwrap();
     // 16 MiB at 2 MiB/s: 8 s, longer than the 5 s takeover time.
     let data = pseudo_random(16 << 20, 78);
@@ -258,10 +260,7 @@ async fn followers_fetch_from_a_seeder_while_its_blob_arrives() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn private_blobs_go_through_the_swarm_only_to_pullers_the_registry_accepts() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("SHOAL_LOG"))
-        .with_test_writer()
-        .try_init();
+    log_to_test_output();
     let origin = Origin::start().await.unwrap();
     origin.set_auth(
         shoal_node::origin::Auth::Bearer("u".into(), "p".into()),
@@ -345,10 +344,7 @@ fn hold(n: &Node, data: &[u8]) {
 ///    bytes. (Before, each honest provider found alone was banned in turn and the pull stalled.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_table_is_found_out_and_honest_providers_are_not_blamed() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("SHOAL_LOG"))
-        .with_test_writer()
-        .try_init();
+    log_to_test_output();
     let origin = Origin::start().await.unwrap();
     // 8 chunks of 1 MiB: 7 states, the fourth a lie.
     let data = pseudo_random(8 << 20, 93);
@@ -503,10 +499,7 @@ async fn a_third_provider_decides_a_table_conflict() {
 }
 
 async fn table_conflict(with_arbiter: bool) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("SHOAL_LOG"))
-        .with_test_writer()
-        .try_init();
+    log_to_test_output();
     let origin = Origin::start().await.unwrap();
     let data = pseudo_random(8 << 20, 94);
     let d = origin.put_blob(data.clone());
