@@ -4,7 +4,7 @@ use shoal_protocol::chunk::DEFAULT_CHUNK_SIZE;
 use shoal_protocol::serve::ServeConfig;
 use shoal_protocol::swarm::{
     DownloadConfig, HAVE_POLL_MS, IMPORT_HOLD_PERCENT, LOOKUP_INTERVAL_MS, PROVIDER_LIMIT,
-    WATCH_BATCH_MS,
+    SITE_GATEWAYS, WATCH_BATCH_MS,
 };
 
 /// Decimal megabyte, as Kraken's published numbers use.
@@ -104,13 +104,11 @@ pub struct Params {
     /// A download at `provider_limit` peers lets one go for a newly found provider when they
     /// cannot finish the blob (`Download::replaceable_peer`).
     pub peer_swap: bool,
-    /// A what-if, not the daemon's behaviour: with N > 0, the N nodes of each site nearest a
-    /// blob's digest (chosen with knowledge of the whole site, which no node has) ask far peers
-    /// after 100 ms of quiet, and every other node only after `site_gateway_fallback_ms`
-    /// (both without jitter). It measures what a per-site gateway rule could give.
+    /// Each site's gateways for a blob (`swarm::site_gateway`, judged by each node from the 20
+    /// nodes nearest the blob's key, as the daemon does from its DHT); the others wait
+    /// `DownloadConfig::site_fallback_ms` longer before they ask far peers. 0: every node is a
+    /// gateway (the rule off).
     pub site_gateways: usize,
-    /// See `site_gateways`.
-    pub site_gateway_fallback_ms: u64,
 }
 
 impl Params {
@@ -151,8 +149,7 @@ impl Params {
             download: DownloadConfig::default(),
             shared_seed: false,
             peer_swap: true,
-            site_gateways: 0,
-            site_gateway_fallback_ms: 5_000,
+            site_gateways: SITE_GATEWAYS,
             spread_seeders: true,
             in_flight_budget: true,
         }
@@ -252,7 +249,8 @@ impl Params {
                 "shared_seed" => self.shared_seed = v != 0,
                 "peer_swap" => self.peer_swap = v != 0,
                 "site_gateways" => self.site_gateways = v as usize,
-                "site_gateway_fallback_ms" => self.site_gateway_fallback_ms = v,
+                "site_fallback_ms" => d.site_fallback_ms = v,
+                "site_gateway_quiet_ms" => d.site_gateway_quiet_ms = v,
                 "spread_seeders" => self.spread_seeders = v != 0,
                 "in_flight_budget" => self.in_flight_budget = v != 0,
                 "busy_backoff_ms" => d.busy_backoff_ms = v,

@@ -8,8 +8,9 @@ use sha2::{Digest as _, Sha256};
 use shoal_protocol::chunk::ChunkLayout;
 use shoal_protocol::serve::{Offer, ServeScheduler};
 use shoal_protocol::swarm::{
-    designated_seeders, next_lookup_after_ms, seeder_order, Action, Download, DownloadConfig,
-    FailReason, Have, InFlightBudget, PeerId, SeedPlan, FAR_PEER_LIMIT, IMPORT_HOLD_MAX_MS,
+    designated_seeders, next_lookup_after_ms, seeder_order, site_gateway, Action, Download,
+    DownloadConfig, FailReason, Have, InFlightBudget, PeerId, SeedPlan, SiteRole, FAR_PEER_LIMIT,
+    IMPORT_HOLD_MAX_MS,
 };
 use shoal_protocol::wire::Bitfield;
 
@@ -17,6 +18,9 @@ use crate::queue::RadixQueue;
 use crate::rng::Rng;
 use crate::scenario::Params;
 
+/// The nodes nearest a blob's key that a node knows when it judges whether it is one of its
+/// site's gateways (the daemon's `SEEDER_CANDIDATES`: one DHT answer, Kademlia's k).
+const GATEWAY_CANDIDATES: usize = 20;
 /// How often a waiting node (not a designated seeder) looks for providers (the daemon's
 /// `PROVIDER_POLL`).
 const PROVIDER_POLL_US: u64 = 250_000;
@@ -128,8 +132,8 @@ struct Task {
     inflight: Vec<(u32, u32, u32)>,
     wake_at: u64,
     designated: bool,
-    /// One of its site's `Params::site_gateways` for this blob (a what-if).
-    gateway: bool,
+    /// One of its site's gateways for this blob (`swarm::site_gateway`).
+    gateway: SiteRole,
     /// Lookups in a row that found no new peer (paces the next one, see
     /// `swarm::relookup_after_ms`).
     fruitless: u32,
@@ -431,22 +435,29 @@ impl Sim {
                 seeders.iter().map(pidx).collect()
             })
             .collect();
-        // The what-if gateways: per blob, the `site_gateways` nodes of each site nearest its
-        // digest (each site's designated seeders, as if every node knew its whole site).
-        let gateways: Vec<Vec<u32>> = digests
+        // Each site's gateways per blob (`swarm::site_gateway`): every node judges from the 20
+        // nodes nearest the blob's key, whatever their site, as the daemon judges from its
+        // DHT's answer.
+        let gateways: Vec<Vec<SiteRole>> = digests
             .iter()
             .map(|digest| {
-                if p.site_gateways == 0 {
-                    return Vec::new();
+                if p.sites < 2 || !p.locality || p.site_gateways == 0 {
+                    return vec![SiteRole::Unjudged; n as usize];
                 }
-                (0..p.sites)
-                    .flat_map(|site| {
-                        let members = (0..n)
-                            .filter(|&i| usize::from(nodes[i as usize].site) == site)
-                            .map(pid);
-                        designated_seeders(digest, members, p.site_gateways)
+                let key: [u8; 32] = Sha256::digest(digest).into();
+                let nearest = designated_seeders(&key, (0..n).map(pid), GATEWAY_CANDIDATES);
+                (0..n)
+                    .map(|i| {
+                        let site = nodes[i as usize].site;
+                        site_gateway(
+                            &key,
+                            &pid(i),
+                            nearest
+                                .iter()
+                                .map(|q| (*q, nodes[pidx(q) as usize].site == site)),
+                            p.site_gateways,
+                        )
                     })
-                    .map(|peer| pidx(&peer))
                     .collect()
             })
             .collect();
@@ -462,7 +473,7 @@ impl Sim {
                     inflight: Vec::new(),
                     wake_at: u64::MAX,
                     designated: designated[b].contains(&node),
-                    gateway: gateways[b].contains(&node),
+                    gateway: gateways[b][node as usize],
                     fruitless: 0,
                 });
             }
@@ -785,12 +796,13 @@ impl Sim {
         let dl = states[3].max(1);
         eprintln!(
             "t={:.1}s wall={:.1}s states(idle,lookup,wait,dl,stream,done,dead)={states:?} flows={flows} \
-             rate={:.1}GB/s/{:.1}GB/s mean_rate={:.1}MB/s uploaders={ups} downloaders={downs} max_up={maxup} \
+             rate={:.1}GB/s/{:.1}GB/s ({:.0}%) mean_rate={:.1}MB/s uploaders={ups} downloaders={downs} max_up={maxup} \
              heap={} kinds={:?} inflight/dl={:.1} peers/dl={:.1} excl/dl={:.1} useful/dl={:.1} known_useful/dl={:.1} held/dl={:.1} busy={} up_copies={:.2}",
             self.now as f64 / 1e6,
             self.started.elapsed().as_secs_f64(),
             rate as f64 / 1e9,
             (self.p.up * self.p.nodes as u64) as f64 / 1e9,
+            100.0 * rate as f64 / (self.p.down * self.p.nodes as u64) as f64,
             rate as f64 / flows.max(1) as f64 / 1e6,
             self.heap.len(),
             self.kinds,
@@ -943,14 +955,7 @@ impl Sim {
             upstream_allowed: t.designated,
             ..self.p.download.clone()
         };
-        if self.p.site_gateways > 0 {
-            config.far_quiet_jitter_ms = 0;
-            config.far_quiet_ms = if t.gateway {
-                100
-            } else {
-                self.p.site_gateway_fallback_ms
-            };
-        }
+        config.site_role = t.gateway;
         t.dl = Some(Box::new(Download::new(
             self.layouts[b as usize],
             config,

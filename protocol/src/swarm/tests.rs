@@ -1752,3 +1752,129 @@ fn a_follower_allowed_upstream_fetches_what_its_silent_peers_do_not_send() {
         "{later:?}"
     );
 }
+
+/// A site's gateway for a blob asks a far peer after its short quiet time; any other node of
+/// the site waits the fallback time longer than a node not judged.
+#[test]
+fn a_site_gateway_reaches_across_first() {
+    let first_far_request = |site_role: SiteRole| {
+        let cfg = DownloadConfig {
+            far_quiet_ms: 100,
+            far_quiet_jitter_ms: 0,
+            site_role,
+            site_gateway_quiet_ms: 30,
+            site_fallback_ms: 1_000,
+            ..fixed(1)
+        };
+        let mut d = Download::new(layout(4), cfg, 0);
+        d.add_peer(p(1), Have::All, 0);
+        d.set_peer_far(p(1), true, 0);
+        let at = d.next_wakeup().expect("a wake-up for the far peer");
+        assert!(requests_to(&drain(&mut d, at - 1), p(1)).is_empty());
+        assert_eq!(requests_to(&drain(&mut d, at), p(1)).len(), 1);
+        at
+    };
+    assert_eq!(first_far_request(SiteRole::Unjudged), 100);
+    assert_eq!(first_far_request(SiteRole::Gateway), 30);
+    assert_eq!(first_far_request(SiteRole::Member), 1_100);
+}
+
+/// The peers 0..n ordered by distance to `key`, nearest first.
+fn by_distance(key: &[u8; 32], n: u64) -> Vec<PeerId> {
+    let mut v: Vec<PeerId> = (0..n).map(p).collect();
+    v.sort_by_key(|q| xor_distance(key, q));
+    v
+}
+
+#[test]
+fn site_gateways_are_counted_among_the_nearest_nodes() {
+    use SiteRole::{Gateway as G, Member as M, Unjudged as U};
+    let key = [7u8; 32];
+    let order = by_distance(&key, 40);
+    // Every node in one site: the first 3 are the gateways, counted exactly.
+    let all: Vec<(PeerId, bool)> = order.iter().map(|&q| (q, true)).collect();
+    for (i, me) in order.iter().enumerate() {
+        let want = if i < 3 {
+            SiteRole::Gateway
+        } else {
+            SiteRole::Member
+        };
+        assert_eq!(site_gateway(&key, me, all.clone(), 3), want, "rank {i}");
+    }
+    // Nodes of other sites do not count, nor does the node itself or a duplicate.
+    let mixed: Vec<(PeerId, bool)> = order
+        .iter()
+        .enumerate()
+        .map(|(i, &q)| (q, i % 4 == 0))
+        .chain([(order[0], true), (order[4], true)])
+        .collect();
+    assert_eq!(site_gateway(&key, &order[8], mixed.clone(), 3), G);
+    assert_eq!(site_gateway(&key, &order[12], mixed.clone(), 3), M);
+    // Knowing nobody, or only nodes of other sites: not judged (as every node was before).
+    assert_eq!(site_gateway(&key, &order[39], [], 3), U);
+    let foreign: Vec<(PeerId, bool)> = order[..20].iter().map(|&q| (q, false)).collect();
+    assert_eq!(site_gateway(&key, &order[39], foreign, 3), U);
+}
+
+#[test]
+fn site_gateways_beyond_the_nearest_nodes_are_estimated_from_the_site_density() {
+    use SiteRole::{Gateway as G, Member as M, Unjudged as U};
+    let key = [9u8; 32];
+    let order = by_distance(&key, 200);
+    // Two of this node's site among the twenty nearest the key (at radius r), and this node
+    // just beyond them: about (2 + 1) · d / r ≈ 3 of its site nearer than itself.
+    let nearest: Vec<(PeerId, bool)> = order[..20]
+        .iter()
+        .enumerate()
+        .map(|(i, &q)| (q, i == 3 || i == 17))
+        .collect();
+    assert_eq!(site_gateway(&key, &order[20], nearest.clone(), 8), G);
+    assert_eq!(site_gateway(&key, &order[20], nearest.clone(), 2), M);
+    // Ten times the radius away: about thirty nearer, not one of eight.
+    assert_eq!(site_gateway(&key, &order[199], nearest.clone(), 8), M);
+    // None of its site among them: it cannot judge.
+    let foreign: Vec<(PeerId, bool)> = order[..20].iter().map(|&q| (q, false)).collect();
+    assert_eq!(site_gateway(&key, &order[199], foreign, 8), U);
+}
+
+/// Over many blobs, about `gateways` nodes of a big site count themselves gateways when each
+/// judges from the 20 nodes nearest the blob (of all sites): the estimate leaves no blob
+/// without a gateway and does not make every node one.
+#[test]
+fn about_the_wanted_number_of_site_gateways_per_blob() {
+    let nodes: Vec<PeerId> = (0..1_200).map(p).collect();
+    // Four sites of 300 by id.
+    let site = |q: &PeerId| nodes.iter().position(|x| x == q).unwrap() % 4;
+    let mut counts = Vec::new();
+    let blobs = 50u8;
+    for b in 0..blobs {
+        let key: [u8; 32] = Sha256::digest([b]).into();
+        let nearest = designated_seeders(&key, nodes.iter().copied(), 20);
+        let count = nodes
+            .iter()
+            .filter(|me| site(me) == 0)
+            .filter(|me| {
+                site_gateway(
+                    &key,
+                    me,
+                    nearest.iter().map(|q| (*q, site(q) == site(me))),
+                    8,
+                ) != SiteRole::Member
+            })
+            .count();
+        counts.push(count);
+    }
+    // A blob none of whose 20 nearest nodes is in the site leaves every node of the site
+    // unjudged (as before the rule): rare with 4 sites.
+    let judged: Vec<usize> = counts.iter().copied().filter(|&c| c < 300).collect();
+    assert!(judged.len() >= 45, "{counts:?}");
+    let mean = judged.iter().sum::<usize>() as f64 / judged.len() as f64;
+    assert!(
+        (5.0..12.0).contains(&mean),
+        "mean gateways a blob {mean}: {counts:?}"
+    );
+    assert!(
+        judged.iter().all(|&c| c > 0),
+        "a blob without a gateway: {counts:?}"
+    );
+}
