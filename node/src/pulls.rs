@@ -31,6 +31,11 @@ pub struct Record {
     pub fetched_from_peers: BTreeMap<String, u64>,
     /// The peers banned while fetching it (corrupt chunks, lying tables), by peer id.
     pub banned_peers: BTreeSet<String>,
+    /// For a node that names a site and fetched the blob from peers: `gateway` (one of the
+    /// site's few nodes that ask other sites at once), `member` (asks them only after the
+    /// site's fallback time) or `unjudged` (too little known: the plain quiet rule).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub site_role: Option<&'static str>,
     /// `fetching`, `verified`, or `failed: ...`.
     pub state: String,
 }
@@ -93,6 +98,11 @@ impl Pulls {
             r.size = size.or(r.size);
             r.state = "fetching".into();
         });
+    }
+
+    /// This node's role in its site for the blob (see [`Record::site_role`]).
+    pub fn site_role(&self, d: &Digest, role: &'static str) {
+        self.with(d, |r| r.site_role = Some(role));
     }
 
     /// Bytes fetched from the upstream.

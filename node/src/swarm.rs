@@ -30,9 +30,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use shoal_protocol::chunk::{ChunkError, TablePrefix};
 use shoal_protocol::swarm::{
-    designated_seeders, next_lookup_after_ms, relookup_after_ms, seeder_order, Action, Download,
-    DownloadConfig, FailReason, Have, InFlightBudget, PeerId, FAR_PEER_LIMIT, HAVE_POLL_MS,
-    PROVIDER_LIMIT,
+    designated_seeders, next_lookup_after_ms, relookup_after_ms, seeder_order, site_gateway,
+    Action, Download, DownloadConfig, FailReason, Have, InFlightBudget, PeerId, SiteRole,
+    FAR_PEER_LIMIT, HAVE_POLL_MS, PROVIDER_LIMIT, SITE_GATEWAYS,
 };
 use shoal_protocol::wire::Bitfield;
 use shoal_protocol::Digest;
@@ -41,7 +41,7 @@ use tracing::{debug, info, warn};
 
 use crate::arriving::{Arriving, Registration};
 use crate::config::P2pConfig;
-use crate::dht::{self, Dht, DhtConfig, DhtHandle, Provider};
+use crate::dht::{self, ClosestPeers, Dht, DhtConfig, DhtHandle, Provider};
 use crate::mirror::{Mirror, Progress};
 use crate::peer::{self, Authorizer, ClusterKey, Endpoint, PeerConfig, PeerConn, PeerError};
 use crate::store::{BlobWriter, Store};
@@ -193,6 +193,7 @@ impl Swarm {
         dcfg.peers = config.peers.clone();
         dcfg.cluster_key = config.cluster_key;
         dcfg.mdns = config.mdns;
+        dcfg.site = config.site.clone();
         dcfg.lookup_timeout = Duration::from_secs(2);
         let dht = Dht::start(dcfg, dht_metrics).await?;
         let listen = dht.listen_addr();
@@ -324,11 +325,13 @@ impl Swarm {
         }
     }
 
-    /// This node's rank among the candidates nearest `digest` (0: the nearest). The first
-    /// `seeders` ranks are the designated upstream fetchers; the others take over in rank order.
-    /// A layer of an image manifest this node served is ranked with its sibling layers
-    /// (`seeder_order`), so that one node is not the designated seeder of two of them.
-    async fn seeder_rank(&self, digest: &Digest) -> usize {
+    /// This node's place for `digest` among the nodes nearest it: its rank (0: the nearest;
+    /// the first `seeders` ranks are the designated upstream fetchers, the others take over in
+    /// rank order) and, when it names a site, its role in the site (`site_gateway`: one of the
+    /// few that reach across the WAN for the blob at once). A layer of an image manifest this
+    /// node served is ranked with its sibling layers (`seeder_order`), so that one node is not
+    /// the designated seeder of two of them.
+    async fn placement(&self, digest: &Digest) -> (usize, SiteRole) {
         let me = swarm_id(&self.peer_id());
         match self
             .handle
@@ -336,6 +339,7 @@ impl Swarm {
             .await
         {
             Ok(c) => {
+                let role = self.site_role(digest, &c);
                 let mut candidates: Vec<PeerId> = c.peers.iter().map(swarm_id).collect();
                 if !candidates.contains(&me) {
                     candidates.push(me);
@@ -347,11 +351,32 @@ impl Swarm {
                     candidates,
                     self.config.seeders,
                 );
-                order.iter().position(|p| *p == me).unwrap_or(0)
+                (order.iter().position(|p| *p == me).unwrap_or(0), role)
             }
             // Alone or the DHT failing: this node is its own seeder.
-            Err(_) => 0,
+            Err(_) => (0, SiteRole::Unjudged),
         }
+    }
+
+    /// This node's role in its site for `digest`, judged from the DHT's nodes nearest the
+    /// digest's key (`sha256` of the digest, as Kademlia places it) and the sites their
+    /// identify told.
+    fn site_role(&self, digest: &Digest, nearest: &ClosestPeers) -> SiteRole {
+        let site = &self.config.site;
+        if site.is_empty() {
+            return SiteRole::Unjudged;
+        }
+        let key: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(digest.as_bytes()).into();
+        site_gateway(
+            &key,
+            &swarm_id(&self.peer_id()),
+            nearest
+                .peers
+                .iter()
+                .zip(&nearest.sites)
+                .map(|(p, s)| (swarm_id(p), s.as_deref() == Some(site.as_str()))),
+            SITE_GATEWAYS,
+        )
     }
 
     async fn conn(&self, addr: SocketAddr) -> Result<PeerConn, PeerError> {
@@ -585,7 +610,7 @@ impl Mirror {
         let me = sw.peer_id();
         let mut providers = sw.providers(&digest, PROVIDER_LIMIT).await;
         providers.retain(|p| p.peer_id != me);
-        let rank = sw.seeder_rank(&digest).await;
+        let (rank, site_role) = sw.placement(&digest).await;
         let designated = rank < sw.config.seeders;
         let takeover = sw.takeover_after;
         if providers.is_empty() {
@@ -686,7 +711,15 @@ impl Mirror {
         });
         self.insert_arriving(digest, transfer.clone());
         self.pulls.fetching(&digest, Some(size));
-        info!(digest = %digest, size, providers = providers.len(), table_covers = table.covered(), lookup_ms = started.elapsed().as_millis() as u64, "fetching blob from peers");
+        if !sw.config.site.is_empty() {
+            let role = match site_role {
+                SiteRole::Gateway => "gateway",
+                SiteRole::Member => "member",
+                SiteRole::Unjudged => "unjudged",
+            };
+            self.pulls.site_role(&digest, role);
+        }
+        info!(digest = %digest, size, providers = providers.len(), table_covers = table.covered(), lookup_ms = started.elapsed().as_millis() as u64, ?site_role, "fetching blob from peers");
         let (this, sw, reg, name, auth) = (
             self.clone(),
             sw.clone(),
@@ -721,6 +754,7 @@ impl Mirror {
             seed: u64::from_le_bytes(seed),
             upstream_allowed: designated,
             takeover_after_ms: (takeover.as_millis() as u64).saturating_mul(stagger),
+            site_role,
             ..DownloadConfig::default()
         };
         let job = Job {

@@ -314,6 +314,60 @@ async fn dht_closest_peers_agree_across_nodes() {
     }
 }
 
+/// Each node tells its site in identify; the nodes nearest a key come with their sites (a
+/// node without one: none), which is how a node judges its part in its site for a blob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dht_closest_peers_tell_their_sites() {
+    let sites = ["east", "east", "west", ""];
+    let mut nodes = Vec::new();
+    for site in sites {
+        let dir = tempfile::tempdir().unwrap();
+        let peers = nodes
+            .first()
+            .map(|n: &TestNode| vec![n.addr()])
+            .unwrap_or_default();
+        let mut c = config(&dir, None, peers);
+        c.site = site.to_string();
+        nodes.push(start_with(c, dir).await);
+    }
+    wait_all_known(&nodes).await;
+    let want = |id: PeerId| {
+        let i = nodes.iter().position(|n| n.id() == id).unwrap();
+        Some(sites[i].to_string()).filter(|s| !s.is_empty())
+    };
+    for node in &nodes {
+        let h = node.dht.handle();
+        eventually("every node's site known to every node", || {
+            let h = h.clone();
+            async move {
+                let got = h.closest_peers(digest(7), 20).await.unwrap();
+                got.peers.len() == sites.len()
+                    && got
+                        .peers
+                        .iter()
+                        .zip(&got.sites)
+                        .all(|(p, s)| *s == want(*p))
+            }
+        })
+        .await;
+    }
+    for n in nodes {
+        n.dht.shutdown().await;
+    }
+}
+
+#[test]
+fn agent_version_carries_the_site() {
+    use shoal_node::dht::{agent_version, site_of_agent};
+    assert_eq!(
+        site_of_agent(&agent_version("edge-7.b_c")).as_deref(),
+        Some("edge-7.b_c")
+    );
+    assert_eq!(site_of_agent(&agent_version("")), None);
+    assert_eq!(site_of_agent("shoal/0.1.0 site=bad/site"), None);
+    assert_eq!(site_of_agent("rust-libp2p/0.45"), None);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dht_identity_survives_restart_and_shutdown_closes_handles() {
     let dir = tempfile::tempdir().unwrap();

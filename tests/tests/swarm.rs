@@ -475,6 +475,9 @@ async fn a_node_takes_a_blob_from_its_own_site() {
         "the far peer served more than two chunks: {rec:?}"
     );
     assert!(from(&near) >= 14 << 20, "{rec:?}");
+    // Its site has two nodes, both among the DHT's nodes nearest the blob: it counts itself
+    // among its site's gateways (it learnt the other's site from identify).
+    assert_eq!(rec.site_role, Some("gateway"), "{rec:?}");
 }
 
 /// A provider whose table disagrees with the one in use (the table-conflict path, where no chunk

@@ -18,8 +18,8 @@ use tracing::{debug, info, trace};
 
 use super::addr::{multiaddr_to_socket, usable_addrs, AddressBook, PeerSpec};
 use super::{
-    Behaviour, BehaviourEvent, ClosestPeers, Command, DhtError, Metrics, Provider,
-    IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL, MAX_ADDRESS_BOOK,
+    site_of_agent, Behaviour, BehaviourEvent, ClosestPeers, Command, DhtError, Metrics, Provider,
+    IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL, MAX_ADDRESS_BOOK, MAX_SITE_BOOK,
 };
 
 /// Re-announcements of provided digests run at once (see `on_bootstrapped`).
@@ -123,6 +123,10 @@ pub(crate) struct Actor {
     /// Lookup and closest-peers deadlines; every one is `lookup_timeout` after its start, so
     /// insertion order is deadline order.
     deadlines: VecDeque<(Instant, QueryId)>,
+    /// This node's site (empty: none).
+    site: String,
+    /// Peers' sites, from identify; at most `MAX_SITE_BOOK`.
+    sites: HashMap<PeerId, String>,
 }
 
 impl Actor {
@@ -133,6 +137,7 @@ impl Actor {
         cancel: CancellationToken,
         metrics: Metrics,
         lookup_timeout: Duration,
+        site: String,
     ) -> Actor {
         let local_peer_id = *swarm.local_peer_id();
         Actor {
@@ -155,6 +160,8 @@ impl Actor {
             reannouncing: HashSet::new(),
             announced_at_size: 0,
             deadlines: VecDeque::new(),
+            site,
+            sites: HashMap::new(),
         }
     }
 
@@ -211,6 +218,7 @@ impl Actor {
                     let _ = reply.send(ClosestPeers {
                         peers: Vec::new(),
                         includes_self: false,
+                        sites: Vec::new(),
                     });
                     return;
                 }
@@ -535,7 +543,21 @@ impl Actor {
             return;
         }
         let addrs = usable_addrs(&info.listen_addrs);
-        trace!(%peer, ?addrs, "identified");
+        trace!(%peer, ?addrs, agent = %info.agent_version, "identified");
+        match site_of_agent(&info.agent_version) {
+            Some(site) => {
+                if self.sites.len() >= MAX_SITE_BOOK && !self.sites.contains_key(&peer) {
+                    // Bounded: forget an arbitrary peer (re-learned on its next identify).
+                    if let Some(old) = self.sites.keys().next().copied() {
+                        self.sites.remove(&old);
+                    }
+                }
+                self.sites.insert(peer, site);
+            }
+            None => {
+                self.sites.remove(&peer);
+            }
+        }
         if self.book.set(peer, &addrs) {
             for a in addrs {
                 self.kad().add_address(&peer, a);
@@ -719,9 +741,20 @@ impl Actor {
         peers.dedup();
         peers.truncate(req.k);
         let includes_self = peers.contains(&self.local_peer_id);
+        let sites = peers
+            .iter()
+            .map(|p| {
+                if *p == self.local_peer_id {
+                    Some(self.site.clone()).filter(|s| !s.is_empty())
+                } else {
+                    self.sites.get(p).cloned()
+                }
+            })
+            .collect();
         let _ = req.reply.send(ClosestPeers {
             peers,
             includes_self,
+            sites,
         });
     }
 }

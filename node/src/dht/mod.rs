@@ -85,6 +85,8 @@ pub use metrics::Metrics;
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/kad/1.0.0");
 /// The identify `protocol_version`; peers announcing anything else are not added to Kademlia.
 pub const IDENTIFY_PROTOCOL_VERSION: &str = "/shoal/1.0.0";
+/// Peers whose site (from identify) is remembered.
+pub const MAX_SITE_BOOK: usize = 8192;
 /// The identity file's name under the data dir.
 pub const IDENTITY_FILE: &str = "p2p-identity.key";
 /// Capacity of the command channel between handles and the actor.
@@ -141,6 +143,10 @@ pub struct DhtConfig {
     /// How often DNS names in `peers` are re-resolved and unknown addresses redialed.
     /// Default 30 s.
     pub redial_interval: Duration,
+    /// This node's site (`--site`; empty: none), told to peers in identify's agent version
+    /// ([`agent_version`]) so that [`DhtHandle::closest_peers`] can tell which of the nodes
+    /// nearest a key share it.
+    pub site: String,
 }
 
 impl DhtConfig {
@@ -158,6 +164,7 @@ impl DhtConfig {
             provider_republish: Duration::from_secs(10 * 60),
             lookup_timeout: Duration::from_secs(5),
             redial_interval: Duration::from_secs(30),
+            site: String::new(),
         }
     }
 }
@@ -178,6 +185,9 @@ pub struct ClosestPeers {
     pub peers: Vec<PeerId>,
     /// Whether this node is among `peers`.
     pub includes_self: bool,
+    /// Each of `peers`' site, as its identify told (`None`: unknown or none; this node's own
+    /// from its configuration).
+    pub sites: Vec<Option<String>>,
 }
 
 /// DHT errors.
@@ -487,6 +497,7 @@ impl Dht {
             cancel.clone(),
             metrics,
             config.lookup_timeout,
+            config.site.clone(),
         );
         let task = tokio::spawn(
             actor
@@ -566,6 +577,26 @@ fn build_transport(
     })
 }
 
+/// identify's agent version: `shoal/VERSION`, and ` site=SITE` when this node names a site.
+pub fn agent_version(site: &str) -> String {
+    let mut v = format!("shoal/{}", env!("CARGO_PKG_VERSION"));
+    if !site.is_empty() {
+        v.push_str(" site=");
+        v.push_str(site);
+    }
+    v
+}
+
+/// The site a peer's identify agent version names (see [`agent_version`]): `None` when it
+/// names none or an invalid one.
+pub fn site_of_agent(agent: &str) -> Option<String> {
+    agent
+        .split(' ')
+        .find_map(|w| w.strip_prefix("site="))
+        .filter(|s| shoal_protocol::wire::valid_site(s))
+        .map(str::to_string)
+}
+
 fn build_behaviour(
     keypair: &libp2p::identity::Keypair,
     config: &DhtConfig,
@@ -597,7 +628,7 @@ fn build_behaviour(
     let kad = kad::Behaviour::with_config(local_peer_id, store, kcfg);
     let identify = identify::Behaviour::new(
         identify::Config::new(IDENTIFY_PROTOCOL_VERSION.to_string(), keypair.public())
-            .with_agent_version(format!("shoal/{}", env!("CARGO_PKG_VERSION")))
+            .with_agent_version(agent_version(&config.site))
             .with_push_listen_addr_updates(true),
     );
     let mdns = if config.mdns {
