@@ -351,6 +351,21 @@ async fn dht_closest_peers_tell_their_sites() {
         })
         .await;
     }
+    // The answer is ordered by the metric `swarm::site_gateway` judges with: the XOR of
+    // sha256(digest) and sha256(peer id), the protocol's `xor_distance`.
+    use sha2::{Digest as _, Sha256};
+    use shoal_protocol::swarm::{xor_distance, PeerId as SwarmId};
+    let got = nodes[0]
+        .dht
+        .handle()
+        .closest_peers(digest(7), 20)
+        .await
+        .unwrap();
+    let key: [u8; 32] = Sha256::digest(digest(7)).into();
+    let dist = |p: &PeerId| xor_distance(&key, &SwarmId::from_bytes(&p.to_bytes()).unwrap());
+    let mut sorted = got.peers.clone();
+    sorted.sort_by_key(dist);
+    assert_eq!(got.peers, sorted);
     for n in nodes {
         n.dht.shutdown().await;
     }

@@ -11,6 +11,10 @@
 #   c. nothing is left: no namespace, process or temp dir of the run
 #   d. a run interrupted with SIGTERM while its nodes pull removes everything too
 #   e. `shoal-cluster cleanup --prefix` removes a leftover namespace and the process in it
+#   f. two sites of two hosts behind WAN links (`--sites 2`, each node told its site): every
+#      host completes with the right digests, <= 1.2 copies, and the nodes that fetched from
+#      peers judged their role in their site from the sites their peers told in identify
+#      (`site_role` in /_shoal/pulls: `gateway`, as every node of a two-host site is)
 #
 # SKIP when not root or `ip netns` does not work. Knobs: E2E_CLUSTER_HOSTS (3),
 # E2E_CLUSTER_IMAGE_SIZE (24MiB), E2E_CLUSTER_RATE (1gbit), E2E_CLUSTER_MAX_COPIES (1.2).
@@ -29,7 +33,8 @@ CASE_B="b: report sane: all hosts done, digests right, baseline = $HOSTS copies,
 CASE_C="c: after the run no namespace, process or temp dir of it is left"
 CASE_D="d: a run interrupted by SIGTERM mid-pull removes its namespaces, processes and temp dir"
 CASE_E="e: shoal-cluster cleanup --prefix removes a leftover namespace and its process"
-ALL_CASES=("$CASE_A" "$CASE_B" "$CASE_C" "$CASE_D" "$CASE_E")
+CASE_F="f: two sites of two hosts behind WAN links: all done, digests right, <= $MAX_COPIES copies, site roles judged (gateway)"
+ALL_CASES=("$CASE_A" "$CASE_B" "$CASE_C" "$CASE_D" "$CASE_E" "$CASE_F")
 
 skip_all() {
     local c
@@ -176,5 +181,26 @@ cleanup_cmd() {
     return 0
 }
 run_case "$CASE_E" cleanup_cmd
+
+# --- f: sites -------------------------------------------------------------------------------------
+sites_run() {
+    local out=$T/sites rc=0 r why=''
+    "$SHOAL_CLUSTER" run --hosts 4 --sites 2 --rate "$RATE" --wan-rate 200mbit --registry-rate "$RATE" \
+        --image-size 16MiB --layers 2 --no-baseline --timeout 90 --settle 2 --shoal "$SHOAL_BIN" \
+        --imagegen "$SHOAL_IMAGEGEN" --out "$out" >"$T/sites.log" 2>&1 || rc=$?
+    sed 's/^/  | /' "$T/sites.log" >&2
+    ((rc == 0)) || die "shoal-cluster run --sites 2 exited $rc: $(grep -m1 'shoal-cluster:' "$T/sites.log" || tail -n1 "$T/sites.log")"
+    r=$out/report.json
+    jq -e '.shoal.all_completed == true and .shoal.hosts_completed == 4 and .shoal.digests_ok == true' "$r" >/dev/null ||
+        why+="not every host completed with the right digests: $(jq -c '[.shoal.hosts[] | {host, ok, error, verified}]' "$r"); "
+    jq -e ".shoal.upstream.copies >= 0.99 and .shoal.upstream.copies <= $MAX_COPIES" "$r" >/dev/null ||
+        why+="registry sent $(jq '.shoal.upstream.copies' "$r") copies; "
+    # a node of a two-host site is never a member; the peers' sites came from identify
+    jq -e '([.shoal.hosts[].bytes_by_source.site_roles.gateway // 0] | add) >= 1 and ([.shoal.hosts[].bytes_by_source.site_roles.member // 0] | add) == 0' "$r" >/dev/null ||
+        why+="site roles: $(jq -c '[.shoal.hosts[] | {host, roles: .bytes_by_source.site_roles}]' "$r"); "
+    [[ -z $(leftovers "$(jq -r '.run' "$r" | sed 's/^shc-//')") ]] || why+="leftovers after the run; "
+    [[ -z $why ]] || die "$why"
+}
+run_case "$CASE_F" sites_run
 
 e2e_finish

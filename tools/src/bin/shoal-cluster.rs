@@ -1483,6 +1483,7 @@ fn run_shoal(
             let (mut up, mut peers, mut cache, mut arriving) = (0u64, 0u64, 0u64, 0u64);
             let mut by_peer: BTreeMap<String, u64> = BTreeMap::new();
             let mut states: BTreeMap<String, u64> = BTreeMap::new();
+            let mut site_roles: BTreeMap<String, u64> = BTreeMap::new();
             for r in v["pulls"].as_array().into_iter().flatten() {
                 if !digests.contains(&r["digest"].as_str().unwrap_or("")) {
                     continue;
@@ -1500,9 +1501,12 @@ fn run_shoal(
                 *states
                     .entry(r["state"].as_str().unwrap_or("?").to_string())
                     .or_default() += 1;
+                if let Some(role) = r["site_role"].as_str() {
+                    *site_roles.entry(role.to_string()).or_default() += 1;
+                }
             }
             src = json!({"upstream": up, "peers": peers, "served_from_cache": cache, "served_while_arriving": arriving,
-                         "by_peer": by_peer, "states": states});
+                         "by_peer": by_peer, "states": states, "site_roles": site_roles});
         } else {
             src["error"] = json!(format!("GET /_shoal/pulls -> {code}"));
         }
