@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 use shoal_protocol::serve::ServeConfig;
+use shoal_protocol::swarm::SITE_GATEWAYS;
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
@@ -116,6 +117,11 @@ pub struct RunArgs {
     /// every peer is near].
     #[arg(long, env = "SHOAL_SITE")]
     pub site: Option<String>,
+    /// With --site: how many nodes of a site ask other sites for a blob at once (its gateways;
+    /// the others wait about 5 s longer). 1 or 2 suit sites behind a link slower than one
+    /// host's own; more suit fat links between large sites [default: 8].
+    #[arg(long, env = "SHOAL_SITE_GATEWAYS")]
+    pub site_gateways: Option<usize>,
     /// Test-only fault injection: serve corrupt chunks to peers (a poisoned peer).
     #[arg(long, hide = true)]
     pub fault_corrupt_chunks: bool,
@@ -162,6 +168,7 @@ struct FileConfig {
     chunk_size: Option<SizeValue>,
     seeders: Option<usize>,
     site: Option<String>,
+    site_gateways: Option<usize>,
 }
 
 /// Errors in the configuration; each names what is wrong.
@@ -235,6 +242,8 @@ pub struct P2pConfig {
     pub seeders: usize,
     /// This node's site (empty: none).
     pub site: String,
+    /// Gateways a site has per blob (`protocol::swarm::site_gateway`).
+    pub site_gateways: usize,
     /// Fault injection for tests: serve corrupt chunks to peers.
     pub fault_corrupt_chunks: bool,
     /// Fault injection for tests: serve lying midstate tables to peers.
@@ -247,6 +256,8 @@ pub struct P2pConfig {
 pub const DEFAULT_CHUNK_SIZE: u32 = 4 << 20;
 /// Default number of designated seeders per blob.
 pub const DEFAULT_SEEDERS: usize = 1;
+/// The most `--site-gateways` accepted.
+pub const MAX_SITE_GATEWAYS: usize = 1024;
 
 impl P2pConfig {
     /// Settings for `listen` with every default.
@@ -259,6 +270,7 @@ impl P2pConfig {
             chunk_size: DEFAULT_CHUNK_SIZE,
             seeders: DEFAULT_SEEDERS,
             site: String::new(),
+            site_gateways: SITE_GATEWAYS,
             fault_corrupt_chunks: false,
             fault_lie_tables: false,
             serve: ServeConfig::default(),
@@ -506,6 +518,17 @@ impl RunArgs {
                     }
                 }
                 let site = site.unwrap_or_default();
+                let site_gateways = self
+                    .site_gateways
+                    .or(file.site_gateways)
+                    .unwrap_or(SITE_GATEWAYS);
+                if !(1..=MAX_SITE_GATEWAYS).contains(&site_gateways) {
+                    return Err(invalid(
+                        "site_gateways",
+                        &site_gateways.to_string(),
+                        format!("must be 1 to {MAX_SITE_GATEWAYS}"),
+                    ));
+                }
                 for p in &peers {
                     if p.trim().is_empty() {
                         return Err(invalid("peer", p, "empty peer address"));
@@ -533,6 +556,7 @@ impl RunArgs {
                     chunk_size: chunk_size as u32,
                     seeders,
                     site,
+                    site_gateways,
                     fault_corrupt_chunks: self.fault_corrupt_chunks,
                     fault_lie_tables: self.fault_lie_tables,
                     serve,
@@ -618,5 +642,30 @@ mod tests {
         .resolve()
         .unwrap_err();
         assert!(err.to_string().contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn site_gateways_default_flag_file_and_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shoal.toml");
+        std::fs::write(&path, "p2p_listen = \"127.0.0.1:0\"\nsite_gateways = 3\n").unwrap();
+        let p2p = |gw: Option<usize>| {
+            RunArgs {
+                config: Some(path.clone()),
+                site: Some("edge-1".into()),
+                site_gateways: gw,
+                ..Default::default()
+            }
+            .resolve()
+            .map(|c| c.p2p.expect("p2p").site_gateways)
+        };
+        assert_eq!(p2p(None).unwrap(), 3, "from the file");
+        assert_eq!(p2p(Some(1)).unwrap(), 1, "the flag beats the file");
+        let err = p2p(Some(0)).unwrap_err();
+        assert!(err.to_string().contains("site_gateways"), "{err}");
+        let err = p2p(Some(MAX_SITE_GATEWAYS + 1)).unwrap_err();
+        assert!(err.to_string().contains("site_gateways"), "{err}");
+        std::fs::write(&path, "p2p_listen = \"127.0.0.1:0\"\n").unwrap();
+        assert_eq!(p2p(None).unwrap(), SITE_GATEWAYS, "the default");
     }
 }

@@ -32,7 +32,7 @@ use shoal_protocol::chunk::{ChunkError, TablePrefix};
 use shoal_protocol::swarm::{
     designated_seeders, next_lookup_after_ms, relookup_after_ms, seeder_order, site_gateway,
     Action, Download, DownloadConfig, FailReason, Have, InFlightBudget, PeerId, SiteRole,
-    FAR_PEER_LIMIT, HAVE_POLL_MS, PROVIDER_LIMIT, SITE_GATEWAYS,
+    FAR_PEER_LIMIT, HAVE_POLL_MS, PROVIDER_LIMIT,
 };
 use shoal_protocol::wire::Bitfield;
 use shoal_protocol::Digest;
@@ -375,7 +375,7 @@ impl Swarm {
                 .iter()
                 .zip(&nearest.sites)
                 .map(|(p, s)| (swarm_id(p), s.as_deref() == Some(site.as_str()))),
-            SITE_GATEWAYS,
+            self.config.site_gateways,
         )
     }
 

@@ -199,7 +199,7 @@ impl Params {
     /// `takeover_after_ms`, `slow_swarm_percent`, `max_in_flight_bytes`; `shared_seed=1` (every
     /// node's `Download` of a blob seeded alike, as the daemon does today); and for calibration
     /// `rate` (per-node bytes per second, both directions), `upstream_egress`,
-    /// `upstream_rtt_us`, `chunk_size`, `image_bytes` and `layers` (applied in order:
+    /// `upstream_rtt_us`, `sites`, `wan`, `chunk_size`, `image_bytes` and `layers` (applied in order:
     /// `image_bytes=…,layers=…` splits the size evenly).
     pub fn tune(&mut self, spec: &str) -> Result<(), String> {
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -278,6 +278,9 @@ impl Params {
                         .collect();
                 }
                 "upstream_rtt_us" => self.upstream_rtt_us = v,
+                // The harness's `--sites K` and `--wan-rate` (bytes per second, each way).
+                "sites" => self.sites = (v as usize).max(1),
+                "wan" => self.wan = v,
                 "chunk_size" => self.chunk_size = v as u32,
                 other => return Err(format!("unknown tuning key '{other}'")),
             }
