@@ -527,7 +527,9 @@ pub const SITE_GATEWAY_QUIET_MS: u64 = 0;
 /// or at the nodes they served. `shoal-sim run sites` (seeds 1 / 2 / 3, gateways not waiting
 /// for quiet): p99 14.5 / 14.9 / 15.0 s and 4.6–4.8 GB over the WANs with 4; 14.6 / 14.9 /
 /// 14.3 s and 5.7–6.3 GB with 8; 13.0 / 14.0 / 13.5 s and 6.7–8.0 GB with 16 (about one
-/// copy of the 1 GB image a site is the least possible).
+/// copy of the 1 GB image a site is the least possible). Behind a WAN slower than one host's
+/// own link fewer do better (all of a site's gateways then ask across for the same first
+/// chunks): the daemon's `--site-gateways` (BENCHMARKS.md, sixth session).
 pub const SITE_GATEWAYS: usize = 8;
 
 /// How much longer than [`FAR_QUIET_MS`] a node that is not one of its site's gateways for a

@@ -1878,3 +1878,25 @@ fn about_the_wanted_number_of_site_gateways_per_blob() {
         "a blob without a gateway: {counts:?}"
     );
 }
+
+proptest! {
+    /// Any answer of the DHT (duplicates, this node among them, any sites): no panic, and a
+    /// gateway for `g` gateways stays one for `g + 1`.
+    #[test]
+    fn site_gateway_is_total_and_monotonic_in_the_gateway_count(
+        me in 0u64..64,
+        nearest in proptest::collection::vec((0u64..64, any::<bool>()), 0..30),
+        key in any::<[u8; 32]>(),
+        g in 0usize..24,
+    ) {
+        let list: Vec<(PeerId, bool)> = nearest.iter().map(|&(n, s)| (p(n), s)).collect();
+        let a = site_gateway(&key, &p(me), list.clone(), g);
+        let b = site_gateway(&key, &p(me), list, g + 1);
+        if a == SiteRole::Gateway {
+            prop_assert_eq!(b, SiteRole::Gateway);
+        }
+        if g == 0 {
+            prop_assert_eq!(a, SiteRole::Member);
+        }
+    }
+}
