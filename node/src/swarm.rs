@@ -713,7 +713,7 @@ impl Mirror {
         self.pulls.fetching(&digest, Some(size));
         if !sw.config.site.is_empty() {
             let role = match site_role {
-                SiteRole::Gateway => "gateway",
+                SiteRole::Gateway { .. } => "gateway",
                 SiteRole::Member => "member",
                 SiteRole::Unjudged => "unjudged",
             };

@@ -506,7 +506,14 @@ pub enum SiteRole {
     /// Not judged (no sites, or too little known): [`FAR_QUIET_MS`] and its jitter.
     Unjudged,
     /// One of the site's few gateways for the blob: [`SITE_GATEWAY_QUIET_MS`], no jitter.
-    Gateway,
+    /// `rank`: its place among them (0: the nearest the blob's key), counted or estimated. A
+    /// gateway of rank 1 or more whose far chunks arrive much slower than its near ones (a
+    /// WAN thinner than a host's own link) waits as a member from then on
+    /// ([`THIN_WAN_FACTOR`]).
+    Gateway {
+        /// Its place among the site's gateways for the blob.
+        rank: u32,
+    },
     /// Any other node of the site: [`SITE_FALLBACK_MS`] more than an unjudged node.
     Member,
 }
@@ -531,6 +538,18 @@ pub const SITE_GATEWAY_QUIET_MS: u64 = 0;
 /// own link fewer do better (all of a site's gateways then ask across for the same first
 /// chunks): the daemon's `--site-gateways` (BENCHMARKS.md, sixth session).
 pub const SITE_GATEWAYS: usize = 8;
+
+/// A far chunk that arrives at less than the best near peer's rate divided by this marks the
+/// WAN thin for a download (see [`SiteRole::Gateway`]): its gateways other than the first then
+/// wait as members, so that they stop fetching across, in duplicate, the first chunks the
+/// site lacks. The simulator's model of the harness's two sites of four hosts behind 50 Mbit/s
+/// WANs (`SHOAL_SIM_TUNE=rate=12500000,upstream_egress=125000000,image_bytes=134217728,
+/// layers=4,sites=2,wan=6250000 shoal-sim run sites --nodes 8`, mean p99 of seeds 1–10):
+/// 36.9 s without the rule, 28.0 s with 3, 28.1 with 6, 27.9 with 8, 29.1 with 12, 33.6 with
+/// 16 (one gateway a site: 25.0); `sites` at 1,000 nodes (10 Gbit/s WANs, seeds 1 / 2 / 3):
+/// 14.6 / 14.9 / 14.3 s without, 15.4 / 17.1 / 33.6 s with 3, 14.6 / 15.3 / 14.8 s with 8,
+/// 14.7 / 14.8 / 15.2 s with 12.
+pub const THIN_WAN_FACTOR: u64 = 8;
 
 /// How much longer than [`FAR_QUIET_MS`] a node that is not one of its site's gateways for a
 /// blob ([`site_gateway`]) waits before it asks a far peer: the far fallback of a site whose
@@ -564,12 +583,8 @@ pub fn site_gateway(
     nearest: impl IntoIterator<Item = (PeerId, bool)>,
     gateways: usize,
 ) -> SiteRole {
-    let role = |gateway: bool| {
-        if gateway {
-            SiteRole::Gateway
-        } else {
-            SiteRole::Member
-        }
+    let gateway = |rank: usize| SiteRole::Gateway {
+        rank: u32::try_from(rank).unwrap_or(u32::MAX),
     };
     let mine = xor_distance(key, me);
     let mut others: Vec<([u8; 32], bool)> = Vec::new();
@@ -591,7 +606,7 @@ pub fn site_gateway(
         return if m == 0 {
             SiteRole::Unjudged
         } else {
-            SiteRole::Gateway
+            gateway(closer)
         };
     }
     if m == 0 {
@@ -603,7 +618,12 @@ pub fn site_gateway(
         b.copy_from_slice(&d[..8]);
         u64::from_be_bytes(b) as f64 + 1.0
     };
-    role(((m + 1) as f64) * top(&mine) / top(&radius) < gateways as f64)
+    let nearer = ((m + 1) as f64) * top(&mine) / top(&radius);
+    if nearer < gateways as f64 {
+        gateway(nearer as usize)
+    } else {
+        SiteRole::Member
+    }
 }
 
 /// How often a downloading node asks a partial provider that refused a `Watch`
@@ -1062,6 +1082,8 @@ pub struct Download {
     /// How long the site must have been quiet before a far peer is asked: `far_quiet_ms` and
     /// this download's share of `far_quiet_jitter_ms`, or less or more by its `site_role`.
     far_quiet: u64,
+    /// A member's `far_quiet` (for a gateway that finds the WAN thin).
+    member_quiet: u64,
 }
 
 impl Download {
@@ -1077,10 +1099,11 @@ impl Download {
                 0 => 0,
                 j => splitmix64(&mut jitter_rng) % j,
             });
+        let member_quiet = jittered.saturating_add(config.site_fallback_ms);
         let far_quiet = match config.site_role {
             SiteRole::Unjudged => jittered,
-            SiteRole::Gateway => config.site_gateway_quiet_ms,
-            SiteRole::Member => jittered.saturating_add(config.site_fallback_ms),
+            SiteRole::Gateway { .. } => config.site_gateway_quiet_ms,
+            SiteRole::Member => member_quiet,
         };
         let mut download = Download {
             layout,
@@ -1115,6 +1138,7 @@ impl Download {
             last_progress: now,
             near_progress: now,
             far_quiet,
+            member_quiet,
             queue: VecDeque::new(),
             config,
         };
@@ -1949,7 +1973,11 @@ impl Download {
                     p.rate - p.rate / 4 + sample / 4
                 };
                 p.last_delivery = now;
+                let far = p.far;
                 self.set_rate(peer, rate);
+                if far {
+                    self.judge_wan(sample);
+                }
             }
         }
         self.complete(index, Some(peer), now);
@@ -2254,6 +2282,29 @@ impl Download {
                 }
                 None => self.starve(peer, now),
             }
+        }
+    }
+
+    /// A far chunk arrived at `rate`: a gateway other than the first whose far chunks come much
+    /// slower than its near peers send waits as a member from now on (see
+    /// [`THIN_WAN_FACTOR`]).
+    fn judge_wan(&mut self, rate: u64) {
+        let SiteRole::Gateway { rank } = self.config.site_role else {
+            return;
+        };
+        if rank == 0 {
+            return;
+        }
+        let near = self
+            .peers
+            .values()
+            .filter(|q| !q.far)
+            .map(|q| q.rate)
+            .max()
+            .filter(|&r| r > 0)
+            .unwrap_or(self.config.initial_peer_rate);
+        if rate.saturating_mul(THIN_WAN_FACTOR) < near {
+            self.far_quiet = self.member_quiet;
         }
     }
 

@@ -1775,7 +1775,7 @@ fn a_site_gateway_reaches_across_first() {
         at
     };
     assert_eq!(first_far_request(SiteRole::Unjudged), 100);
-    assert_eq!(first_far_request(SiteRole::Gateway), 30);
+    assert_eq!(first_far_request(SiteRole::Gateway { rank: 0 }), 30);
     assert_eq!(first_far_request(SiteRole::Member), 1_100);
 }
 
@@ -1788,14 +1788,14 @@ fn by_distance(key: &[u8; 32], n: u64) -> Vec<PeerId> {
 
 #[test]
 fn site_gateways_are_counted_among_the_nearest_nodes() {
-    use SiteRole::{Gateway as G, Member as M, Unjudged as U};
+    use SiteRole::{Member as M, Unjudged as U};
     let key = [7u8; 32];
     let order = by_distance(&key, 40);
     // Every node in one site: the first 3 are the gateways, counted exactly.
     let all: Vec<(PeerId, bool)> = order.iter().map(|&q| (q, true)).collect();
     for (i, me) in order.iter().enumerate() {
         let want = if i < 3 {
-            SiteRole::Gateway
+            SiteRole::Gateway { rank: i as u32 }
         } else {
             SiteRole::Member
         };
@@ -1808,7 +1808,10 @@ fn site_gateways_are_counted_among_the_nearest_nodes() {
         .map(|(i, &q)| (q, i % 4 == 0))
         .chain([(order[0], true), (order[4], true)])
         .collect();
-    assert_eq!(site_gateway(&key, &order[8], mixed.clone(), 3), G);
+    assert_eq!(
+        site_gateway(&key, &order[8], mixed.clone(), 3),
+        SiteRole::Gateway { rank: 2 }
+    );
     assert_eq!(site_gateway(&key, &order[12], mixed.clone(), 3), M);
     // Knowing nobody, or only nodes of other sites: not judged (as every node was before).
     assert_eq!(site_gateway(&key, &order[39], [], 3), U);
@@ -1818,7 +1821,7 @@ fn site_gateways_are_counted_among_the_nearest_nodes() {
 
 #[test]
 fn site_gateways_beyond_the_nearest_nodes_are_estimated_from_the_site_density() {
-    use SiteRole::{Gateway as G, Member as M, Unjudged as U};
+    use SiteRole::{Member as M, Unjudged as U};
     let key = [9u8; 32];
     let order = by_distance(&key, 200);
     // Two of this node's site among the twenty nearest the key (at radius r), and this node
@@ -1828,7 +1831,10 @@ fn site_gateways_beyond_the_nearest_nodes_are_estimated_from_the_site_density() 
         .enumerate()
         .map(|(i, &q)| (q, i == 3 || i == 17))
         .collect();
-    assert_eq!(site_gateway(&key, &order[20], nearest.clone(), 8), G);
+    assert!(matches!(
+        site_gateway(&key, &order[20], nearest.clone(), 8),
+        SiteRole::Gateway { rank: 2..=4 }
+    ));
     assert_eq!(site_gateway(&key, &order[20], nearest.clone(), 2), M);
     // Ten times the radius away: about thirty nearer, not one of eight.
     assert_eq!(site_gateway(&key, &order[199], nearest.clone(), 8), M);
@@ -1892,11 +1898,47 @@ proptest! {
         let list: Vec<(PeerId, bool)> = nearest.iter().map(|&(n, s)| (p(n), s)).collect();
         let a = site_gateway(&key, &p(me), list.clone(), g);
         let b = site_gateway(&key, &p(me), list, g + 1);
-        if a == SiteRole::Gateway {
-            prop_assert_eq!(b, SiteRole::Gateway);
+        if matches!(a, SiteRole::Gateway { .. }) {
+            let still = matches!(b, SiteRole::Gateway { .. });
+            prop_assert!(still, "{:?} with one more gateway: {:?}", a, b);
         }
         if g == 0 {
             prop_assert_eq!(a, SiteRole::Member);
         }
     }
+}
+
+/// A gateway other than the site's first whose far chunk arrives far slower than its near
+/// peers send (a WAN thinner than a host's link) waits as a member from then on; the first
+/// gateway goes on asking across at once.
+#[test]
+fn a_later_gateway_behind_a_thin_wan_waits_as_a_member() {
+    let next_far_after_a_slow_far_chunk = |rank: u32| {
+        let cfg = DownloadConfig {
+            far_quiet_ms: 100,
+            far_quiet_jitter_ms: 0,
+            site_role: SiteRole::Gateway { rank },
+            site_gateway_quiet_ms: 0,
+            site_fallback_ms: 1_000,
+            ..fixed(1)
+        };
+        let mut d = Download::new(layout(8), cfg, 0);
+        d.add_peer(p(1), bits(8, &[0]), 0);
+        d.add_peer(p(2), Have::All, 0);
+        d.set_peer_far(p(2), true, 0);
+        assert_eq!(requests_to(&drain(&mut d, 0), p(1)), vec![0]);
+        // The near chunk at 1024 bytes in 10 ms; then the far peer, asked at once.
+        d.chunk_received(p(1), 0, u64::from(CS), 10);
+        let far = requests_to(&drain(&mut d, 10), p(2));
+        assert_eq!(far.len(), 1, "a gateway asks across at once");
+        // The far chunk takes a second: a hundredth of the near rate.
+        d.chunk_received(p(2), far[0], u64::from(CS), 1_010);
+        let now = requests_to(&drain(&mut d, 1_010), p(2));
+        (now.len(), d.next_wakeup())
+    };
+    let (first, _) = next_far_after_a_slow_far_chunk(0);
+    assert_eq!(first, 1, "the first gateway goes on");
+    let (later, wake) = next_far_after_a_slow_far_chunk(1);
+    assert_eq!(later, 0, "a later gateway now waits as a member");
+    assert!(wake.is_some_and(|w| w >= 1_100), "{wake:?}");
 }
