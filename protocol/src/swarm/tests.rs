@@ -1681,29 +1681,35 @@ fn far_peers_serve_only_what_the_site_cannot() {
     assert!(requests_to(&near_again, far).len() > 1, "{near_again:?}");
 }
 
+/// When a download whose only peer is far and holds the whole blob asks it for a chunk: not
+/// at once, exactly at its `next_wakeup`, not a millisecond before.
+fn first_far_request_at(cfg: DownloadConfig) -> u64 {
+    let mut d = Download::new(layout(4), cfg, 0);
+    d.add_peer(p(1), Have::All, 0);
+    d.set_peer_far(p(1), true, 0);
+    assert!(
+        drain(&mut d, 0).is_empty(),
+        "far peers wait for the quiet time"
+    );
+    let at = d.next_wakeup().expect("a wake-up for the far peer");
+    assert!(requests_to(&drain(&mut d, at - 1), p(1)).is_empty());
+    assert_eq!(requests_to(&drain(&mut d, at), p(1)).len(), 1);
+    at
+}
+
 /// Each download adds its own share of `far_quiet_jitter_ms` to the quiet time, drawn from its
 /// seed: the nodes of a site do not all reach across the WAN at once. The same seed waits the
 /// same time; the waits of many seeds spread over the whole range.
 #[test]
 fn far_quiet_times_differ_by_seed_within_the_jitter() {
     let first_far_request = |seed: u64| {
-        let cfg = DownloadConfig {
+        let at = first_far_request_at(DownloadConfig {
             seed,
             far_quiet_ms: 100,
             far_quiet_jitter_ms: 200,
             ..fixed(1)
-        };
-        let mut d = Download::new(layout(4), cfg, 0);
-        d.add_peer(p(1), Have::All, 0);
-        d.set_peer_far(p(1), true, 0);
-        assert!(
-            drain(&mut d, 0).is_empty(),
-            "far peers wait for the quiet time"
-        );
-        let at = d.next_wakeup().expect("a wake-up for the far peer");
+        });
         assert!((100..300).contains(&at), "seed {seed}: {at}");
-        assert!(requests_to(&drain(&mut d, at - 1), p(1)).is_empty());
-        assert_eq!(requests_to(&drain(&mut d, at), p(1)).len(), 1);
         at
     };
     let waits: Vec<u64> = (0..40).map(first_far_request).collect();
@@ -1758,21 +1764,14 @@ fn a_follower_allowed_upstream_fetches_what_its_silent_peers_do_not_send() {
 #[test]
 fn a_site_gateway_reaches_across_first() {
     let first_far_request = |site_role: SiteRole| {
-        let cfg = DownloadConfig {
+        first_far_request_at(DownloadConfig {
             far_quiet_ms: 100,
             far_quiet_jitter_ms: 0,
             site_role,
             site_gateway_quiet_ms: 30,
             site_fallback_ms: 1_000,
             ..fixed(1)
-        };
-        let mut d = Download::new(layout(4), cfg, 0);
-        d.add_peer(p(1), Have::All, 0);
-        d.set_peer_far(p(1), true, 0);
-        let at = d.next_wakeup().expect("a wake-up for the far peer");
-        assert!(requests_to(&drain(&mut d, at - 1), p(1)).is_empty());
-        assert_eq!(requests_to(&drain(&mut d, at), p(1)).len(), 1);
-        at
+        })
     };
     assert_eq!(first_far_request(SiteRole::Unjudged), 100);
     assert_eq!(first_far_request(SiteRole::Gateway { rank: 0 }), 30);
