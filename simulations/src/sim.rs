@@ -132,8 +132,8 @@ struct Task {
     inflight: Vec<(u32, u32, u32)>,
     wake_at: u64,
     designated: bool,
-    /// One of its site's gateways for this blob (`swarm::site_gateway`).
-    gateway: SiteRole,
+    /// What the node is to its site for this blob (`swarm::site_gateway`).
+    site_role: SiteRole,
     /// Lookups in a row that found no new peer (paces the next one, see
     /// `swarm::relookup_after_ms`).
     fruitless: u32,
@@ -435,10 +435,10 @@ impl Sim {
                 seeders.iter().map(pidx).collect()
             })
             .collect();
-        // Each site's gateways per blob (`swarm::site_gateway`): every node judges from the 20
+        // Each node's role in its site per blob (`swarm::site_gateway`): every node judges from the 20
         // nodes nearest the blob's key, whatever their site, as the daemon judges from its
         // DHT's answer.
-        let gateways: Vec<Vec<SiteRole>> = digests
+        let site_roles: Vec<Vec<SiteRole>> = digests
             .iter()
             .map(|digest| {
                 if p.sites < 2 || !p.locality || p.site_gateways == 0 {
@@ -473,7 +473,7 @@ impl Sim {
                     inflight: Vec::new(),
                     wake_at: u64::MAX,
                     designated: designated[b].contains(&node),
-                    gateway: gateways[b][node as usize],
+                    site_role: site_roles[b][node as usize],
                     fruitless: 0,
                 });
             }
@@ -955,7 +955,7 @@ impl Sim {
             upstream_allowed: t.designated,
             ..self.p.download.clone()
         };
-        config.site_role = t.gateway;
+        config.site_role = t.site_role;
         t.dl = Some(Box::new(Download::new(
             self.layouts[b as usize],
             config,
