@@ -449,8 +449,10 @@ async fn dht_digests_provided_before_peers_join_are_announced_to_them() {
     }
 }
 
-/// Needs multicast on the host's interfaces (often absent in containers and CI sandboxes):
-/// `cargo test -p shoal-node --test dht -- --ignored dht_mdns`.
+/// Needs multicast on a non-loopback interface (libp2p's mDNS skips loopback; often absent in
+/// containers and CI sandboxes): `cargo test -p shoal-node --test dht -- --ignored dht_mdns`.
+/// The end-to-end suite covers mDNS with real processes on a namespace LAN
+/// (`tests/e2e/test_cluster.sh` case g, `shoal-cluster run --mdns`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs working IPv4 multicast"]
 async fn dht_mdns_finds_lan_peers_without_bootstrap_addresses() {

@@ -15,6 +15,10 @@
 #      host completes with the right digests, <= 1.2 copies, and the nodes that fetched from
 #      peers judged their role in their site from the sites their peers told in identify
 #      (`site_role` in /_shoal/pulls: `gateway`, as every node of a two-host site is)
+#   g. an edge LAN: three hosts started with `--mdns` and no `--peer` find each other by
+#      multicast DNS on their bridge: every host completes with the right digests, the
+#      registry sends <= 1.2 copies (each node alone would fetch a whole copy) and every host
+#      got bytes from its peers
 #
 # SKIP when not root or `ip netns` does not work. Knobs: E2E_CLUSTER_HOSTS (3),
 # E2E_CLUSTER_IMAGE_SIZE (24MiB), E2E_CLUSTER_RATE (1gbit), E2E_CLUSTER_MAX_COPIES (1.2).
@@ -34,7 +38,8 @@ CASE_C="c: after the run no namespace, process or temp dir of it is left"
 CASE_D="d: a run interrupted by SIGTERM mid-pull removes its namespaces, processes and temp dir"
 CASE_E="e: shoal-cluster cleanup --prefix removes a leftover namespace and its process"
 CASE_F="f: two sites of two hosts behind WAN links: all done, digests right, <= $MAX_COPIES copies, site roles judged (gateway)"
-ALL_CASES=("$CASE_A" "$CASE_B" "$CASE_C" "$CASE_D" "$CASE_E" "$CASE_F")
+CASE_G="g: three hosts with --mdns and no --peer find each other on their LAN: all done, digests right, <= $MAX_COPIES copies, peer bytes on every host"
+ALL_CASES=("$CASE_A" "$CASE_B" "$CASE_C" "$CASE_D" "$CASE_E" "$CASE_F" "$CASE_G")
 
 skip_all() {
     local c
@@ -202,5 +207,26 @@ sites_run() {
     [[ -z $why ]] || die "$why"
 }
 run_case "$CASE_F" sites_run
+
+# --- g: mDNS on an edge LAN -----------------------------------------------------------------------
+mdns_run() {
+    local out=$T/mdns rc=0 r why=''
+    "$SHOAL_CLUSTER" run --hosts 3 --mdns --rate "$RATE" --registry-rate "$RATE" --image-size 24MiB \
+        --layers 3 --no-baseline --timeout 90 --settle 2 --shoal "$SHOAL_BIN" \
+        --imagegen "$SHOAL_IMAGEGEN" --out "$out" >"$T/mdns.log" 2>&1 || rc=$?
+    sed 's/^/  | /' "$T/mdns.log" >&2
+    ((rc == 0)) || die "shoal-cluster run --mdns exited $rc: $(grep -m1 'shoal-cluster:' "$T/mdns.log" || tail -n1 "$T/mdns.log")"
+    r=$out/report.json
+    jq -e '.config.mdns == true' "$r" >/dev/null || why+="the run did not use mDNS; "
+    jq -e '.shoal.all_completed == true and .shoal.hosts_completed == 3 and .shoal.digests_ok == true' "$r" >/dev/null ||
+        why+="not every host completed with the right digests: $(jq -c '[.shoal.hosts[] | {host, ok, error, verified}]' "$r"); "
+    jq -e ".shoal.upstream.copies >= 0.99 and .shoal.upstream.copies <= $MAX_COPIES" "$r" >/dev/null ||
+        why+="registry sent $(jq '.shoal.upstream.copies' "$r") copies (the nodes did not find each other?); "
+    jq -e '[.shoal.hosts[] | select((.bytes_by_source.peers // 0) < 1)] | length == 0' "$r" >/dev/null ||
+        why+="hosts without bytes from peers: $(jq -c '[.shoal.hosts[] | {host, src: .bytes_by_source}]' "$r"); "
+    [[ -z $(leftovers "$(jq -r '.run' "$r" | sed 's/^shc-//')") ]] || why+="leftovers after the run; "
+    [[ -z $why ]] || die "$why"
+}
+run_case "$CASE_G" mdns_run
 
 e2e_finish

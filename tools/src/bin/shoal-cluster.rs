@@ -145,6 +145,10 @@ struct RunArgs {
     /// peer alike (the comparison without locality).
     #[arg(long)]
     no_site_labels: bool,
+    /// The nodes find each other by mDNS on their LAN (`shoal run --mdns`) instead of
+    /// bootstrapping from host 1's address (`--peer`): the edge-site set-up.
+    #[arg(long)]
+    mdns: bool,
     /// The longest a packet may wait in a shaped link's queue (`tbf latency`, ms): the queue
     /// holds this much time at the link's rate. 100 ms is a deep ("bufferbloated") FIFO.
     #[arg(long, default_value_t = 100)]
@@ -1264,7 +1268,9 @@ fn start_nodes(net: &Net, tmp: &Path, bin: &Path, key: &Path, a: &RunArgs) -> Re
             "--cluster-key-file".into(),
             key.display().to_string(),
         ];
-        if i > 0 {
+        if a.mdns {
+            args.push("--mdns".into());
+        } else if i > 0 {
             args.push("--peer".into());
             args.push(bootstrap.clone());
         }
@@ -1916,7 +1922,7 @@ fn run(a: RunArgs) -> Result<()> {
         "shoal_version": shoal_version,
         "loadavg_start": fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
         "config": {
-            "hosts": a.hosts, "rate_bit_s": rate, "registry_rate_bit_s": reg_rate, "sites": a.sites, "queue_ms": a.queue_ms, "site_labels": a.sites > 0 && !a.no_site_labels,
+            "hosts": a.hosts, "rate_bit_s": rate, "registry_rate_bit_s": reg_rate, "sites": a.sites, "queue_ms": a.queue_ms, "site_labels": a.sites > 0 && !a.no_site_labels, "mdns": a.mdns,
             "wan_rate_bit_s": if a.sites > 0 { json!(wan_rate) } else { Value::Null },
             "image_size": a.image_size, "layers": a.layers, "seed": seed, "settle_s": a.settle,
             "shoal_args": a.shoal_args, "timeout_s": a.timeout,
