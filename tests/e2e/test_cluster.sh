@@ -19,6 +19,10 @@
 #      multicast DNS on their bridge: every host completes with the right digests, the
 #      registry sends <= 1.2 copies (each node alone would fetch a whole copy) and every host
 #      got bytes from its peers
+#   h. a headless service: every host bootstraps from one DNS name (`--peer shoal-peers:7000`,
+#      `shoal-cluster run --dns-peers`) that resolves in its namespace to a dead address and to
+#      every host: all done, digests right, <= 1.2 copies, peer bytes on every host, and the
+#      per-namespace hosts files are gone after the run
 #
 # SKIP when not root or `ip netns` does not work. Knobs: E2E_CLUSTER_HOSTS (3),
 # E2E_CLUSTER_IMAGE_SIZE (24MiB), E2E_CLUSTER_RATE (1gbit), E2E_CLUSTER_MAX_COPIES (1.2).
@@ -39,7 +43,8 @@ CASE_D="d: a run interrupted by SIGTERM mid-pull removes its namespaces, process
 CASE_E="e: shoal-cluster cleanup --prefix removes a leftover namespace and its process"
 CASE_F="f: two sites of two hosts behind WAN links: all done, digests right, <= $MAX_COPIES copies, site roles judged (gateway)"
 CASE_G="g: three hosts with --mdns and no --peer find each other on their LAN: all done, digests right, <= $MAX_COPIES copies, peer bytes on every host"
-ALL_CASES=("$CASE_A" "$CASE_B" "$CASE_C" "$CASE_D" "$CASE_E" "$CASE_F" "$CASE_G")
+CASE_H="h: three hosts bootstrap from one DNS name resolving to a dead address and every host: all done, digests right, <= $MAX_COPIES copies, peer bytes on every host"
+ALL_CASES=("$CASE_A" "$CASE_B" "$CASE_C" "$CASE_D" "$CASE_E" "$CASE_F" "$CASE_G" "$CASE_H")
 
 skip_all() {
     local c
@@ -208,25 +213,30 @@ sites_run() {
 }
 run_case "$CASE_F" sites_run
 
-# --- g: mDNS on an edge LAN -----------------------------------------------------------------------
-mdns_run() {
-    local out=$T/mdns rc=0 r why=''
-    "$SHOAL_CLUSTER" run --hosts 3 --mdns --rate "$RATE" --registry-rate "$RATE" --image-size 24MiB \
+# --- g, h: discovery without a bootstrap address --------------------------------------------------
+# discovery_run NAME FLAG: a 3-host run with FLAG; every host done, <= MAX_COPIES (each node
+# alone would fetch a whole copy), bytes from peers on every host, nothing left behind.
+discovery_run() {
+    local name=$1 flag=$2 out=$T/$1 rc=0 r why='' id
+    "$SHOAL_CLUSTER" run --hosts 3 "$flag" --rate "$RATE" --registry-rate "$RATE" --image-size 24MiB \
         --layers 3 --no-baseline --timeout 90 --settle 2 --shoal "$SHOAL_BIN" \
-        --imagegen "$SHOAL_IMAGEGEN" --out "$out" >"$T/mdns.log" 2>&1 || rc=$?
-    sed 's/^/  | /' "$T/mdns.log" >&2
-    ((rc == 0)) || die "shoal-cluster run --mdns exited $rc: $(grep -m1 'shoal-cluster:' "$T/mdns.log" || tail -n1 "$T/mdns.log")"
+        --imagegen "$SHOAL_IMAGEGEN" --out "$out" >"$T/$name.log" 2>&1 || rc=$?
+    sed 's/^/  | /' "$T/$name.log" >&2
+    ((rc == 0)) || die "shoal-cluster run $flag exited $rc: $(grep -m1 'shoal-cluster:' "$T/$name.log" || tail -n1 "$T/$name.log")"
     r=$out/report.json
-    jq -e '.config.mdns == true' "$r" >/dev/null || why+="the run did not use mDNS; "
+    jq -e ".config.${name} == true" "$r" >/dev/null || why+="the run's config does not say $name; "
     jq -e '.shoal.all_completed == true and .shoal.hosts_completed == 3 and .shoal.digests_ok == true' "$r" >/dev/null ||
         why+="not every host completed with the right digests: $(jq -c '[.shoal.hosts[] | {host, ok, error, verified}]' "$r"); "
     jq -e ".shoal.upstream.copies >= 0.99 and .shoal.upstream.copies <= $MAX_COPIES" "$r" >/dev/null ||
         why+="registry sent $(jq '.shoal.upstream.copies' "$r") copies (the nodes did not find each other?); "
     jq -e '[.shoal.hosts[] | select((.bytes_by_source.peers // 0) < 1)] | length == 0' "$r" >/dev/null ||
         why+="hosts without bytes from peers: $(jq -c '[.shoal.hosts[] | {host, src: .bytes_by_source}]' "$r"); "
-    [[ -z $(leftovers "$(jq -r '.run' "$r" | sed 's/^shc-//')") ]] || why+="leftovers after the run; "
+    id=$(jq -r '.run' "$r" | sed 's/^shc-//')
+    [[ -z $(leftovers "$id") ]] || why+="leftovers after the run; "
+    if compgen -G "/etc/netns/shc-$id-*" >/dev/null; then why+="hosts files left in /etc/netns; "; fi
     [[ -z $why ]] || die "$why"
 }
-run_case "$CASE_G" mdns_run
+run_case "$CASE_G" discovery_run mdns --mdns
+run_case "$CASE_H" discovery_run dns_peers --dns-peers
 
 e2e_finish

@@ -43,6 +43,13 @@ const SHOAL_PORT: u16 = 5000;
 const P2P_PORT: u16 = 7000;
 const REPO: &str = "cluster/img";
 const TAG: &str = "v1";
+/// `--dns-peers`: the name every node bootstraps from.
+const PEERS_NAME: &str = "shoal-peers";
+/// `--dns-peers`: an address in the hosts' subnet where nothing answers (a pod of the service
+/// that is gone), listed first under the name.
+const DEAD_PEER_IP: &str = "10.77.3.254";
+/// Per-namespace files `ip netns exec` bind-mounts over /etc (here: `hosts`).
+const NETNS_ETC: &str = "/etc/netns";
 
 /// Set by SIGINT/SIGTERM/SIGHUP: every wait and command checks it.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -147,8 +154,13 @@ struct RunArgs {
     no_site_labels: bool,
     /// The nodes find each other by mDNS on their LAN (`shoal run --mdns`) instead of
     /// bootstrapping from host 1's address (`--peer`): the edge-site set-up.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "dns_peers")]
     mdns: bool,
+    /// Every node bootstraps from one DNS name (`--peer shoal-peers:7000`) that resolves, in
+    /// each host's namespace (`/etc/netns/NS/hosts`), to an address where nothing answers and
+    /// to every host's address: a Kubernetes headless service.
+    #[arg(long)]
+    dns_peers: bool,
     /// The longest a packet may wait in a shaped link's queue (`tbf latency`, ms): the queue
     /// holds this much time at the link's rate. 100 ms is a deep ("bufferbloated") FIFO.
     #[arg(long, default_value_t = 100)]
@@ -423,6 +435,14 @@ fn cleanup_prefix(prefix: &str, tmp: bool) -> Result<usize> {
         match cmd_quiet(&["ip", "netns", "del", ns]) {
             Some(_) => n += 1,
             None => errors.push(ns.clone()),
+        }
+    }
+    // `--dns-peers` hosts files (after the namespaces: nothing runs in them any more)
+    if let Ok(rd) = fs::read_dir(NETNS_ETC) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(prefix) {
+                let _ = fs::remove_dir_all(e.path());
+            }
         }
     }
     if tmp {
@@ -1242,12 +1262,32 @@ struct Node {
     log: PathBuf,
 }
 
+/// `--dns-peers`: each host namespace's /etc/hosts (`/etc/netns/NS/hosts`, which `ip netns
+/// exec` mounts) names [`DEAD_PEER_IP`] and every host [`PEERS_NAME`]. Removed with the
+/// namespaces (`cleanup_prefix`).
+fn write_peer_names(hosts: &[String]) -> Result<()> {
+    let mut text = format!("127.0.0.1 localhost\n{DEAD_PEER_IP} {PEERS_NAME}\n");
+    for i in 0..hosts.len() {
+        text.push_str(&format!("{} {PEERS_NAME}\n", Net::host_ip(i)));
+    }
+    for h in hosts {
+        let dir = Path::new(NETNS_ETC).join(h);
+        fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        fs::write(dir.join("hosts"), &text)
+            .with_context(|| format!("write {}/hosts", dir.display()))?;
+    }
+    Ok(())
+}
+
 fn start_nodes(net: &Net, tmp: &Path, bin: &Path, key: &Path, a: &RunArgs) -> Result<Vec<Node>> {
     let mut nodes: Vec<Node> = Vec::new();
     let upstream = format!("http://{REG_IP}:{REG_PORT}");
     let registry = format!("docker.io={upstream}");
     let listen = format!("127.0.0.1:{SHOAL_PORT}");
     let bootstrap = format!("{}:{P2P_PORT}", Net::host_ip(0));
+    if a.dns_peers {
+        write_peer_names(&net.hosts)?;
+    }
     for (i, h) in net.hosts.iter().enumerate() {
         let data = tmp.join(format!("node-h{}", i + 1));
         fs::create_dir_all(&data)?;
@@ -1270,6 +1310,9 @@ fn start_nodes(net: &Net, tmp: &Path, bin: &Path, key: &Path, a: &RunArgs) -> Re
         ];
         if a.mdns {
             args.push("--mdns".into());
+        } else if a.dns_peers {
+            args.push("--peer".into());
+            args.push(format!("{PEERS_NAME}:{P2P_PORT}"));
         } else if i > 0 {
             args.push("--peer".into());
             args.push(bootstrap.clone());
@@ -1922,7 +1965,7 @@ fn run(a: RunArgs) -> Result<()> {
         "shoal_version": shoal_version,
         "loadavg_start": fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
         "config": {
-            "hosts": a.hosts, "rate_bit_s": rate, "registry_rate_bit_s": reg_rate, "sites": a.sites, "queue_ms": a.queue_ms, "site_labels": a.sites > 0 && !a.no_site_labels, "mdns": a.mdns,
+            "hosts": a.hosts, "rate_bit_s": rate, "registry_rate_bit_s": reg_rate, "sites": a.sites, "queue_ms": a.queue_ms, "site_labels": a.sites > 0 && !a.no_site_labels, "mdns": a.mdns, "dns_peers": a.dns_peers,
             "wan_rate_bit_s": if a.sites > 0 { json!(wan_rate) } else { Value::Null },
             "image_size": a.image_size, "layers": a.layers, "seed": seed, "settle_s": a.settle,
             "shoal_args": a.shoal_args, "timeout_s": a.timeout,
