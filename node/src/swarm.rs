@@ -30,9 +30,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use shoal_protocol::chunk::{ChunkError, TablePrefix};
 use shoal_protocol::swarm::{
-    designated_seeders, next_lookup_after_ms, relookup_after_ms, seeder_order, site_gateway,
-    Action, Download, DownloadConfig, FailReason, Have, InFlightBudget, PeerId, SiteRole,
-    FAR_PEER_LIMIT, HAVE_POLL_MS, PROVIDER_LIMIT,
+    designated_seeders, next_lookup_after_ms, provider_poll_after_ms, relookup_after_ms,
+    seeder_order, site_gateway, Action, Download, DownloadConfig, FailReason, Have, InFlightBudget,
+    PeerId, SiteRole, FAR_PEER_LIMIT, HAVE_POLL_MS, PROVIDER_LIMIT,
 };
 use shoal_protocol::wire::Bitfield;
 use shoal_protocol::Digest;
@@ -53,8 +53,6 @@ const SMALL_BLOB_DIRECT: u64 = 1 << 20;
 const MAX_TAKEOVER_STAGGER: u64 = 4;
 /// Candidates among which the designated seeders are chosen.
 const SEEDER_CANDIDATES: usize = 20;
-/// How often a waiting node looks for providers again.
-const PROVIDER_POLL: Duration = Duration::from_millis(250);
 /// A download that makes no progress for this long fails (and the client's response aborts).
 const STALL_LIMIT: Duration = Duration::from_secs(60);
 /// A follower's download that has received no chunk for this long may go to the upstream like
@@ -627,8 +625,12 @@ impl Mirror {
                     return None;
                 }
             }
+            // Looked again soon after the first (empty) look, then less often
+            // (`provider_poll_after_ms`: 25 ms doubling to 250 ms).
+            let mut polls = 0;
             while providers.is_empty() && started.elapsed() < takeover {
-                tokio::time::sleep(PROVIDER_POLL).await;
+                tokio::time::sleep(Duration::from_millis(provider_poll_after_ms(polls))).await;
+                polls += 1;
                 // The first provider is enough to start: a lookup for more waits for the whole
                 // query (every queried node's answer, slow over loaded links: 2.5 s seen in
                 // the cluster harness), and the download looks up more of them 100 ms later.

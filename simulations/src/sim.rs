@@ -8,9 +8,9 @@ use sha2::{Digest as _, Sha256};
 use shoal_protocol::chunk::ChunkLayout;
 use shoal_protocol::serve::{Offer, ServeScheduler};
 use shoal_protocol::swarm::{
-    designated_seeders, next_lookup_after_ms, seeder_order, site_gateway, Action, Download,
-    DownloadConfig, FailReason, Have, InFlightBudget, PeerId, SeedPlan, SiteRole, FAR_PEER_LIMIT,
-    IMPORT_HOLD_MAX_MS,
+    designated_seeders, next_lookup_after_ms, provider_poll_after_ms, seeder_order, site_gateway,
+    Action, Download, DownloadConfig, FailReason, Have, InFlightBudget, PeerId, SeedPlan, SiteRole,
+    FAR_PEER_LIMIT, IMPORT_HOLD_MAX_MS,
 };
 use shoal_protocol::wire::Bitfield;
 
@@ -21,9 +21,6 @@ use crate::scenario::Params;
 /// The nodes nearest a blob's key that a node knows when it judges whether it is one of its
 /// site's gateways (the daemon's `SEEDER_CANDIDATES`: one DHT answer, Kademlia's k).
 const GATEWAY_CANDIDATES: usize = 20;
-/// How often a waiting node (not a designated seeder) looks for providers (the daemon's
-/// `PROVIDER_POLL`).
-const PROVIDER_POLL_US: u64 = 250_000;
 /// A node with more flows than this in one direction has their rates recomputed at most every
 /// [`REBALANCE_US`] instead of at every flow start and end.
 const REBALANCE_OVER: usize = 128;
@@ -137,6 +134,9 @@ struct Task {
     /// Lookups in a row that found no new peer (paces the next one, see
     /// `swarm::relookup_after_ms`).
     fruitless: u32,
+    /// Empty looks for the blob's first provider so far (paces the next one, see
+    /// `swarm::provider_poll_after_ms`).
+    polls: u32,
 }
 
 struct Node {
@@ -475,6 +475,7 @@ impl Sim {
                     designated: designated[b].contains(&node),
                     site_role: site_roles[b][node as usize],
                     fruitless: 0,
+                    polls: 0,
                 });
             }
         }
@@ -921,7 +922,9 @@ impl Sim {
                     self.start_stream(task);
                     return;
                 }
-                self.push(self.now + PROVIDER_POLL_US, Ev::Relookup { task });
+                let after = provider_poll_after_ms(t.polls) * 1000;
+                t.polls += 1;
+                self.push(self.now + after, Ev::Relookup { task });
             }
             true => {
                 let found = self.sample(task);

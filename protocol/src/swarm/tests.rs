@@ -1601,6 +1601,16 @@ fn relookups_are_quick_while_few_providers_are_known_and_back_off_when_fruitless
 }
 
 #[test]
+fn a_waiting_node_looks_for_the_first_provider_soon_then_less_often() {
+    let delays: Vec<u64> = (0..6).map(provider_poll_after_ms).collect();
+    assert_eq!(delays, vec![25, 50, 100, 200, 250, 250]);
+    assert_eq!(provider_poll_after_ms(u32::MAX), PROVIDER_POLL_MAX_MS);
+    // Within one 250 ms pause (the old fixed one) a waiting node has looked four times.
+    let first_four: u64 = (0..4).map(provider_poll_after_ms).sum();
+    assert!(first_four < 2 * PROVIDER_POLL_MAX_MS, "{first_four}");
+}
+
+#[test]
 fn held_downloads_make_no_new_peer_requests_until_released() {
     let mut d = Download::new(layout(4), fixed(2), 0);
     d.add_peer(p(1), Have::All, 0);
