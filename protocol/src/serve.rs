@@ -73,8 +73,8 @@ pub struct ServeConfig {
 }
 
 impl Default for ServeConfig {
-    /// 16 uploads, 32 waiting for at most 1 s, 2 uploads per chunk once its first copy is out,
-    /// the per-chunk rules waived below 4 uploads. Measured with `shoal-sim` (seed 1, with
+    /// 16 uploads, 32 waiting for at most 300 ms, 2 uploads per chunk once its first copy is
+    /// out, the per-chunk rules waived below 4 uploads. Measured with `shoal-sim` (seed 1, with
     /// `HAVE_POLL_MS` = 100) against the old fixed 32 uploads without a queue
     /// (`SHOAL_SIM_TUNE=serve_limit=32`): the 8-host calibration case (100 Mbit/s, 128 MiB in 4
     /// layers) p99 29.7 → 16.4 s, 16 hosts 33.1 s and 8.5 upstream copies → 18.7 s and 1.00;
@@ -84,11 +84,20 @@ impl Default for ServeConfig {
     /// upload per chunk suits 8–16 nodes and costs Kraken's test; `Busy` instead of waiting for
     /// a chunk at its cap, or a 2 s wait, made every case slower; without `min_active` a sender
     /// asked only for chunks at their cap leaves its uplink idle (Kraken at 1,000: 13.02 s).
+    ///
+    /// The wait was 1 s until the seventh session: a request waiting at a busy sender holds its
+    /// chunk (a download asks one peer for a chunk at a time), so while the first holders of a
+    /// fresh chunk appeared all around, the requesters of it sat in the seeders' queues for up
+    /// to a second. Measured with `shoal-sim` (`SHOAL_SIM_TUNE=serve_wait_ms=W`, W = 1000 /
+    /// 300 / 200): cold-start at 1,000 nodes, seeds 1–3, p99 10.59 / 10.53 / 10.75 → 10.13 /
+    /// 10.19 / 10.10 s (200 ms: 10.19 / 10.37 / 10.20); churn 10.95 → 10.63 s; poisoned
+    /// 11.01 → 10.40 s; sites 15.00 → 14.11 s; Kraken's test 11.70 → 11.65 s (p99.9 11.87 →
+    /// 11.94); the 8-host harness case (mean of seeds 1–10) 12.60 → 12.38 s.
     fn default() -> Self {
         ServeConfig {
             max_active: 16,
             max_queued: 32,
-            max_wait_ms: 1_000,
+            max_wait_ms: 300,
             max_active_per_chunk: 2,
             first_copy_alone: true,
             min_active: 4,
