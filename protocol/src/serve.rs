@@ -73,7 +73,7 @@ pub struct ServeConfig {
 }
 
 impl Default for ServeConfig {
-    /// 16 uploads, 32 waiting for at most 300 ms, 2 uploads per chunk once its first copy is
+    /// 16 uploads, 32 waiting for at most 500 ms, 2 uploads per chunk once its first copy is
     /// out, the per-chunk rules waived below 4 uploads. Measured with `shoal-sim` (seed 1, with
     /// `HAVE_POLL_MS` = 100) against the old fixed 32 uploads without a queue
     /// (`SHOAL_SIM_TUNE=serve_limit=32`): the 8-host calibration case (100 Mbit/s, 128 MiB in 4
@@ -89,15 +89,17 @@ impl Default for ServeConfig {
     /// chunk (a download asks one peer for a chunk at a time), so while the first holders of a
     /// fresh chunk appeared all around, the requesters of it sat in the seeders' queues for up
     /// to a second. Measured with `shoal-sim` (`SHOAL_SIM_TUNE=serve_wait_ms=W`, W = 1000 /
-    /// 300 / 200): cold-start at 1,000 nodes, seeds 1–3, p99 10.59 / 10.53 / 10.75 → 10.13 /
-    /// 10.19 / 10.10 s (200 ms: 10.19 / 10.37 / 10.20); churn 10.95 → 10.63 s; poisoned
-    /// 11.01 → 10.40 s; sites 15.00 → 14.11 s; Kraken's test 11.70 → 11.65 s (p99.9 11.87 →
-    /// 11.94); the 8-host harness case (mean of seeds 1–10) 12.60 → 12.38 s.
+    /// 500 / 300): cold-start at 1,000 nodes, seeds 1–3, p99 10.59 / 10.53 / 10.75 → 10.47 /
+    /// 10.36 / 10.26 → 10.13 / 10.19 / 10.10 s; 10,000 nodes 10.78 → 10.60 → 10.45 s; churn
+    /// 10.95 → 10.66 → 10.63 s; Kraken's test 11.70 → 11.64 → 11.65 s; the 8-host harness
+    /// case (mean of seeds 1–10) 12.60 → 12.36 → 12.38 s. 300 ms answers twice as many
+    /// requests `Busy` after their wait, whose retries made the 100,000-node simulation 34 %
+    /// longer (11 min 42 s, over its 10-minute budget); 500 ms keeps most of the gain.
     fn default() -> Self {
         ServeConfig {
             max_active: 16,
             max_queued: 32,
-            max_wait_ms: 300,
+            max_wait_ms: 500,
             max_active_per_chunk: 2,
             first_copy_alone: true,
             min_active: 4,
