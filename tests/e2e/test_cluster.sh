@@ -192,49 +192,49 @@ cleanup_cmd() {
 }
 run_case "$CASE_E" cleanup_cmd
 
+# cluster_run NAME HOSTS [HARNESS ARGS...]: a small `shoal-cluster run --no-baseline` of HOSTS
+# hosts into $T/NAME; dies unless it exits 0. Sets R (its report.json) and WHY (empty, or why
+# not every host completed with the right digests, or the registry sent more than
+# MAX_COPIES); the cases append their own checks to WHY.
+cluster_run() {
+    local name=$1 hosts=$2 rc=0
+    shift 2
+    "$SHOAL_CLUSTER" run --hosts "$hosts" "$@" --no-baseline --timeout 90 --settle 2 --shoal "$SHOAL_BIN" \
+        --imagegen "$SHOAL_IMAGEGEN" --out "$T/$name" >"$T/$name.log" 2>&1 || rc=$?
+    sed 's/^/  | /' "$T/$name.log" >&2
+    ((rc == 0)) || die "shoal-cluster run $* exited $rc: $(grep -m1 'shoal-cluster:' "$T/$name.log" || tail -n1 "$T/$name.log")"
+    R=$T/$name/report.json
+    WHY=''
+    jq -e ".shoal.all_completed == true and .shoal.hosts_completed == $hosts and .shoal.digests_ok == true" "$R" >/dev/null ||
+        WHY+="not every host completed with the right digests: $(jq -c '[.shoal.hosts[] | {host, ok, error, verified}]' "$R"); "
+    jq -e ".shoal.upstream.copies >= 0.99 and .shoal.upstream.copies <= $MAX_COPIES" "$R" >/dev/null ||
+        WHY+="registry sent $(jq '.shoal.upstream.copies' "$R") copies (each node alone would fetch a whole copy); "
+    [[ -z $(leftovers "$(jq -r '.run' "$R" | sed 's/^shc-//')") ]] || WHY+="leftovers after the run; "
+}
+
 # --- f: sites -------------------------------------------------------------------------------------
 sites_run() {
-    local out=$T/sites rc=0 r why=''
-    "$SHOAL_CLUSTER" run --hosts 4 --sites 2 --rate "$RATE" --wan-rate 200mbit --registry-rate "$RATE" \
-        --image-size 16MiB --layers 2 --no-baseline --timeout 90 --settle 2 --shoal "$SHOAL_BIN" \
-        --imagegen "$SHOAL_IMAGEGEN" --out "$out" >"$T/sites.log" 2>&1 || rc=$?
-    sed 's/^/  | /' "$T/sites.log" >&2
-    ((rc == 0)) || die "shoal-cluster run --sites 2 exited $rc: $(grep -m1 'shoal-cluster:' "$T/sites.log" || tail -n1 "$T/sites.log")"
-    r=$out/report.json
-    jq -e '.shoal.all_completed == true and .shoal.hosts_completed == 4 and .shoal.digests_ok == true' "$r" >/dev/null ||
-        why+="not every host completed with the right digests: $(jq -c '[.shoal.hosts[] | {host, ok, error, verified}]' "$r"); "
-    jq -e ".shoal.upstream.copies >= 0.99 and .shoal.upstream.copies <= $MAX_COPIES" "$r" >/dev/null ||
-        why+="registry sent $(jq '.shoal.upstream.copies' "$r") copies; "
+    cluster_run sites 4 --sites 2 --rate "$RATE" --wan-rate 200mbit --registry-rate "$RATE" \
+        --image-size 16MiB --layers 2
     # a node of a two-host site is never a member; the peers' sites came from identify
-    jq -e '([.shoal.hosts[].bytes_by_source.site_roles.gateway // 0] | add) >= 1 and ([.shoal.hosts[].bytes_by_source.site_roles.member // 0] | add) == 0' "$r" >/dev/null ||
-        why+="site roles: $(jq -c '[.shoal.hosts[] | {host, roles: .bytes_by_source.site_roles}]' "$r"); "
-    [[ -z $(leftovers "$(jq -r '.run' "$r" | sed 's/^shc-//')") ]] || why+="leftovers after the run; "
-    [[ -z $why ]] || die "$why"
+    jq -e '([.shoal.hosts[].bytes_by_source.site_roles.gateway // 0] | add) >= 1 and ([.shoal.hosts[].bytes_by_source.site_roles.member // 0] | add) == 0' "$R" >/dev/null ||
+        WHY+="site roles: $(jq -c '[.shoal.hosts[] | {host, roles: .bytes_by_source.site_roles}]' "$R"); "
+    [[ -z $WHY ]] || die "$WHY"
 }
 run_case "$CASE_F" sites_run
 
 # --- g, h: discovery without a bootstrap address --------------------------------------------------
-# discovery_run NAME FLAG: a 3-host run with FLAG; every host done, <= MAX_COPIES (each node
-# alone would fetch a whole copy), bytes from peers on every host, nothing left behind.
+# discovery_run NAME FLAG: a 3-host run with FLAG (the report's config.NAME); bytes from peers
+# on every host, no hosts file left in /etc/netns.
 discovery_run() {
-    local name=$1 flag=$2 out=$T/$1 rc=0 r why='' id
-    "$SHOAL_CLUSTER" run --hosts 3 "$flag" --rate "$RATE" --registry-rate "$RATE" --image-size 24MiB \
-        --layers 3 --no-baseline --timeout 90 --settle 2 --shoal "$SHOAL_BIN" \
-        --imagegen "$SHOAL_IMAGEGEN" --out "$out" >"$T/$name.log" 2>&1 || rc=$?
-    sed 's/^/  | /' "$T/$name.log" >&2
-    ((rc == 0)) || die "shoal-cluster run $flag exited $rc: $(grep -m1 'shoal-cluster:' "$T/$name.log" || tail -n1 "$T/$name.log")"
-    r=$out/report.json
-    jq -e ".config.${name} == true" "$r" >/dev/null || why+="the run's config does not say $name; "
-    jq -e '.shoal.all_completed == true and .shoal.hosts_completed == 3 and .shoal.digests_ok == true' "$r" >/dev/null ||
-        why+="not every host completed with the right digests: $(jq -c '[.shoal.hosts[] | {host, ok, error, verified}]' "$r"); "
-    jq -e ".shoal.upstream.copies >= 0.99 and .shoal.upstream.copies <= $MAX_COPIES" "$r" >/dev/null ||
-        why+="registry sent $(jq '.shoal.upstream.copies' "$r") copies (the nodes did not find each other?); "
-    jq -e '[.shoal.hosts[] | select((.bytes_by_source.peers // 0) < 1)] | length == 0' "$r" >/dev/null ||
-        why+="hosts without bytes from peers: $(jq -c '[.shoal.hosts[] | {host, src: .bytes_by_source}]' "$r"); "
-    id=$(jq -r '.run' "$r" | sed 's/^shc-//')
-    [[ -z $(leftovers "$id") ]] || why+="leftovers after the run; "
-    if compgen -G "/etc/netns/shc-$id-*" >/dev/null; then why+="hosts files left in /etc/netns; "; fi
-    [[ -z $why ]] || die "$why"
+    local name=$1 flag=$2 id
+    cluster_run "$name" 3 "$flag" --rate "$RATE" --registry-rate "$RATE" --image-size 24MiB --layers 3
+    jq -e ".config.${name} == true" "$R" >/dev/null || WHY+="the run's config does not say $name; "
+    jq -e '[.shoal.hosts[] | select((.bytes_by_source.peers // 0) < 1)] | length == 0' "$R" >/dev/null ||
+        WHY+="hosts without bytes from peers: $(jq -c '[.shoal.hosts[] | {host, src: .bytes_by_source}]' "$R"); "
+    id=$(jq -r '.run' "$R" | sed 's/^shc-//')
+    if compgen -G "/etc/netns/shc-$id-*" >/dev/null; then WHY+="hosts files left in /etc/netns; "; fi
+    [[ -z $WHY ]] || die "$WHY"
 }
 run_case "$CASE_G" discovery_run mdns --mdns
 run_case "$CASE_H" discovery_run dns_peers --dns-peers
