@@ -315,9 +315,12 @@ pub fn relookup_after_ms(known: usize, limit: usize, fruitless: u32) -> u64 {
     if known >= limit {
         return LOOKUP_INTERVAL_MS;
     }
-    LOOKUP_SHORT_MS
-        .saturating_mul(1u64 << fruitless.min(16))
-        .min(LOOKUP_INTERVAL_MS)
+    doubled_ms(LOOKUP_SHORT_MS, fruitless, LOOKUP_INTERVAL_MS)
+}
+
+/// `first` doubled `times` times, at most `max`: the pauses between lookups that find nothing.
+fn doubled_ms(first: u64, times: u32, max: u64) -> u64 {
+    first.saturating_mul(1u64 << times.min(16)).min(max)
 }
 
 /// The first pause of a node that waits for a blob's first provider (it is not a designated
@@ -336,9 +339,7 @@ pub const PROVIDER_POLL_MAX_MS: u64 = 250;
 /// follower idle for a quarter of a second (simulated: the 8-host harness case, mean p99 of
 /// seeds 1–10, 12.72 → 12.60 s).
 pub fn provider_poll_after_ms(attempt: u32) -> u64 {
-    PROVIDER_POLL_FIRST_MS
-        .saturating_mul(1u64 << attempt.min(16))
-        .min(PROVIDER_POLL_MAX_MS)
+    doubled_ms(PROVIDER_POLL_FIRST_MS, attempt, PROVIDER_POLL_MAX_MS)
 }
 
 /// How many milliseconds of a node's downlink its chunk requests in flight may carry, all its
