@@ -89,6 +89,23 @@ impl Ev {
     }
 }
 
+/// The names of the event kinds, by `Ev::log_fields`'s kind number.
+const KIND_NAMES: [&str; 13] = [
+    "Start",
+    "Lookup",
+    "Relookup",
+    "Wake",
+    "HavePoll",
+    "Arrive",
+    "Step",
+    "Fail",
+    "Die",
+    "Rebalance",
+    "Trace",
+    "ServeWake",
+    "Notify",
+];
+
 /// A popped event and its time.
 struct Entry {
     time: u64,
@@ -268,6 +285,8 @@ pub struct Report {
     pub chunk_size: u32,
     /// Events processed.
     pub events: u64,
+    /// Of which, by kind (the event names, as `Notify` or `Step`): where a run's time goes.
+    pub events_by_kind: std::collections::BTreeMap<&'static str, u64>,
     /// Simulated time at the end.
     pub sim_s: f64,
     /// Wall-clock time of the run.
@@ -519,6 +538,7 @@ impl Sim {
             blobs: p.blobs.len(),
             chunk_size: p.chunk_size,
             events: 0,
+            events_by_kind: Default::default(),
             sim_s: 0.0,
             wall_s: 0.0,
             log_hash: String::new(),
@@ -672,6 +692,12 @@ impl Sim {
         r.p99_over_ideal = r.p99_s / r.ideal_s;
         r.upstream_bytes = r.upstream_stream_bytes + r.upstream_chunk_bytes;
         r.upstream_copies = r.upstream_bytes as f64 / r.image_bytes.max(1) as f64;
+        r.events_by_kind = KIND_NAMES
+            .iter()
+            .zip(self.kinds)
+            .filter(|&(_, n)| n > 0)
+            .map(|(&k, n)| (k, n))
+            .collect();
         r.sim_s = self.now as f64 / 1e6;
         r.wall_s = wall.elapsed().as_secs_f64();
         r.log_hash = hex::encode(self.log.finalize());
