@@ -39,6 +39,11 @@ pub struct Params {
     pub upstream_egress: u64,
     /// Round trip between two nodes.
     pub rtt_us: u64,
+    /// A chunk request's round trip varies uniformly by up to this percentage of `rtt_us`
+    /// either way. Without it every node's requests arrive in lock-step, ties go by node
+    /// number, and at a cold start every seeder sent its first chunk to the same four nodes
+    /// (whose downlinks then took each first copy at a quarter of their rate).
+    pub rtt_jitter_percent: u64,
     /// Round trip between a node and the upstream.
     pub upstream_rtt_us: u64,
     /// Designated seeders per blob (`--seeders`).
@@ -125,6 +130,7 @@ impl Params {
             down: 125 * MB,
             upstream_egress: 1_250 * MB,
             rtt_us: 500,
+            rtt_jitter_percent: 10,
             upstream_rtt_us: 20_000,
             seeders: 1,
             start_spread_us: 0,
@@ -192,8 +198,9 @@ impl Params {
     /// Overrides for experiments, `key=value` separated by commas (the `SHOAL_SIM_TUNE`
     /// environment variable): `provider_limit`, `lookup_interval_ms`, `have_poll_ms`,
     /// `serve_active`, `serve_queue`, `serve_wait_ms`, `serve_per_chunk`, `serve_first_alone`,
-    /// `serve_min_active` (the `ServeConfig`), `serve_limit=N`
-    /// (the old sender model: N uploads at once, no queue), `rtt_us`, `detect_us`, and the `DownloadConfig` fields `min_pipeline`,
+    /// `serve_min_active` (the `ServeConfig`), `serve_limit=N` (the old sender model: N uploads
+    /// at once, no queue), `rtt_us`, `rtt_jitter_percent`, `detect_us`, and the `DownloadConfig`
+    /// fields `min_pipeline`,
     /// `max_pipeline`, `pipeline_target_ms`, `in_order_bias`, `initial_peer_rate`,
     /// `endgame_max_requests`, `busy_backoff_ms`, `timeout_floor_ms`, `upstream_grace_ms`,
     /// `takeover_after_ms`, `slow_swarm_percent`, `max_in_flight_bytes`; `shared_seed=1` (every
@@ -238,6 +245,7 @@ impl Params {
                 "serve_first_alone" => self.serve.first_copy_alone = v != 0,
                 "serve_min_active" => self.serve.min_active = v as u32,
                 "rtt_us" => self.rtt_us = v,
+                "rtt_jitter_percent" => self.rtt_jitter_percent = v.min(100),
                 "detect_us" => self.detect_us = v,
                 "min_pipeline" => d.min_pipeline = v as u32,
                 "max_pipeline" => d.max_pipeline = v as u32,

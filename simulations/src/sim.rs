@@ -1266,7 +1266,13 @@ impl Sim {
     }
 
     fn request(&mut self, task: u32, peer: u32, index: u32) {
-        self.new_flow(task, peer, index, Kind::Chunk, self.p.rtt_us);
+        let jitter = self.p.rtt_us * self.p.rtt_jitter_percent / 100;
+        let rtt = if jitter > 0 {
+            self.p.rtt_us - jitter + self.rng.below(2 * jitter)
+        } else {
+            self.p.rtt_us
+        };
+        self.new_flow(task, peer, index, Kind::Chunk, rtt);
     }
 
     fn cancel(&mut self, task: u32, peer: u32, index: u32) {
