@@ -10,6 +10,16 @@ fn small(name: &str, seed: u64) -> Params {
     p
 }
 
+/// Runs `p` as it is and with `tune` applied; both must complete every node.
+fn with_and_without(p: &Params, tune: &str) -> (Report, Report) {
+    let mut q = p.clone();
+    q.tune(tune).expect("tune");
+    let (a, b) = (run(p.clone()), run(q));
+    assert_eq!(a.completed, p.nodes, "{a:?}");
+    assert_eq!(b.completed, p.nodes, "{b:?} ({tune})");
+    (a, b)
+}
+
 #[test]
 fn same_seed_same_log_different_seed_different_log() {
     let a = run(small("cold-start", 7));
@@ -141,11 +151,7 @@ fn pushed_haves_and_quick_relookups_beat_polling() {
         push.have_push && push.adaptive_lookup,
         "the defaults model the daemon"
     );
-    let mut poll = push.clone();
-    poll.tune("have_push=0,adaptive_lookup=0").expect("tune");
-    let (push, poll) = (run(push), run(poll));
-    assert_eq!(push.completed, 200, "{push:?}");
-    assert_eq!(poll.completed, 200, "{poll:?}");
+    let (push, poll) = with_and_without(&push, "have_push=0,adaptive_lookup=0");
     assert!(push.p99_s < poll.p99_s, "push {push:?} poll {poll:?}");
     assert!(push.upstream_copies <= 1.01, "{push:?}");
 }
@@ -159,11 +165,7 @@ fn locality_keeps_chunks_inside_their_site() {
     let mut near = Params::scenario("sites").expect("scenario");
     near.nodes = 200;
     assert!(near.locality, "the default models the daemon");
-    let mut flat = near.clone();
-    flat.tune("locality=0").expect("tune");
-    let (near, flat) = (run(near), run(flat));
-    assert_eq!(near.completed, 200, "{near:?}");
-    assert_eq!(flat.completed, 200, "{flat:?}");
+    let (near, flat) = with_and_without(&near, "locality=0");
     assert!(
         near.wan_bytes * 2 < flat.wan_bytes,
         "near {near:?} flat {flat:?}"
@@ -181,11 +183,7 @@ fn site_gateways_reach_across_sooner_without_more_wan_traffic() {
     let mut gated = Params::scenario("sites").expect("scenario");
     gated.nodes = 200;
     assert!(gated.site_gateways > 0, "the default models the daemon");
-    let mut all = gated.clone();
-    all.tune("site_gateways=0").expect("tune");
-    let (gated, all) = (run(gated), run(all));
-    assert_eq!(gated.completed, 200, "{gated:?}");
-    assert_eq!(all.completed, 200, "{all:?}");
+    let (gated, all) = with_and_without(&gated, "site_gateways=0");
     assert!(gated.p99_s < all.p99_s, "gated {gated:?} all {all:?}");
     assert!(
         gated.wan_bytes <= all.wan_bytes,
@@ -205,15 +203,10 @@ fn jittered_round_trips_keep_the_seeders_off_the_same_receivers() {
     let mut jitter = Params::scenario("cold-start").expect("scenario");
     jitter.nodes = 100;
     assert!(jitter.rtt_jitter_percent > 0, "the default has jitter");
-    let mut lockstep = jitter.clone();
-    lockstep.tune("rtt_jitter_percent=0").expect("tune");
     let (mut with, mut without) = (0.0, 0.0);
     for seed in [1, 3] {
         jitter.seed = seed;
-        lockstep.seed = seed;
-        let (j, l) = (run(jitter.clone()), run(lockstep.clone()));
-        assert_eq!(j.completed, 100, "{j:?}");
-        assert_eq!(l.completed, 100, "{l:?}");
+        let (j, l) = with_and_without(&jitter, "rtt_jitter_percent=0");
         with += j.p99_s;
         without += l.p99_s;
     }
