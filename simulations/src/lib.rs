@@ -38,6 +38,12 @@ pub fn validate(p: &Params) -> Result<(), String> {
     if p.seeders == 0 {
         return Err("--seeders must be at least 1".into());
     }
+    if p.rtt_jitter_percent > 100 {
+        return Err(format!(
+            "rtt_jitter_percent must be at most 100 (a round trip cannot go below zero), not {}",
+            p.rtt_jitter_percent
+        ));
+    }
     Ok(())
 }
 

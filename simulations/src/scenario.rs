@@ -245,7 +245,7 @@ impl Params {
                 "serve_first_alone" => self.serve.first_copy_alone = v != 0,
                 "serve_min_active" => self.serve.min_active = v as u32,
                 "rtt_us" => self.rtt_us = v,
-                "rtt_jitter_percent" => self.rtt_jitter_percent = v.min(100),
+                "rtt_jitter_percent" => self.rtt_jitter_percent = v,
                 "detect_us" => self.detect_us = v,
                 "min_pipeline" => d.min_pipeline = v as u32,
                 "max_pipeline" => d.max_pipeline = v as u32,

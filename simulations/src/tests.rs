@@ -68,6 +68,12 @@ fn bad_parameters_are_refused() {
     p.nodes = 0;
     assert!(validate(&p).is_err());
     let mut p = small("cold-start", 1);
+    p.tune("rtt_jitter_percent=101")
+        .expect("tune takes any number");
+    assert!(validate(&p).is_err());
+    p.tune("rtt_jitter_percent=100").expect("tune");
+    assert!(validate(&p).is_ok());
+    let mut p = small("cold-start", 1);
     p.chunk_size = 100;
     assert!(validate(&p).is_err());
     assert!(Params::scenario("nope").is_none());
