@@ -346,7 +346,7 @@ pub struct Sim {
     found: Vec<u32>,
     /// When the run was set up (for the trace).
     started: Instant,
-    kinds: [u64; 13],
+    kinds: [u64; KIND_NAMES.len()],
     r: Report,
 }
 
@@ -576,7 +576,7 @@ impl Sim {
             scratch: Vec::new(),
             found: Vec::new(),
             started: Instant::now(),
-            kinds: [0; 13],
+            kinds: [0; KIND_NAMES.len()],
             r,
             p,
         };
