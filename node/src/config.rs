@@ -106,7 +106,9 @@ pub struct RunArgs {
     /// Discover peers on the local network with mDNS (edge sites).
     #[arg(long, env = "SHOAL_MDNS")]
     pub mdns: bool,
-    /// Chunk size for peer transfers, a multiple of 64 bytes [default: 4MiB].
+    /// Chunk size for peer transfers, a multiple of 64 bytes [default: 4MiB]. Blobs under 32
+    /// chunks of it are cut finer (halved down to 256KiB) so that they still spread in at least
+    /// 32 chunks. Every node of a cluster must use the same value.
     #[arg(long, env = "SHOAL_CHUNK_SIZE")]
     pub chunk_size: Option<String>,
     /// Nodes nearest a digest that fetch it from the upstream when nobody has it [default: 1].
@@ -236,7 +238,7 @@ pub struct P2pConfig {
     pub cluster_key: Option<[u8; 32]>,
     /// mDNS discovery.
     pub mdns: bool,
-    /// Chunk size.
+    /// Chunk size: that of big blobs, the largest (`shoal_protocol::chunk::chunk_size_for`).
     pub chunk_size: u32,
     /// Designated upstream fetchers per blob.
     pub seeders: usize,

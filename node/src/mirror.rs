@@ -832,7 +832,7 @@ impl Mirror {
         let import_started = Instant::now();
         let mut importing = sharing
             .as_ref()
-            .filter(|_| size.is_some_and(|s| s > u64::from(self.store.chunk_size())))
+            .filter(|_| size.is_some_and(|s| s > u64::from(self.store.chunk_size_for(s))))
             .and(self.swarm.as_ref())
             .map(|sw| sw.import());
         let copied: Result<(), String> = loop {
@@ -930,7 +930,8 @@ impl Mirror {
     ) -> Option<crate::arriving::Registration> {
         let sw = self.swarm.as_ref()?;
         let layout =
-            shoal_protocol::chunk::ChunkLayout::new(size?, self.store.chunk_size()).ok()?;
+            shoal_protocol::chunk::ChunkLayout::new(size?, self.store.chunk_size_for(size?))
+                .ok()?;
         let file = writer.reader().ok()?;
         let mut arriving = crate::arriving::Arriving::new(digest, layout, file);
         if let Some(o) = origin {
@@ -978,7 +979,7 @@ impl Mirror {
 /// Publishes what an in-order upstream stream has hashed and written: the table prefix, and the
 /// chunks it covers that are wholly on disk.
 fn publish_progress(arriving: &crate::arriving::Arriving, writer: &BlobWriter, size: u64) {
-    let known = writer.states_known();
+    let known = writer.states_known(size);
     let layout = arriving.layout();
     let complete = writer.written() == size;
     if known == 0 && !complete {

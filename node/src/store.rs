@@ -32,7 +32,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
-use shoal_protocol::chunk::{LayoutError, MidstateTable, TableBuilder, DEFAULT_CHUNK_SIZE};
+use shoal_protocol::chunk::{
+    chunk_size_for, LayoutError, MidstateTable, TableBuilder, DEFAULT_CHUNK_SIZE,
+};
 use shoal_protocol::Digest;
 
 const CF_BLOBS: &str = "blobs";
@@ -102,12 +104,14 @@ pub enum CommitError {
         /// What arrived.
         actual: u64,
     },
-    /// A checked blob's table is of another chunk size than the store's tables.
-    #[error("table of {chunk_size}-byte chunks for a store of {store}-byte chunks")]
+    /// A checked blob's table is of another chunk size than the store cuts that blob in.
+    #[error(
+        "table of {chunk_size}-byte chunks where the store cuts this blob in {store}-byte chunks"
+    )]
     TableMismatch {
         /// The table's chunk size.
         chunk_size: u32,
-        /// The store's.
+        /// The store's for a blob of that size.
         store: u32,
     },
     /// The disk failed.
@@ -139,7 +143,8 @@ struct Inner {
     /// A fresh builder for the store's chunk size, cloned for every writer (its chunk size was
     /// validated at open, so cloning cannot fail where building could).
     table_builder: TableBuilder,
-    chunk_size: u32,
+    /// The configured chunk size: the largest, see [`Store::chunk_size_for`].
+    max_chunk_size: u32,
     /// Blobs still arriving, served to peers while they arrive.
     arriving: crate::arriving::ArrivingSet,
 }
@@ -301,14 +306,15 @@ impl BlobWriter {
 
     /// What is known of the blob's midstate table so far, for a blob of `size` bytes written in
     /// order with [`BlobWriter::write`]; `None` once written out of order, or if `size` and the
-    /// store's chunk size form no layout.
+    /// chunk size the store gives it form no layout.
     pub fn prefix(&self, size: u64) -> Option<shoal_protocol::chunk::TablePrefix> {
         self.builder.as_ref()?.prefix(size).ok()
     }
 
-    /// How many chunk boundaries the in-order hash has passed (0 once written out of order).
-    pub fn states_known(&self) -> usize {
-        self.builder.as_ref().map_or(0, TableBuilder::states_known)
+    /// How many chunk boundaries of a blob of `size` bytes the in-order hash has passed (0 once
+    /// written out of order).
+    pub fn states_known(&self, size: u64) -> usize {
+        self.builder.as_ref().map_or(0, |b| b.states_known(size))
     }
 
     /// A second handle on the partial file, for readers that stream it while it is written.
@@ -329,10 +335,11 @@ impl BlobWriter {
         private: bool,
     ) -> Result<BlobMeta, CommitError> {
         let layout = table.layout();
-        if layout.chunk_size() != store.chunk_size() {
+        let expected = store.chunk_size_for(layout.blob_size());
+        if layout.chunk_size() != expected {
             return Err(CommitError::TableMismatch {
                 chunk_size: layout.chunk_size(),
-                store: store.chunk_size(),
+                store: expected,
             });
         }
         if layout.blob_size() != self.written {
@@ -414,9 +421,10 @@ impl Store {
         Store::open_with_chunk_size(root, cap, DEFAULT_CHUNK_SIZE)
     }
 
-    /// [`Store::open`] with midstate tables of `chunk_size` bytes per chunk (a multiple of 64
-    /// from 64 bytes to 64 MiB). Tables stored under another chunk size by an earlier run are
-    /// not served; [`Store::build_table`] replaces them on demand.
+    /// [`Store::open`] with midstate tables of at most `chunk_size` bytes per chunk (a multiple
+    /// of 64 from 64 bytes to 64 MiB; [`Store::chunk_size_for`] gives each blob's). Tables
+    /// stored under another chunk size by an earlier run are not served; [`Store::build_table`]
+    /// replaces them on demand.
     pub fn open_with_chunk_size(
         root: &Path,
         cap: u64,
@@ -457,7 +465,7 @@ impl Store {
                 evictions: AtomicU64::new(0),
                 on_evict: Mutex::new(None),
                 table_builder,
-                chunk_size,
+                max_chunk_size: chunk_size,
                 arriving: crate::arriving::ArrivingSet::default(),
             }),
         };
@@ -741,9 +749,15 @@ impl Store {
         }
     }
 
-    /// The chunk size of the midstate tables this store builds.
-    pub fn chunk_size(&self) -> u32 {
-        self.inner.chunk_size
+    /// The configured chunk size: the chunk size of big blobs, the most any blob gets.
+    pub fn max_chunk_size(&self) -> u32 {
+        self.inner.max_chunk_size
+    }
+
+    /// The chunk size of the midstate tables this store builds for a blob of `blob_size` bytes
+    /// ([`shoal_protocol::chunk::chunk_size_for`] of it and the configured size).
+    pub fn chunk_size_for(&self, blob_size: u64) -> u32 {
+        chunk_size_for(blob_size, self.inner.max_chunk_size)
     }
 
     /// Records the registry a private blob comes from (see [`Store::origin`]); written before
@@ -780,7 +794,8 @@ impl Store {
             .ok()??;
         let table = MidstateTable::decode(&v).ok()?;
         let layout = table.layout();
-        (layout.blob_size() == size && layout.chunk_size() == self.chunk_size()).then_some(table)
+        (layout.blob_size() == size && layout.chunk_size() == self.chunk_size_for(size))
+            .then_some(table)
     }
 
     /// The blob's table, computed from its file and stored if it was missing (blocking: one
@@ -1055,7 +1070,7 @@ mod tests {
     fn tables_are_built_on_commit_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open_with_chunk_size(dir.path(), 1 << 30, 128).unwrap();
-        assert_eq!(s.chunk_size(), 128);
+        assert_eq!(s.max_chunk_size(), 128);
         let blob = data(1000);
         let d = Digest::of(&blob);
         // Written in odd pieces, as the mirror does.
@@ -1133,7 +1148,7 @@ mod tests {
     fn the_default_chunk_size_and_bad_ones() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path(), 1 << 30).unwrap();
-        assert_eq!(s.chunk_size(), DEFAULT_CHUNK_SIZE);
+        assert_eq!(s.max_chunk_size(), DEFAULT_CHUNK_SIZE);
         drop(s);
         let dir = tempfile::tempdir().unwrap();
         assert!(matches!(
@@ -1199,6 +1214,36 @@ mod tests {
         assert_eq!(built.layout().chunk_size(), 256);
         assert_eq!(s.table(&d).unwrap(), built);
         assert!(s.build_table(&Digest::of(b"absent")).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_small_blob_gets_chunks_small_enough_for_32() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 1 << 30).unwrap();
+        // 16 MiB at 4 MiB at most: 32 chunks of 512 KiB.
+        let blob = data(16 << 20);
+        let d = put(&s, &blob);
+        assert_eq!(s.chunk_size_for(blob.len() as u64), 512 << 10);
+        let table = s.table(&d).unwrap();
+        assert_eq!(table, MidstateTable::compute(&blob, 512 << 10).unwrap());
+        // Written in order, the prefix is cut the same way from the first bytes on.
+        let d2 = Digest::of(b"again");
+        let mut w = s.writer(&d2).unwrap();
+        w.write(&blob[..3 << 20]).unwrap();
+        assert_eq!(w.states_known(blob.len() as u64), 6);
+        let prefix = w.prefix(blob.len() as u64).unwrap();
+        assert_eq!(prefix.states(), &table.states()[..6]);
+        // Assembled from chunks, only the rule's chunk size is accepted.
+        let mut w = s.writer(&d).unwrap();
+        w.write_at(0, &blob).unwrap();
+        let default = MidstateTable::compute(&blob, DEFAULT_CHUNK_SIZE).unwrap();
+        assert!(matches!(
+            w.commit_checked(&s, &default, false),
+            Err(CommitError::TableMismatch {
+                chunk_size: DEFAULT_CHUNK_SIZE,
+                store: 524_288
+            })
+        ));
     }
 
     #[test]

@@ -642,7 +642,7 @@ impl Mirror {
                 return None;
             }
         }
-        let chunk_size = sw.config.chunk_size;
+        let max_chunk_size = sw.config.chunk_size;
         // The longest table known among the providers (a whole one ends the search).
         let mut table: Option<TablePrefix> = None;
         // The provider it came from.
@@ -652,7 +652,7 @@ impl Mirror {
         let mut authz: Vec<u8> = Vec::new();
         for p in &providers {
             let mut got = match sw.conn(p.chunk_addr).await {
-                Ok(c) => c.table_prefix(&digest, chunk_size, None, &authz).await,
+                Ok(c) => c.table_prefix(&digest, max_chunk_size, None, &authz).await,
                 Err(e) => Err(e),
             };
             if matches!(got, Err(PeerError::Denied)) && authz.is_empty() {
@@ -662,7 +662,7 @@ impl Mirror {
                 };
                 authz = grant;
                 got = match sw.conn(p.chunk_addr).await {
-                    Ok(c) => c.table_prefix(&digest, chunk_size, None, &authz).await,
+                    Ok(c) => c.table_prefix(&digest, max_chunk_size, None, &authz).await,
                     Err(e) => Err(e),
                 };
             }
@@ -865,7 +865,9 @@ impl Mirror {
             tokio::spawn(async move {
                 let result = match sw.conn(addr).await {
                     Ok(c) => {
-                        c.table_prefix(&digest, chunk_size, Some(layout.blob_size()), &authz)
+                        // The configured size: the peer cuts the blob by the same rule.
+                        let max = sw.config.chunk_size;
+                        c.table_prefix(&digest, max, Some(layout.blob_size()), &authz)
                             .await
                     }
                     Err(e) => Err(e),
@@ -1469,7 +1471,7 @@ impl Mirror {
         let size = view.layout().blob_size();
         let table = view
             .to_table()
-            .filter(|t| t.layout().chunk_size() == store.chunk_size());
+            .filter(|t| t.layout().chunk_size() == store.chunk_size_for(size));
         if let Some(table) = &table {
             let unchecked: Vec<u32> = (0..table.layout().count())
                 .filter(|&j| !checked[j as usize])

@@ -79,8 +79,17 @@ pub const BLOCK_SIZE: u32 = 64;
 pub const MIN_CHUNK_SIZE: u32 = BLOCK_SIZE;
 /// The largest chunk size.
 pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
-/// The chunk size Shoal uses unless told otherwise.
+/// The chunk size Shoal uses unless told otherwise: the size of every chunk of a blob of at
+/// least [`MIN_CHUNKS_PER_BLOB`] times it (see [`chunk_size_for`]).
 pub const DEFAULT_CHUNK_SIZE: u32 = 4 << 20;
+/// A blob is cut into at least this many chunks where [`chunk_size_for`] can make them small
+/// enough: a chunk is relayed only once verified whole, so each hop of a fresh chunk through
+/// the swarm costs one chunk's transfer time, and a blob of few chunks spreads no faster than
+/// hop by hop.
+pub const MIN_CHUNKS_PER_BLOB: u64 = 32;
+/// The smallest chunk size [`chunk_size_for`] halves down to (below it, a request's fixed cost
+/// and the table's 32 bytes a chunk start to count).
+pub const MIN_ADAPTIVE_CHUNK_SIZE: u32 = 256 << 10;
 /// The most entries a table may hold.
 pub const MAX_TABLE_ENTRIES: u32 = 1 << 20;
 /// The most chunks a layout may have: one more than there are table entries.
@@ -125,6 +134,27 @@ fn compress_aligned(state: &mut [u32; 8], data: &[u8]) {
     debug_assert_eq!(data.len() % BLOCK_SIZE as usize, 0);
     let mut blocks = Blocks::default();
     blocks.digest_blocks(data, |b| compress256(state, b));
+}
+
+/// The chunk size of a blob of `blob_size` bytes for a node configured with chunks of at most
+/// `max_chunk` bytes: `max_chunk`, halved while the blob would have fewer than
+/// [`MIN_CHUNKS_PER_BLOB`] chunks, the half is still a multiple of 64 and at least
+/// [`MIN_ADAPTIVE_CHUNK_SIZE`]. A 1 GiB layer keeps 4 MiB chunks; a 32 MiB layer gets 32 of
+/// 1 MiB; a small blob gets 256 KiB chunks (a `max_chunk` below 512 KiB is never halved).
+///
+/// Every node computes the same size from the same two numbers, so the nodes of a cluster (which
+/// share the chunk-size setting) agree on every blob's layout without telling each other.
+/// Monotone: a bigger blob never gets smaller chunks. A `max_chunk` that is no valid chunk size
+/// comes back unchanged (and [`ChunkLayout::new`] refuses it).
+pub const fn chunk_size_for(blob_size: u64, max_chunk: u32) -> u32 {
+    let mut chunk = max_chunk;
+    while blob_size.div_ceil(chunk as u64) < MIN_CHUNKS_PER_BLOB
+        && chunk.is_multiple_of(2 * BLOCK_SIZE)
+        && chunk / 2 >= MIN_ADAPTIVE_CHUNK_SIZE
+    {
+        chunk /= 2;
+    }
+    chunk
 }
 
 /// Why a chunk layout is refused.
@@ -479,25 +509,36 @@ fn decode_states(body: &[u8]) -> Vec<[u8; 32]> {
 }
 
 /// Builds a [`MidstateTable`] and the digest in one pass over a blob that arrives in pieces of
-/// any size (from the upstream registry, say).
+/// any size (from the upstream registry, say), at the chunk size [`chunk_size_for`] gives the
+/// blob's size, which the builder need not know in advance.
+///
+/// It records the midstate at every boundary of the finest chunk size the rule can pick (the
+/// *granule*); a table or prefix takes every `chunk / granule`-th of them. Once the bytes fed
+/// are enough for the largest chunk size, the finer states are dropped: at most
+/// [`MIN_CHUNKS_PER_BLOB`] times `max_chunk / granule` states are ever held beyond the table.
 #[derive(Clone)]
 pub struct TableBuilder {
-    chunk_size: u32,
+    max_chunk: u32,
+    /// The chunk size whose boundaries `states` records: the finest the rule can pick, then
+    /// `max_chunk` once the blob is known to be big enough for it.
+    granule: u32,
     state: [u32; 8],
     blocks: Blocks,
     total: u64,
-    /// Bytes of the current chunk seen so far, always below `chunk_size`.
+    /// Bytes of the current granule seen so far, always below `granule`.
     in_chunk: u32,
-    /// The midstate at every chunk boundary passed so far, capped at `MAX_CHUNKS` entries.
+    /// The midstate at every granule boundary passed so far, capped at `MAX_CHUNKS` entries.
     states: Vec<[u8; 32]>,
 }
 
 impl TableBuilder {
-    /// A builder for chunks of `chunk_size` bytes.
-    pub fn new(chunk_size: u32) -> Result<Self, LayoutError> {
-        ChunkLayout::new(0, chunk_size)?;
+    /// A builder for chunks of at most `max_chunk` bytes (see [`chunk_size_for`]).
+    pub fn new(max_chunk: u32) -> Result<Self, LayoutError> {
+        ChunkLayout::new(0, max_chunk)?;
         Ok(TableBuilder {
-            chunk_size,
+            max_chunk,
+            // The size the rule gives the smallest blobs is the finest it ever gives.
+            granule: chunk_size_for(0, max_chunk),
             state: IV,
             blocks: Blocks::default(),
             total: 0,
@@ -509,23 +550,61 @@ impl TableBuilder {
     /// Feeds the next bytes of the blob.
     pub fn update(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
-            let room = (self.chunk_size - self.in_chunk) as usize;
+            let room = (self.granule - self.in_chunk) as usize;
             let (head, rest) = data.split_at(room.min(data.len()));
             let state = &mut self.state;
             self.blocks.digest_blocks(head, |b| compress256(state, b));
-            // `head` fits in the chunk, so below `chunk_size` and thus in u32.
+            // `head` fits in the granule, so below `granule` and thus in u32.
             self.in_chunk += head.len() as u32;
             self.total = self.total.wrapping_add(head.len() as u64);
-            if self.in_chunk == self.chunk_size {
+            if self.in_chunk == self.granule {
                 // A chunk boundary is a block boundary: the buffer is empty, `state` is the
                 // midstate. Past MAX_CHUNKS the layout is refused anyway: stop storing.
                 self.in_chunk = 0;
                 if self.states.len() < MAX_CHUNKS as usize {
                     self.states.push(state_to_bytes(&self.state));
                 }
+                if self.granule < self.max_chunk
+                    && chunk_size_for(self.total, self.max_chunk) == self.max_chunk
+                {
+                    self.coarsen();
+                }
             }
             data = rest;
         }
+    }
+
+    /// Keeps only the states at `max_chunk` boundaries: the blob, at least `total` bytes, will
+    /// be cut in chunks of `max_chunk` (the rule is monotone).
+    fn coarsen(&mut self) {
+        let stride = (self.max_chunk / self.granule) as usize;
+        self.states = self
+            .states
+            .iter()
+            .skip(stride - 1)
+            .step_by(stride)
+            .copied()
+            .collect();
+        self.granule = self.max_chunk;
+        // At a granule boundary, so a multiple of the old granule, below `max_chunk`.
+        self.in_chunk = (self.total % u64::from(self.max_chunk)) as u32;
+    }
+
+    /// The layout of a blob of `blob_size` bytes, and the recorded states at its chunk
+    /// boundaries (all of them passed so far, possibly more than the table holds).
+    fn states_for(
+        &self,
+        blob_size: u64,
+    ) -> Result<(ChunkLayout, impl Iterator<Item = &[u8; 32]>), LayoutError> {
+        let layout = ChunkLayout::new(blob_size, chunk_size_for(blob_size, self.max_chunk))?;
+        // Not a multiple only if the states were coarsened for a blob bigger than `blob_size`:
+        // the bytes fed are not that blob, and no state of theirs is its.
+        let stride = match layout.chunk_size() % self.granule {
+            0 => (layout.chunk_size() / self.granule) as usize,
+            _ => usize::MAX,
+        };
+        let states = self.states.iter().skip(stride - 1).step_by(stride);
+        Ok((layout, states))
     }
 
     /// The number of bytes fed so far.
@@ -535,36 +614,34 @@ impl TableBuilder {
 
     /// What is known so far of the table of a blob of `blob_size` bytes (the descriptor's size):
     /// the midstates at the chunk boundaries passed. An error if `blob_size` and the chunk size
-    /// form no valid layout.
+    /// the rule gives it form no valid layout.
     pub fn prefix(&self, blob_size: u64) -> Result<TablePrefix, LayoutError> {
-        let layout = ChunkLayout::new(blob_size, self.chunk_size)?;
-        let n = self.states.len().min(layout.table_len());
-        Ok(TablePrefix::from_parts(layout, self.states[..n].to_vec())
-            .unwrap_or_else(|_| TablePrefix::empty(layout)))
+        let (layout, states) = self.states_for(blob_size)?;
+        let states: Vec<[u8; 32]> = states.take(layout.table_len()).copied().collect();
+        Ok(TablePrefix::from_parts(layout, states).unwrap_or_else(|_| TablePrefix::empty(layout)))
     }
 
-    /// The number of midstates known so far (chunk boundaries passed).
-    pub fn states_known(&self) -> usize {
-        self.states.len()
+    /// The number of midstates of a blob of `blob_size` bytes known so far (its chunk
+    /// boundaries passed); 0 if `blob_size` forms no layout.
+    pub fn states_known(&self, blob_size: u64) -> usize {
+        self.states_for(blob_size).map_or(0, |(layout, states)| {
+            states.take(layout.table_len()).count()
+        })
     }
 
     /// The table and the SHA-256 digest of everything fed; an error only if the blob has more
-    /// than [`MAX_CHUNKS`] chunks of this size.
-    pub fn finish(mut self) -> Result<(MidstateTable, [u8; 32]), LayoutError> {
-        let layout = ChunkLayout::new(self.total, self.chunk_size)?;
-        let mut state = self.state;
-        self.blocks
-            .len64_padding_be(self.total.wrapping_mul(8), |b| {
-                compress256(&mut state, core::slice::from_ref(b))
-            });
+    /// than [`MAX_CHUNKS`] chunks of the size the rule gives it.
+    pub fn finish(self) -> Result<(MidstateTable, [u8; 32]), LayoutError> {
+        let (layout, states) = self.states_for(self.total)?;
         // A blob ending on a chunk boundary recorded a midstate after its last chunk: that one
         // is not in the table (the digest stands in for it).
-        self.states.truncate(layout.table_len());
-        let table = MidstateTable {
-            layout,
-            states: self.states,
-        };
-        Ok((table, state_to_bytes(&state)))
+        let states = states.take(layout.table_len()).copied().collect();
+        let mut state = self.state;
+        let mut blocks = self.blocks;
+        blocks.len64_padding_be(self.total.wrapping_mul(8), |b| {
+            compress256(&mut state, core::slice::from_ref(b))
+        });
+        Ok((MidstateTable { layout, states }, state_to_bytes(&state)))
     }
 }
 
@@ -1134,11 +1211,102 @@ mod tests {
         let table = MidstateTable::compute(&data, DEFAULT_CHUNK_SIZE).unwrap();
         assert_eq!(table.layout().count(), 3);
         table.verify_full(&digest, &data).unwrap();
+        // Streamed, an 8 MiB blob is cut in 256 KiB chunks: 33 of them.
         let mut builder = TableBuilder::new(DEFAULT_CHUNK_SIZE).unwrap();
         for piece in data.chunks(1_000_003) {
             builder.update(piece);
         }
-        assert_eq!(builder.finish().unwrap(), (table, digest));
+        let (built, built_digest) = builder.finish().unwrap();
+        assert_eq!(built_digest, digest);
+        assert_eq!(built.layout().chunk_size(), MIN_ADAPTIVE_CHUNK_SIZE);
+        assert_eq!(built.layout().count(), 33);
+        built.verify_full(&digest, &data).unwrap();
+    }
+
+    #[test]
+    fn the_chunk_size_follows_the_blob_size() {
+        const MIB: u64 = 1 << 20;
+        let max = DEFAULT_CHUNK_SIZE;
+        for (size, expected) in [
+            (0, 256 << 10),
+            (1, 256 << 10),
+            (MIB, 256 << 10),
+            (8 * MIB, 256 << 10),
+            (31 * (MIB / 2), 256 << 10),
+            (31 * (MIB / 2) + 1, 512 << 10),
+            (32 * MIB, 1 << 20),
+            (62 * MIB + 1, 2 << 20),
+            (124 * MIB, 2 << 20),
+            (124 * MIB + 1, 4 << 20),
+            (1 << 30, 4 << 20),
+            (u64::MAX, 4 << 20),
+        ] {
+            assert_eq!(chunk_size_for(size, max), expected, "size {size}");
+        }
+        // Below twice the smallest adaptive size, or not halvable into multiples of 64: as set.
+        for max in [64, 128, 4096, 511 << 10, (4 << 20) + 64] {
+            assert_eq!(chunk_size_for(1, max), max);
+        }
+        // Halved while it stays a multiple of 64.
+        assert_eq!(chunk_size_for(1, 3 << 20), 384 << 10);
+        assert_eq!(chunk_size_for(1, 100), 100);
+    }
+
+    #[test]
+    fn streaming_picks_the_chunk_size_of_the_size_fed() {
+        // 512 KiB at most: 256 KiB granules until the blob passes 31 * 512 KiB, then 512 KiB.
+        let max = 512 << 10;
+        let k = 256 << 10;
+        for size in [
+            0,
+            1,
+            k - 1,
+            k,
+            k + 1,
+            5 * k + 64,
+            32 * k,
+            32 * k + 1,
+            62 * k,
+            62 * k + 1,
+            62 * k + 64,
+            64 * k,
+            70 * k + 100,
+        ] {
+            let data = pseudo_random(size, size as u64);
+            let chunk = chunk_size_for(size as u64, max);
+            let table = MidstateTable::compute(&data, chunk).unwrap();
+            let mut builder = TableBuilder::new(max).unwrap();
+            for (n, piece) in data.chunks(100_003).enumerate() {
+                builder.update(piece);
+                // What is known mid-stream agrees with the table.
+                let prefix = builder.prefix(size as u64).unwrap();
+                assert_eq!(prefix.layout(), table.layout(), "size {size}");
+                let known = prefix.states().len();
+                assert_eq!(builder.states_known(size as u64), known);
+                let fed = (n * 100_003 + piece.len()) as u64;
+                let passed = (fed / u64::from(chunk)) as usize;
+                assert_eq!(known, passed.min(table.layout().table_len()), "size {size}");
+                assert_eq!(prefix.states(), &table.states()[..known], "size {size}");
+            }
+            assert_eq!(
+                builder.finish().unwrap(),
+                (table, sha256(&data)),
+                "size {size}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_prefix_for_a_smaller_blob_than_fed_knows_nothing() {
+        let max = 512 << 10;
+        let data = pseudo_random(70 << 18, 3);
+        let mut builder = TableBuilder::new(max).unwrap();
+        builder.update(&data);
+        // Coarsened to 512 KiB: a 1 MiB blob (256 KiB chunks) has no state here.
+        let prefix = builder.prefix(1 << 20).unwrap();
+        assert_eq!(prefix.layout().chunk_size(), 256 << 10);
+        assert!(prefix.states().is_empty());
+        assert_eq!(builder.states_known(1 << 20), 0);
     }
 
     #[test]
@@ -1686,6 +1854,29 @@ mod tests {
             let result = ChunkVerifier::verify_chunk(&table, &digest, index, &vec![fill; len]);
             // Random midstates and digests chain with negligible probability.
             prop_assert!(result.is_err());
+        }
+
+        #[test]
+        fn the_chunk_size_rule_is_monotone_and_cuts_enough_chunks(
+            a in any::<u64>(),
+            b in any::<u64>(),
+            blocks in 1u32..=(MAX_CHUNK_SIZE / 64),
+        ) {
+            let max = blocks * 64;
+            let (small, big) = (a.min(b), a.max(b));
+            let (cs, cb) = (chunk_size_for(small, max), chunk_size_for(big, max));
+            prop_assert!(cs <= cb);
+            for (size, c) in [(small, cs), (big, cb)] {
+                prop_assert!(ChunkLayout::new(0, c).is_ok());
+                prop_assert_eq!(max % c, 0);
+                // Either enough chunks, or as small as the rule goes.
+                prop_assert!(
+                    size.div_ceil(u64::from(c)) >= MIN_CHUNKS_PER_BLOB
+                        || c == chunk_size_for(0, max)
+                );
+                // Never halved further than needed.
+                prop_assert!(c == max || size.div_ceil(u64::from(c) * 2) < MIN_CHUNKS_PER_BLOB);
+            }
         }
 
         #[test]

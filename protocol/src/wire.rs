@@ -37,7 +37,7 @@
 //!
 //! ```text
 //! Request::Auth        0x01  proof [u8;32]
-//! Request::Table       0x02  digest [u8;32], chunk_size u32, authz_len u16, authz
+//! Request::Table       0x02  digest [u8;32], max_chunk_size u32, authz_len u16, authz
 //! Request::Chunk       0x03  digest [u8;32], chunk_size u32, index u32, authz_len u16, authz
 //! Request::Have        0x04  digest [u8;32], chunk_size u32
 //! Request::Watch       0x05  digest [u8;32], chunk_size u32
@@ -55,7 +55,10 @@
 //! ```
 //!
 //! An empty `authz` means "no authorization token". A chunk size must be a valid
-//! [`crate::chunk::ChunkLayout`] chunk size (a multiple of 64 from 64 bytes to 64 MiB). Every byte
+//! [`crate::chunk::ChunkLayout`] chunk size (a multiple of 64 from 64 bytes to 64 MiB). A
+//! `Table` request names the asker's configured chunk size, the largest it uses: the table
+//! answered is cut at [`crate::chunk::chunk_size_for`] of the blob's size and that, and every
+//! other request names the chunk size of that layout. Every byte
 //! of a payload belongs to a field: extra bytes are refused.
 
 use crate::chunk::{
@@ -244,12 +247,14 @@ pub enum Request {
         /// The proof.
         proof: [u8; 32],
     },
-    /// Asks for the midstate table of a blob cut into chunks of `chunk_size`.
+    /// Asks for the midstate table of a blob cut into the chunks
+    /// [`crate::chunk::chunk_size_for`] gives its size and `max_chunk_size` (the asker need not
+    /// know the size: the table tells it).
     Table {
         /// The blob's sha256 digest.
         digest: [u8; 32],
-        /// The chunk size.
-        chunk_size: u32,
+        /// The asker's configured (largest) chunk size.
+        max_chunk_size: u32,
         /// An opaque authorization token for a private blob (empty: none), at most
         /// [`MAX_AUTHZ_LEN`] bytes.
         authz: Vec<u8>,
@@ -529,7 +534,9 @@ impl Request {
         let (chunk_size, authz) = match self {
             Request::Auth { .. } => return Ok(()),
             Request::Table {
-                chunk_size, authz, ..
+                max_chunk_size: chunk_size,
+                authz,
+                ..
             }
             | Request::Chunk {
                 chunk_size, authz, ..
@@ -557,7 +564,7 @@ impl Request {
             }
             Request::Table {
                 digest,
-                chunk_size,
+                max_chunk_size: chunk_size,
                 authz,
             } => {
                 let authz = &authz[..authz.len().min(usize::from(u16::MAX))];
@@ -605,7 +612,7 @@ impl Request {
             kind::AUTH => Request::Auth { proof: r.array()? },
             kind::TABLE => Request::Table {
                 digest: r.array()?,
-                chunk_size: r.chunk_size()?,
+                max_chunk_size: r.chunk_size()?,
                 authz: r.authz()?,
             },
             kind::CHUNK => Request::Chunk {
@@ -1024,7 +1031,7 @@ mod tests {
             (
                 Request::Table {
                     digest: D,
-                    chunk_size: 4 << 20,
+                    max_chunk_size: 4 << 20,
                     authz: vec![],
                 },
                 concat!(
@@ -1040,7 +1047,7 @@ mod tests {
             (
                 Request::Table {
                     digest: D,
-                    chunk_size: 64,
+                    max_chunk_size: 64,
                     authz: b"tok".to_vec(),
                 },
                 concat!(
@@ -1324,7 +1331,7 @@ mod tests {
         );
         let too_long = Request::Table {
             digest: D,
-            chunk_size: 64,
+            max_chunk_size: 64,
             authz: vec![1; MAX_AUTHZ_LEN + 1],
         };
         assert_eq!(
@@ -1379,7 +1386,7 @@ mod tests {
         // Trailing bytes inside a payload: an authz length shorter than the rest.
         let mut table = Request::Table {
             digest: D,
-            chunk_size: 64,
+            max_chunk_size: 64,
             authz: b"abcd".to_vec(),
         }
         .encode();
@@ -1563,9 +1570,9 @@ mod tests {
         prop_oneof![
             any::<[u8; 32]>().prop_map(|proof| Request::Auth { proof }),
             (arb_digest(), arb_chunk_size(), arb_authz()).prop_map(
-                |(digest, chunk_size, authz)| Request::Table {
+                |(digest, max_chunk_size, authz)| Request::Table {
                     digest,
-                    chunk_size,
+                    max_chunk_size,
                     authz
                 }
             ),

@@ -32,7 +32,7 @@ pub fn validate(p: &Params) -> Result<(), String> {
         return Err("--nodes must be at most 10000000".into());
     }
     for &b in &p.blobs {
-        shoal_protocol::chunk::ChunkLayout::new(b, p.chunk_size)
+        shoal_protocol::chunk::ChunkLayout::new(b, p.chunk_size_of(b))
             .map_err(|e| format!("bad chunk size {}: {e}", p.chunk_size))?;
     }
     if p.seeders == 0 {

@@ -1,6 +1,6 @@
 //! The named scenarios and their parameters.
 
-use shoal_protocol::chunk::DEFAULT_CHUNK_SIZE;
+use shoal_protocol::chunk::{chunk_size_for, DEFAULT_CHUNK_SIZE};
 use shoal_protocol::serve::ServeConfig;
 use shoal_protocol::swarm::{
     DownloadConfig, HAVE_POLL_MS, IMPORT_HOLD_PERCENT, LOOKUP_INTERVAL_MS, PROVIDER_LIMIT,
@@ -29,8 +29,12 @@ pub struct Params {
     pub seed: u64,
     /// The image's layer sizes; every node wants every layer, all at once.
     pub blobs: Vec<u64>,
-    /// Chunk size of peer transfers.
+    /// Chunk size of peer transfers: the daemon's `--chunk-size`, the largest
+    /// ([`Params::chunk_size_of`]).
     pub chunk_size: u32,
+    /// Each blob's chunk size follows its size as in the daemon
+    /// (`shoal_protocol::chunk::chunk_size_for`); off, every blob has chunks of `chunk_size`.
+    pub adaptive_chunks: bool,
     /// Per-node upload capacity.
     pub up: u64,
     /// Per-node download capacity.
@@ -126,6 +130,7 @@ impl Params {
             seed: 1,
             blobs: vec![400 * MB, 300 * MB, 200 * MB, 100 * MB],
             chunk_size: DEFAULT_CHUNK_SIZE,
+            adaptive_chunks: true,
             up: 125 * MB,
             down: 125 * MB,
             upstream_egress: 1_250 * MB,
@@ -290,17 +295,29 @@ impl Params {
                 "sites" => self.sites = (v as usize).max(1),
                 "wan" => self.wan = v,
                 "chunk_size" => self.chunk_size = v as u32,
+                "adaptive_chunks" => self.adaptive_chunks = v != 0,
                 other => return Err(format!("unknown tuning key '{other}'")),
             }
         }
         Ok(())
     }
 
-    /// Above [`BIG_SWARM`] nodes, 16 MiB chunks instead of 4 MiB: a quarter of the chunk
-    /// events, so that 100,000 nodes simulate within minutes (see the README).
+    /// Above [`BIG_SWARM`] nodes, 16 MiB chunks for every blob instead of the daemon's
+    /// (4 MiB at most): a quarter of the chunk events or fewer, so that 100,000 nodes simulate
+    /// within minutes (see the README).
     pub fn auto_chunk_size(&mut self) {
         if self.nodes > BIG_SWARM && self.chunk_size == DEFAULT_CHUNK_SIZE {
             self.chunk_size = 16 << 20;
+            self.adaptive_chunks = false;
+        }
+    }
+
+    /// The chunk size of a blob of `blob_size` bytes.
+    pub fn chunk_size_of(&self, blob_size: u64) -> u32 {
+        if self.adaptive_chunks {
+            chunk_size_for(blob_size, self.chunk_size)
+        } else {
+            self.chunk_size
         }
     }
 

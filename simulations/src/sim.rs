@@ -281,8 +281,10 @@ pub struct Report {
     pub image_bytes: u64,
     /// Layers.
     pub blobs: usize,
-    /// Chunk size.
+    /// Chunk size: that of every blob, or with `adaptive_chunks` the largest.
     pub chunk_size: u32,
+    /// Whether each blob's chunk size followed its size (`Params::adaptive_chunks`).
+    pub adaptive_chunks: bool,
     /// Events processed.
     pub events: u64,
     /// Of which, by kind (the event names, as `Notify` or `Step`): where a run's time goes.
@@ -395,7 +397,7 @@ impl Sim {
         let layouts: Vec<ChunkLayout> = p
             .blobs
             .iter()
-            .map(|&size| ChunkLayout::new(size, p.chunk_size).expect("validated layout"))
+            .map(|&size| ChunkLayout::new(size, p.chunk_size_of(size)).expect("validated layout"))
             .collect();
         let mut rng = Rng::new(p.seed);
         let sites = p.sites.max(1);
@@ -537,6 +539,7 @@ impl Sim {
             image_bytes: p.image_bytes(),
             blobs: p.blobs.len(),
             chunk_size: p.chunk_size,
+            adaptive_chunks: p.adaptive_chunks,
             events: 0,
             events_by_kind: Default::default(),
             sim_s: 0.0,
@@ -1655,7 +1658,11 @@ impl Sim {
 
     fn boundary(&self, f: &Flow) -> u64 {
         match f.kind {
-            Kind::Stream => (u64::from(f.index + 1) * u64::from(self.p.chunk_size)).min(f.total),
+            Kind::Stream => {
+                // A stream's total is its blob's size.
+                let chunk = self.p.chunk_size_of(f.total);
+                (u64::from(f.index + 1) * u64::from(chunk)).min(f.total)
+            }
             _ => f.total,
         }
     }
@@ -1891,7 +1898,7 @@ impl Report {
     /// A readable summary.
     pub fn summary(&self) -> String {
         format!(
-            "scenario {} — {} nodes (seed {}), image {:.2} GB in {} layers, chunk {} MiB\n\
+            "scenario {} — {} nodes (seed {}), image {:.2} GB in {} layers, chunk {}{} KiB\n\
              pull time: p50 {:.2} s, p99 {:.2} s, p99.9 {:.2} s, max {:.2} s (ideal {:.2} s; p99 = {:.2} x ideal)\n\
              completed {}/{} alive nodes ({} died, {} incomplete)\n\
              upstream egress: {:.3} copies ({} seeder streams, {} takeovers, {} fallback chunks)\n\
@@ -1903,7 +1910,8 @@ impl Report {
             self.seed,
             self.image_bytes as f64 / 1e9,
             self.blobs,
-            self.chunk_size >> 20,
+            if self.adaptive_chunks { "at most " } else { "" },
+            self.chunk_size >> 10,
             self.p50_s,
             self.p99_s,
             self.p999_s,

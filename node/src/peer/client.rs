@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use quinn::{Connection, ConnectionError, RecvStream, SendStream, TransportErrorCode, VarInt};
 use shoal_protocol::chunk::{
-    ChunkError, ChunkLayout, ChunkStreamVerifier, MidstateTable, TablePrefix,
+    chunk_size_for, ChunkError, ChunkLayout, ChunkStreamVerifier, MidstateTable, TablePrefix,
 };
 use shoal_protocol::wire::{Bitfield, Request, Response, MAX_AUTHZ_LEN};
 use shoal_protocol::Digest;
@@ -452,23 +452,24 @@ impl PeerConn {
         Ok((recv, response))
     }
 
-    /// What the peer knows of the midstate table of blob `digest` in chunks of `chunk_size`: the
-    /// whole table for a blob it holds, a prefix for one still arriving. Checked for everything a
-    /// table can be checked for without the data: it decodes, it is for `chunk_size`, it
+    /// What the peer knows of the midstate table of blob `digest` in chunks of at most
+    /// `max_chunk_size` (the size [`chunk_size_for`] gives the blob): the whole table for a blob
+    /// it holds, a prefix for one still arriving. Checked for everything a table can be checked
+    /// for without the data: it decodes, its chunk size is the rule's for its blob size, it
     /// describes a blob of `expected_size` bytes when given (the descriptor's size), and an
     /// empty blob's digest is the digest of nothing. Its midstates are checked chunk by chunk.
     pub async fn table_prefix(
         &self,
         digest: &Digest,
-        chunk_size: u32,
+        max_chunk_size: u32,
         expected_size: Option<u64>,
         authz: &[u8],
     ) -> Result<TablePrefix, PeerError> {
-        check_chunk_size(chunk_size)?;
+        check_chunk_size(max_chunk_size)?;
         check_authz(authz)?;
         let request = Request::Table {
             digest: *digest.as_bytes(),
-            chunk_size,
+            max_chunk_size,
             authz: authz.to_vec(),
         };
         let (_recv, response) = self.request(&request, "a table").await?;
@@ -477,6 +478,7 @@ impl PeerConn {
         };
         let table = TablePrefix::decode(&table).map_err(|e| PeerError::BadTable(e.to_string()))?;
         let layout = table.layout();
+        let chunk_size = chunk_size_for(layout.blob_size(), max_chunk_size);
         if layout.chunk_size() != chunk_size {
             return Err(PeerError::BadTable(format!(
                 "chunk size {} instead of {chunk_size}",
@@ -497,11 +499,11 @@ impl PeerConn {
     pub async fn table(
         &self,
         digest: &Digest,
-        chunk_size: u32,
+        max_chunk_size: u32,
         expected_size: Option<u64>,
         authz: &[u8],
     ) -> Result<MidstateTable, PeerError> {
-        self.table_prefix(digest, chunk_size, expected_size, authz)
+        self.table_prefix(digest, max_chunk_size, expected_size, authz)
             .await?
             .to_table()
             .ok_or(PeerError::NotFound)

@@ -269,11 +269,11 @@ async fn serve_stream(
         }
         Request::Table {
             digest,
-            chunk_size,
+            max_chunk_size,
             authz,
         } => {
             let digest = Digest::from_bytes(digest);
-            serve_table(&shared, &mut send, &digest, chunk_size, &authz, remote).await
+            serve_table(&shared, &mut send, &digest, max_chunk_size, &authz, remote).await
         }
         Request::Chunk {
             digest,
@@ -405,11 +405,12 @@ fn busy(shared: &Shared) -> Response {
     }
 }
 
+/// Answers a table request of a peer configured with chunks of at most `max_chunk_size`.
 async fn serve_table(
     shared: &Shared,
     send: &mut SendStream,
     digest: &Digest,
-    chunk_size: u32,
+    max_chunk_size: u32,
     authz: &[u8],
     remote: SocketAddr,
 ) -> Result<(), ServeError> {
@@ -421,7 +422,7 @@ async fn serve_table(
     let Some(meta) = shared.store.meta(digest) else {
         // Still arriving: what is known of its table so far.
         let answer = match shared.store.arriving().get(digest) {
-            Some(a) if a.layout().chunk_size() == chunk_size => {
+            Some(a) if max_chunk_size == shared.store.max_chunk_size() => {
                 match check_private(shared, Access::arriving(&a), digest, authz, remote).await {
                     Some(denied) => denied,
                     None => Response::Table {
@@ -437,9 +438,9 @@ async fn serve_table(
     if let Some(denied) = check_private(shared, access, digest, authz, remote).await {
         return respond(send, denied, limit).await;
     }
-    // Only tables at the store's chunk size are kept; computing others on request would let a
-    // peer make this node hash whole blobs at will.
-    if chunk_size != shared.store.chunk_size() {
+    // Only tables at the store's chunk sizes are kept; computing others on request would let
+    // a peer make this node hash whole blobs at will.
+    if max_chunk_size != shared.store.max_chunk_size() {
         return respond(send, Response::NotFound, limit).await;
     }
     let table = match shared.store.table(digest) {

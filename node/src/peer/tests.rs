@@ -73,8 +73,10 @@ fn put(store: &Store, data: &[u8], private: bool) -> Digest {
     d
 }
 
-/// 1.5 MiB chunks: every chunk but the last is sent in two pieces (1 MiB + 0.5 MiB).
-const CS: u32 = 3 << 19;
+/// 1.5 MiB (and one block) chunks: every chunk but the last is sent in two pieces (1 MiB +
+/// 0.5 MiB). An odd number of 64-byte blocks, which `chunk_size_for` cannot halve: every blob
+/// here is cut at `CS`, however small.
+const CS: u32 = (3 << 19) + 64;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_exchange_a_table_and_every_chunk() {
@@ -225,7 +227,7 @@ async fn a_wrong_key_is_refused_and_nothing_is_served() {
     let (mut s2, mut r2) = conn.open_bi().await.unwrap();
     let ask = Request::Table {
         digest: *digest.as_bytes(),
-        chunk_size: 64,
+        max_chunk_size: 64,
         authz: vec![],
     };
     s2.write_all(&ask.encode()).await.unwrap();
