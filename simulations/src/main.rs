@@ -30,7 +30,7 @@ enum Command {
         json: bool,
         /// Chunk size of peer transfers in bytes, the daemon's `--chunk-size` (default 4 MiB, a
         /// multiple of 64; smaller blobs get smaller chunks, as in the daemon). Unset above
-        /// 10,000 nodes: 16 MiB for every blob.
+        /// 20,000 nodes: 16 MiB for every blob.
         #[arg(long)]
         chunk_size: Option<u32>,
         /// Designated seeders per blob (default 1).
