@@ -250,6 +250,8 @@ pub struct P2pConfig {
     pub fault_corrupt_chunks: bool,
     /// Fault injection for tests: serve lying midstate tables to peers.
     pub fault_lie_tables: bool,
+    /// Fault injection for in-process tests (no flag): send chunk headers and no bytes.
+    pub fault_stall_chunks: bool,
     /// How chunk uploads are scheduled.
     pub serve: ServeConfig,
 }
@@ -275,6 +277,7 @@ impl P2pConfig {
             site_gateways: SITE_GATEWAYS,
             fault_corrupt_chunks: false,
             fault_lie_tables: false,
+            fault_stall_chunks: false,
             serve: ServeConfig::default(),
         }
     }
@@ -561,6 +564,7 @@ impl RunArgs {
                     site_gateways,
                     fault_corrupt_chunks: self.fault_corrupt_chunks,
                     fault_lie_tables: self.fault_lie_tables,
+                    fault_stall_chunks: false,
                     serve,
                 })
             }

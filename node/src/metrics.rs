@@ -66,6 +66,9 @@ pub struct Metrics {
     pub chunks_rejected: Counter,
     /// Peers banned for sending corrupt chunks.
     pub peers_banned: Counter,
+    /// Chunk requests to peers abandoned before their answer (timed out, or the peer was
+    /// banned or benched): their streams are reset, so the sender stops sending.
+    pub chunk_requests_cancelled: Counter,
 }
 
 impl Default for Metrics {
@@ -156,8 +159,15 @@ impl Metrics {
             "Peers banned for sending corrupt chunks",
             peers_banned.clone(),
         );
+        let chunk_requests_cancelled = Counter::default();
+        registry.register(
+            "chunk_requests_cancelled",
+            "Chunk requests to peers abandoned before their answer (streams reset)",
+            chunk_requests_cancelled.clone(),
+        );
         Metrics {
             peers_banned,
+            chunk_requests_cancelled,
             peer_bytes,
             chunks_rejected,
             registry,

@@ -202,6 +202,7 @@ impl Swarm {
             site: config.site.clone(),
             fault_corrupt_chunks: config.fault_corrupt_chunks,
             fault_lie_tables: config.fault_lie_tables,
+            fault_stall_chunks: config.fault_stall_chunks,
             serve: config.serve.clone(),
             ..PeerConfig::new(listen, key)
         };
@@ -812,6 +813,8 @@ impl Mirror {
         let (etx, mut erx) = mpsc::channel::<Event>(256);
         let me = sw.peer_id();
         let mut peers: HashMap<PeerId, PeerInfo> = HashMap::new();
+        // The task of each chunk request in flight to a peer, aborted on `Action::Cancel`.
+        let mut requests: HashMap<(PeerId, u32), tokio::task::AbortHandle> = HashMap::new();
         // Subscribes to `peer`'s holding: every bitfield it pushes becomes an `Event::Have`.
         let watch_have = |peer: PeerId, addr: SocketAddr| {
             let (sw, etx) = (sw.clone(), etx.clone());
@@ -937,7 +940,7 @@ impl Mirror {
                         };
                         let (sw, view, etx) = (sw.clone(), view.clone(), etx.clone());
                         let authz = authz.clone();
-                        tokio::spawn(async move {
+                        let task = tokio::spawn(async move {
                             let result = match sw.conn(addr).await {
                                 Ok(c) => c.chunk_prefix(&digest, &view, index, &authz).await,
                                 Err(e) => Err(e),
@@ -959,6 +962,7 @@ impl Mirror {
                                 })
                                 .await;
                         });
+                        requests.insert((peer, index), task.abort_handle());
                     }
                     Action::FetchUpstream { index } => {
                         let (this, reg, name, auth, view, etx) = (
@@ -986,7 +990,16 @@ impl Mirror {
                                 .await;
                         });
                     }
-                    Action::Cancel { .. } => {}
+                    Action::Cancel { peer, index } => {
+                        // Dropping the request's streams resets them: the sender stops
+                        // sending a chunk nobody waits for any more.
+                        if let Some(task) = requests.remove(&(peer, index)) {
+                            if !task.is_finished() {
+                                task.abort();
+                                self.metrics.chunk_requests_cancelled.inc();
+                            }
+                        }
+                    }
                     Action::RefetchTable { exclude } => {
                         // A chunk from `exclude` does not chain with the table in use: ask
                         // another provider (one holding the whole blob if possible) for the
@@ -1092,6 +1105,14 @@ impl Mirror {
                     }
                 }
             };
+            if let Event::Chunk {
+                peer: Some(p),
+                index,
+                ..
+            } = &event
+            {
+                requests.remove(&(*p, *index));
+            }
             match event {
                 Event::Chunk {
                     peer,

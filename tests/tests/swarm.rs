@@ -210,6 +210,62 @@ async fn a_poisoned_peer_is_banned_and_costs_only_its_chunks() {
     }
 }
 
+/// A peer that announces a chunk and never sends it: the request times out, the download
+/// abandons it (`Action::Cancel`), and the abandoned request's stream is reset, so the sender
+/// learns that nobody waits for the chunk any more; the blob completes from the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_request_is_abandoned_and_its_stream_reset() {
+    let origin = Origin::start().await.unwrap();
+    let data = pseudo_random(2 << 20, 17);
+    let d = origin.put_blob(data.clone());
+    let key = [4u8; 32];
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let stalled = start_node_with(&origin, dirs[0].path(), vec![], key, |p| {
+        p.fault_stall_chunks = true
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let url = |n: &Node| format!("http://{}/v2/x/blobs/{d}", n.addr());
+    assert_eq!(get_bytes(&http, url(&stalled)).await, data);
+    let victim = start_node(&origin, dirs[1].path(), vec![p2p_addr(&stalled)], key).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let got = tokio::time::timeout(Duration::from_secs(90), get_bytes(&http, url(&victim)))
+        .await
+        .expect("the pull finishes");
+    assert_eq!(got, data, "the victim must end with the right bytes");
+    let metrics = |n: &Node| {
+        let url = format!("http://{}/metrics", n.addr());
+        let http = http.clone();
+        async move { http.get(url).send().await.unwrap().text().await.unwrap() }
+    };
+    let counter = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let victim_metrics = metrics(&victim).await;
+    assert!(
+        counter(&victim_metrics, "shoal_chunk_requests_cancelled_total") > 0,
+        "{victim_metrics}"
+    );
+    // The stalled sender sees its streams stopped (it waits for that, at most its timeout).
+    let mut stopped = 0;
+    for _ in 0..100 {
+        stopped = counter(
+            &metrics(&stalled).await,
+            "shoal_peer_chunk_sends_stopped_total",
+        );
+        if stopped > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(stopped > 0, "no chunk send was stopped by the requester");
+    for n in [stalled, victim] {
+        n.shutdown().await;
+    }
+}
+
 /// A seeder streaming a blob from a slow upstream shares it as it arrives: the other nodes,
 /// asking at the same time, wait for it (far longer than the takeover time) instead of going
 /// upstream themselves, and get their bytes from it and from each other.

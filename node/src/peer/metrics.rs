@@ -38,6 +38,9 @@ pub struct Metrics {
     pub served_bytes: Family<PeerLabels, Counter>,
     /// Chunks served in full.
     pub chunks_served: Counter,
+    /// Chunk sends the requester stopped (reset its stream) before their end: it no longer
+    /// wanted the chunk, and the rest was not sent.
+    pub chunk_sends_stopped: Counter,
     /// Midstate tables served.
     pub tables_served: Counter,
     /// Requests answered `Busy` (over the serving budget).
@@ -75,6 +78,11 @@ impl Metrics {
             "chunks_served",
             "Chunks served to peers",
             self.chunks_served.clone(),
+        );
+        r.register(
+            "chunk_sends_stopped",
+            "Chunk sends the requesting peer stopped before their end",
+            self.chunk_sends_stopped.clone(),
         );
         r.register(
             "tables_served",

@@ -123,6 +123,9 @@ pub struct PeerConfig {
     pub site: String,
     /// Fault injection for tests: flip a byte in every chunk served (a poisoned peer).
     pub fault_corrupt_chunks: bool,
+    /// Fault injection for tests: send a chunk's header and none of its bytes, and wait for the
+    /// requester to stop the stream (a stalled peer).
+    pub fault_stall_chunks: bool,
     /// Fault injection for tests: serve every midstate table (whole, or the prefix of a blob
     /// still arriving) with one midstate in the middle replaced by garbage (a lying table; see
     /// `server::lying_table`). Chunks are served genuine.
@@ -149,6 +152,7 @@ impl PeerConfig {
             send_window: 16 << 20,
             site: String::new(),
             fault_corrupt_chunks: false,
+            fault_stall_chunks: false,
             fault_lie_tables: false,
         }
     }

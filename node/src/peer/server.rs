@@ -586,6 +586,13 @@ async fn send_chunk(
     let total = len as usize;
     let corrupt_at = (shared.config.fault_corrupt_chunks && total > 0).then_some(total / 2);
     respond(send, Response::ChunkHeader { index, len }, limit).await?;
+    if shared.config.fault_stall_chunks {
+        // Nothing more until the requester gives up on the chunk (bounded by the timeout).
+        if let Ok(Ok(Some(_))) = tokio::time::timeout(limit, send.stopped()).await {
+            shared.metrics.chunk_sends_stopped.inc();
+        }
+        return Ok(());
+    }
     let counter = shared.metrics.served_bytes.get_or_create(label).clone();
     let mut offset = 0;
     while offset < total {
@@ -605,7 +612,12 @@ async fn send_chunk(
             v[at - offset] ^= 0xff;
             piece = Bytes::from(v);
         }
-        frame::write(send, piece, limit).await?;
+        if let Err(e) = frame::write(send, piece, limit).await {
+            if matches!(e, FrameError::Write(quinn::WriteError::Stopped(_))) {
+                shared.metrics.chunk_sends_stopped.inc();
+            }
+            return Err(e.into());
+        }
         counter.inc_by(n as u64);
         offset += n;
     }
