@@ -827,12 +827,12 @@ impl Mirror {
         // into the table prefix.
         let origin = private.then(|| reg.key.clone());
         let sharing = self.share_arriving(&writer, digest, size, origin.clone());
-        // A blob of more than a chunk: this node's other swarm downloads wait for it (small
-        // ones, a config, take no time worth holding anything for).
+        // A blob of more than a chunk of the configured size: this node's other swarm downloads
+        // wait for it (small ones, a config, take no time worth holding anything for).
         let import_started = Instant::now();
         let mut importing = sharing
             .as_ref()
-            .filter(|_| size.is_some_and(|s| s > u64::from(self.store.chunk_size_for(s))))
+            .filter(|_| size.is_some_and(|s| s > u64::from(self.store.max_chunk_size())))
             .and(self.swarm.as_ref())
             .map(|sw| sw.import());
         let copied: Result<(), String> = loop {
