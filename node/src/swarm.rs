@@ -680,6 +680,11 @@ impl Mirror {
                         break;
                     }
                 }
+                Err(PeerError::Remote(message)) => {
+                    // The peer refused with a reason (a misconfiguration, such as another
+                    // `--chunk-size`): loud, not one more quiet fallback to the upstream.
+                    warn!(digest = %digest, peer = %p.peer_id, error = %message, "a provider refused to give its table");
+                }
                 Err(e) => {
                     info!(digest = %digest, peer = %p.peer_id, error = %e, "no table from provider");
                     if matches!(e, PeerError::Connection(_) | PeerError::Timeout(_)) {

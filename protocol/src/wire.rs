@@ -58,7 +58,9 @@
 //! [`crate::chunk::ChunkLayout`] chunk size (a multiple of 64 from 64 bytes to 64 MiB). A
 //! `Table` request names the asker's configured chunk size, the largest it uses: the table
 //! answered is cut at [`crate::chunk::chunk_size_for`] of the blob's size and that, and every
-//! other request names the chunk size of that layout. Every byte
+//! other request names the chunk size of that layout. (The nodes of a cluster share that
+//! setting; the daemon answers a `Table` request naming another with a [`Response::Error`]
+//! that says so.) Every byte
 //! of a payload belongs to a field: extra bytes are refused.
 
 use crate::chunk::{

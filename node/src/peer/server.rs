@@ -415,6 +415,16 @@ async fn serve_table(
     remote: SocketAddr,
 ) -> Result<(), ServeError> {
     let limit = shared.config.timeout;
+    let mine = shared.store.max_chunk_size();
+    if max_chunk_size != mine {
+        // Only tables at the store's chunk sizes are kept (computing others on request would
+        // let a peer make this node hash whole blobs at will), and the two nodes would cut
+        // blobs differently anyway: say so, rather than answer `NotFound` for everything.
+        let message = format!(
+            "--chunk-size differs: {max_chunk_size} here, {mine} at the peer; a cluster's nodes must agree"
+        );
+        return respond(send, Response::error(&message), limit).await;
+    }
     let _permit = match serve_permit(shared) {
         Ok(p) => p,
         Err(busy) => return respond(send, busy, limit).await,
@@ -422,7 +432,7 @@ async fn serve_table(
     let Some(meta) = shared.store.meta(digest) else {
         // Still arriving: what is known of its table so far.
         let answer = match shared.store.arriving().get(digest) {
-            Some(a) if max_chunk_size == shared.store.max_chunk_size() => {
+            Some(a) => {
                 match check_private(shared, Access::arriving(&a), digest, authz, remote).await {
                     Some(denied) => denied,
                     None => Response::Table {
@@ -437,11 +447,6 @@ async fn serve_table(
     let access = Access::stored(shared, &meta, digest);
     if let Some(denied) = check_private(shared, access, digest, authz, remote).await {
         return respond(send, denied, limit).await;
-    }
-    // Only tables at the store's chunk sizes are kept; computing others on request would let
-    // a peer make this node hash whole blobs at will.
-    if max_chunk_size != shared.store.max_chunk_size() {
-        return respond(send, Response::NotFound, limit).await;
     }
     let table = match shared.store.table(digest) {
         Some(t) => Some(t),

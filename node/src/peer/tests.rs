@@ -167,12 +167,19 @@ async fn unknown_digests_are_not_found() {
         Err(PeerError::NotFound)
     );
     assert_eq!(conn.have(&absent, 64).await, Err(PeerError::NotFound));
-    // A table at a chunk size the store does not index is not found either.
+    // A table for a peer configured with another chunk size: an error that says so (a
+    // cluster whose nodes disagree would otherwise only ever fall back to the upstream).
     let present = put(&a.store, &blob(300, 2), false);
     assert_eq!(
         conn.table(&present, 128, None, &[]).await,
-        Err(PeerError::NotFound)
+        Err(PeerError::Remote(
+            "--chunk-size differs: 128 here, 64 at the peer; a cluster's nodes must agree".into()
+        ))
     );
+    assert!(matches!(
+        conn.table(&absent, 128, None, &[]).await,
+        Err(PeerError::Remote(_))
+    ));
     // ... but its chunks and bitfield are served at any valid chunk size.
     let t128 = MidstateTable::compute(&blob(300, 2), 128).unwrap();
     assert_eq!(conn.chunk(&present, &t128, 2, &[]).await.unwrap().len(), 44);
