@@ -1450,6 +1450,47 @@ fn metric_by_label(text: &str, name: &str, label: &str) -> BTreeMap<String, f64>
     m
 }
 
+/// Waits (at most `PEER_WAIT`) until every node has a DHT connection to some peer, so that no
+/// host pulls alone because discovery (mDNS, a DNS name) was slower than `--settle` on a busy
+/// machine. A node still alone at the deadline is reported, and the run goes on.
+fn await_peers(net: &Net) -> Result<()> {
+    const PEER_WAIT: Duration = Duration::from_secs(20);
+    if net.hosts.len() < 2 {
+        return Ok(());
+    }
+    let url = format!("http://127.0.0.1:{SHOAL_PORT}/metrics");
+    let start = Instant::now();
+    let mut alone: Vec<usize> = (0..net.hosts.len()).collect();
+    loop {
+        alone.retain(|&i| {
+            let (code, text) = ns_get(&net.hosts[i], &url, 2);
+            let peers: f64 = metric_by_label(&text, "shoal_dht_peers_connected", "")
+                .values()
+                .sum();
+            code != 200 || peers < 1.0
+        });
+        if alone.is_empty() {
+            if start.elapsed() > Duration::from_millis(500) {
+                eprintln!(
+                    "[cluster] shoal: every node had a peer after {:.1} s more",
+                    start.elapsed().as_secs_f64()
+                );
+            }
+            return Ok(());
+        }
+        if start.elapsed() >= PEER_WAIT {
+            let names: Vec<String> = alone.iter().map(|i| format!("h{}", i + 1)).collect();
+            eprintln!(
+                "[cluster] shoal: WARNING {} without a peer after {} s more; pulling anyway",
+                names.join(", "),
+                PEER_WAIT.as_secs()
+            );
+            return Ok(());
+        }
+        nap(Duration::from_millis(200))?;
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_shoal(
     net: &Net,
@@ -1471,6 +1512,7 @@ fn run_shoal(
     cmd(&["chmod", "600", key.to_str().unwrap()])?;
     let mut nodes = start_nodes(net, tmp, bin, &key, a)?;
     nap(Duration::from_secs_f64(a.settle))?;
+    await_peers(net)?;
     let mut peer_names: BTreeMap<String, String> = BTreeMap::new();
     for (i, n) in nodes.iter().enumerate() {
         if let Some(id) = peer_id_from_log(&n.log) {
