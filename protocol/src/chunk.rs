@@ -622,11 +622,20 @@ impl TableBuilder {
     }
 
     /// The number of midstates of a blob of `blob_size` bytes known so far (its chunk
-    /// boundaries passed); 0 if `blob_size` forms no layout.
+    /// boundaries passed); 0 if `blob_size` forms no layout. Constant time: a node asks after
+    /// every piece of an upstream stream.
     pub fn states_known(&self, blob_size: u64) -> usize {
-        self.states_for(blob_size).map_or(0, |(layout, states)| {
-            states.take(layout.table_len()).count()
-        })
+        let Ok(layout) = ChunkLayout::new(blob_size, chunk_size_for(blob_size, self.max_chunk))
+        else {
+            return 0;
+        };
+        if !layout.chunk_size().is_multiple_of(self.granule) {
+            // Coarsened for a bigger blob than `blob_size`: none of these states is its.
+            return 0;
+        }
+        // `states_for` takes every stride-th state from the stride-th on: floor(len / stride).
+        let stride = (layout.chunk_size() / self.granule) as usize;
+        (self.states.len() / stride).min(layout.table_len())
     }
 
     /// The table and the SHA-256 digest of everything fed; an error only if the blob has more
