@@ -57,6 +57,7 @@ fn verify_all(f: &Fixture) {
 }
 
 fn build_table(f: &Fixture) -> (MidstateTable, [u8; 32]) {
+    // At most 4 MiB chunks: `chunk_size_for` cuts this 64 MiB blob in 32 chunks of 2 MiB.
     let mut builder = TableBuilder::new(DEFAULT_CHUNK_SIZE).expect("chunk size");
     // Pieces of an odd size, as a network stream delivers them.
     for piece in black_box(&f.data).chunks(65_537) {
