@@ -74,6 +74,8 @@ pub struct RunArgs {
     #[arg(long, env = "SHOAL_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Upstream for requests without `?ns=` [default: https://registry-1.docker.io].
+    // The help text shows the URL as it is; rustdoc would have it in angle brackets.
+    #[allow(rustdoc::bare_urls)]
     #[arg(long, env = "SHOAL_UPSTREAM")]
     pub upstream: Option<String>,
     /// Where a registry host really is, `HOST=URL` (repeatable; comma-separated in the env).

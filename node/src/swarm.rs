@@ -316,7 +316,7 @@ impl Swarm {
     }
 
     /// Remembers the layers of an image manifest this node serves: its blobs' seeders are
-    /// spread over distinct nodes ([`Swarm::seeder_rank`]).
+    /// spread over distinct nodes ([`seeder_order`]).
     pub fn note_manifest(&self, body: &[u8]) {
         let layers = manifest_layers(body);
         if let Ok(mut s) = self.siblings.lock() {
