@@ -91,6 +91,10 @@ pub const MAX_SITE_BOOK: usize = 8192;
 pub const IDENTITY_FILE: &str = "p2p-identity.key";
 /// Capacity of the command channel between handles and the actor.
 pub const COMMAND_QUEUE: usize = 1024;
+/// How often a node with `--mdns` asks its LAN for peers (after its first probes): a node
+/// missed at start-up (its first queries lost, or every answer) finds the others within this.
+/// A query and its answers are a few hundred bytes; edge LANs are small.
+pub const MDNS_QUERY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 /// Peers remembered in the address book.
 pub const MAX_ADDRESS_BOOK: usize = 8192;
 /// Provider records kept per digest.
@@ -633,7 +637,15 @@ fn build_behaviour(
     );
     let mdns = if config.mdns {
         Some(
-            mdns::tokio::Behaviour::new(mdns::Config::default(), local_peer_id)
+            mdns::tokio::Behaviour::new(
+                mdns::Config {
+                    // libp2p's default is 5 minutes once a first answer came (or the probes
+                    // ended): a node whose first queries went unanswered stayed alone that long.
+                    query_interval: MDNS_QUERY_INTERVAL,
+                    ..mdns::Config::default()
+                },
+                local_peer_id,
+            )
                 .map_err(|e| DhtError::Config(format!("mDNS: {e}")))?,
         )
     } else {
