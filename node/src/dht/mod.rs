@@ -646,7 +646,7 @@ fn build_behaviour(
                 },
                 local_peer_id,
             )
-                .map_err(|e| DhtError::Config(format!("mDNS: {e}")))?,
+            .map_err(|e| DhtError::Config(format!("mDNS: {e}")))?,
         )
     } else {
         None
