@@ -590,19 +590,26 @@ impl TableBuilder {
         self.in_chunk = (self.total % u64::from(self.max_chunk)) as u32;
     }
 
+    /// The layout of a blob of `blob_size` bytes, and how many recorded states make one of its
+    /// chunks: its states are every `stride`-th, from the `stride`-th on. `usize::MAX` only if
+    /// the states were coarsened for a blob bigger than `blob_size`: the bytes fed are not that
+    /// blob, and no state of theirs is its.
+    fn layout_and_stride(&self, blob_size: u64) -> Result<(ChunkLayout, usize), LayoutError> {
+        let layout = ChunkLayout::new(blob_size, chunk_size_for(blob_size, self.max_chunk))?;
+        let stride = match layout.chunk_size() % self.granule {
+            0 => (layout.chunk_size() / self.granule) as usize,
+            _ => usize::MAX,
+        };
+        Ok((layout, stride))
+    }
+
     /// The layout of a blob of `blob_size` bytes, and the recorded states at its chunk
     /// boundaries (all of them passed so far, possibly more than the table holds).
     fn states_for(
         &self,
         blob_size: u64,
     ) -> Result<(ChunkLayout, impl Iterator<Item = &[u8; 32]>), LayoutError> {
-        let layout = ChunkLayout::new(blob_size, chunk_size_for(blob_size, self.max_chunk))?;
-        // Not a multiple only if the states were coarsened for a blob bigger than `blob_size`:
-        // the bytes fed are not that blob, and no state of theirs is its.
-        let stride = match layout.chunk_size() % self.granule {
-            0 => (layout.chunk_size() / self.granule) as usize,
-            _ => usize::MAX,
-        };
+        let (layout, stride) = self.layout_and_stride(blob_size)?;
         let states = self.states.iter().skip(stride - 1).step_by(stride);
         Ok((layout, states))
     }
@@ -625,17 +632,11 @@ impl TableBuilder {
     /// boundaries passed); 0 if `blob_size` forms no layout. Constant time: a node asks after
     /// every piece of an upstream stream.
     pub fn states_known(&self, blob_size: u64) -> usize {
-        let Ok(layout) = ChunkLayout::new(blob_size, chunk_size_for(blob_size, self.max_chunk))
-        else {
-            return 0;
-        };
-        if !layout.chunk_size().is_multiple_of(self.granule) {
-            // Coarsened for a bigger blob than `blob_size`: none of these states is its.
-            return 0;
-        }
-        // `states_for` takes every stride-th state from the stride-th on: floor(len / stride).
-        let stride = (layout.chunk_size() / self.granule) as usize;
-        (self.states.len() / stride).min(layout.table_len())
+        // What `states_for` yields, counted: floor(len / stride).
+        self.layout_and_stride(blob_size)
+            .map_or(0, |(layout, stride)| {
+                (self.states.len() / stride).min(layout.table_len())
+            })
     }
 
     /// The table and the SHA-256 digest of everything fed; an error only if the blob has more
