@@ -1659,8 +1659,8 @@ impl Sim {
     fn boundary(&self, f: &Flow) -> u64 {
         match f.kind {
             Kind::Stream => {
-                // A stream's total is its blob's size.
-                let chunk = self.p.chunk_size_of(f.total);
+                let (_, b) = self.split(f.task);
+                let chunk = self.layouts[b as usize].chunk_size();
                 (u64::from(f.index + 1) * u64::from(chunk)).min(f.total)
             }
             _ => f.total,
