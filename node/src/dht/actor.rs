@@ -19,7 +19,8 @@ use tracing::{debug, info, trace};
 use super::addr::{multiaddr_to_socket, usable_addrs, AddressBook, PeerSpec};
 use super::{
     site_of_agent, Behaviour, BehaviourEvent, ClosestPeers, Command, DhtError, Metrics, Provider,
-    IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL, MAX_ADDRESS_BOOK, MAX_SITE_BOOK,
+    IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL, MAX_ADDRESS_BOOK, MAX_MDNS_PEERS, MAX_SITE_BOOK,
+    MDNS_QUERY_INTERVAL,
 };
 
 /// Re-announcements of provided digests run at once (see `on_bootstrapped`).
@@ -127,6 +128,11 @@ pub(crate) struct Actor {
     site: String,
     /// Peers' sites, from identify; at most `MAX_SITE_BOOK`.
     sites: HashMap<PeerId, String>,
+    /// Peers mDNS found on the LAN and has not seen expire, with their usable addresses; at
+    /// most `MAX_MDNS_PEERS`. libp2p's mDNS reports a peer once, so a first dial that fails
+    /// (the peer not listening yet, a lost handshake) is retried from here every
+    /// `MDNS_QUERY_INTERVAL` while the peer is not connected.
+    mdns_peers: HashMap<PeerId, Vec<Multiaddr>>,
 }
 
 impl Actor {
@@ -162,6 +168,7 @@ impl Actor {
             deadlines: VecDeque::new(),
             site,
             sites: HashMap::new(),
+            mdns_peers: HashMap::new(),
         }
     }
 
@@ -169,6 +176,10 @@ impl Actor {
         for ev in early {
             self.on_swarm_event(ev);
         }
+        let mut mdns_redial =
+            tokio::time::interval_at(Instant::now() + MDNS_QUERY_INTERVAL, MDNS_QUERY_INTERVAL);
+        mdns_redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mdns_on = self.swarm.behaviour().mdns.is_enabled();
         loop {
             let next_deadline = self.deadlines.front().map(|(t, _)| *t);
             // Unbiased: a stream of commands must not starve swarm events or the reverse.
@@ -181,6 +192,7 @@ impl Actor {
                 ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
                 Some(addrs) = self.resolved.recv() => self.dial_bootstrap(addrs),
                 _ = sleep_until(next_deadline) => self.on_deadlines(),
+                _ = mdns_redial.tick(), if mdns_on => self.redial_mdns_peers(),
             }
         }
         // Pending calls see their reply channel dropped: `DhtError::Closed`.
@@ -454,18 +466,26 @@ impl Actor {
                 }
                 for (peer, addrs) in by_peer {
                     let addrs = usable_addrs(&addrs);
-                    if addrs.is_empty() || self.swarm.is_connected(&peer) {
+                    if addrs.is_empty() {
                         continue;
                     }
                     debug!(%peer, "mDNS discovered peer");
-                    let opts = DialOpts::peer_id(peer)
-                        .addresses(addrs)
-                        .condition(PeerCondition::DisconnectedAndNotDialing)
-                        .build();
-                    let _ = self.swarm.dial(opts);
+                    let room = self.mdns_peers.len() < MAX_MDNS_PEERS;
+                    match self.mdns_peers.get_mut(&peer) {
+                        Some(list) => *list = usable_addrs(list.iter().chain(&addrs)),
+                        None if room => {
+                            self.mdns_peers.insert(peer, addrs);
+                        }
+                        None => {}
+                    }
+                    self.dial_mdns_peer(peer);
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(_))) => {}
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(list))) => {
+                for (peer, _) in list {
+                    self.mdns_peers.remove(&peer);
+                }
+            }
             SwarmEvent::NewListenAddr { address, .. } => {
                 info!(%address, "DHT listening on");
                 if let Some(sa) = multiaddr_to_socket(&address) {
@@ -527,6 +547,37 @@ impl Actor {
                 tracing::warn!(error = %error, "DHT listener error");
             }
             _ => {}
+        }
+    }
+
+    /// Dials a peer mDNS found unless it is connected (or being dialed).
+    fn dial_mdns_peer(&mut self, peer: PeerId) {
+        let Some(addrs) = self.mdns_peers.get(&peer) else {
+            return;
+        };
+        if self.swarm.is_connected(&peer) {
+            return;
+        }
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs.clone())
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        if let Err(e) = self.swarm.dial(opts) {
+            trace!(%peer, error = %e, "mDNS dial not started");
+        }
+    }
+
+    /// Dials again every peer mDNS found that is not connected.
+    fn redial_mdns_peers(&mut self) {
+        let peers: Vec<PeerId> = self
+            .mdns_peers
+            .keys()
+            .filter(|p| !self.swarm.is_connected(p))
+            .copied()
+            .collect();
+        for peer in peers {
+            debug!(%peer, "dialing a peer mDNS found, not connected");
+            self.dial_mdns_peer(peer);
         }
     }
 

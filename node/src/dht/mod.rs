@@ -50,7 +50,7 @@
 //!
 //! # Bounds
 //! Command channel [`COMMAND_QUEUE`]; address book [`MAX_ADDRESS_BOOK`] peers with at most 16
-//! addresses each; record store as above; connections idle for [`IDLE_CONNECTION_TIMEOUT`]
+//! addresses each; [`MAX_MDNS_PEERS`] peers found by mDNS; record store as above; connections idle for [`IDLE_CONNECTION_TIMEOUT`]
 //! are closed.
 
 mod actor;
@@ -95,6 +95,9 @@ pub const COMMAND_QUEUE: usize = 1024;
 /// missed at start-up (its first queries lost, or every answer) finds the others within this.
 /// A query and its answers are a few hundred bytes; edge LANs are small.
 pub const MDNS_QUERY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// Peers found by mDNS kept for redialing (each dialed again every [`MDNS_QUERY_INTERVAL`]
+/// while not connected, until mDNS sees it expire).
+pub const MAX_MDNS_PEERS: usize = 1024;
 /// Peers remembered in the address book.
 pub const MAX_ADDRESS_BOOK: usize = 8192;
 /// Provider records kept per digest.
