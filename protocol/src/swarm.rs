@@ -24,8 +24,9 @@
 //!   throughput: faster peers get more. Ready peers are served fastest first.
 //! * **Timeouts.** A request times out after `max(timeout_floor_ms, timeout_factor * time to
 //!   send this chunk and the ones queued before it at the peer's rate)`. A timed-out request is
-//!   cancelled and re-issued, and counts against the peer: its rate is halved and it gets no new
-//!   request for a cooldown that doubles with each consecutive failure; after `max_strikes`
+//!   cancelled and re-issued, and counts against the peer: its rate is halved (a peer that never
+//!   delivered keeps none: a failure is no measurement) and it gets no new request for a
+//!   cooldown that doubles with each consecutive failure; after `max_strikes`
 //!   consecutive failures it is benched (not used, not counted as a holder) for `bench_ms`,
 //!   doubled for each further bench before it delivers again.
 //! * **Busy peers.** A peer at its serving limit answers `Busy` ([`FailReason::Busy`]): the
@@ -55,8 +56,12 @@
 //!   instead of `upstream_grace_ms` in both rules. The wait for chunks nobody holds restarts
 //!   whenever the swarm makes progress (a peer joins, announces a chunk it did not hold, or
 //!   answers `Busy`): the followers of a seeder that is still streaming the blob from the
-//!   upstream keep waiting for it, and take over only once it stalls or dies. For the same reason a follower judges the
-//!   peers' speed only once no progress was made for `takeover_after_ms`.
+//!   upstream keep waiting for it, and take over only once it stalls or dies. For the same
+//!   reason a follower judges the peers' speed only once no progress was made for
+//!   `takeover_after_ms`. While the peers are too slow and nothing wanted is left, a chunk in
+//!   flight only at peers that all failed since their last delivery is cancelled there and
+//!   fetched upstream (a stalled provider given a request again after its cooldown would
+//!   otherwise hold it until another timeout).
 //!
 //! # Driving a [`Download`]
 //!
@@ -1537,6 +1542,11 @@ impl Download {
 
     /// A failed request (timeout or refusal) counts against the peer: halves its rate, cools it
     /// down, and benches it after `max_strikes` in a row.
+    ///
+    /// A peer that never delivered has no rate to halve, and keeps none: the failure is no
+    /// measurement, and a rate made up from `initial_peer_rate` would count in the swarm's
+    /// aggregate rate, so a follower whose only provider stalled from the start judged the
+    /// swarm fast enough and waited out every strike (about 18 s) before it went upstream.
     fn strike(&mut self, peer: PeerId, now: u64) {
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
@@ -1544,11 +1554,7 @@ impl Download {
         p.strikes += 1;
         let strikes = p.strikes;
         let rate = p.rate;
-        let base = if rate == 0 {
-            self.config.initial_peer_rate
-        } else {
-            rate
-        };
+        let halved = (rate / 2).max(u64::from(rate > 0));
         if strikes >= self.config.max_strikes {
             // Each bench since the last delivery lasts twice as long as the one before, so peers
             // that never deliver cannot keep a chunk from the upstream by taking turns.
@@ -1556,10 +1562,10 @@ impl Download {
             p.benches += 1;
             let until =
                 now.saturating_add(self.config.bench_ms.saturating_mul(1 << benches.min(16)));
-            self.set_rate(peer, (base / 2).max(1));
+            self.set_rate(peer, halved);
             self.exclude(peer, until, false, now);
         } else {
-            self.set_rate(peer, (base / 2).max(1));
+            self.set_rate(peer, halved);
             let shift = (strikes - 1).min(16);
             let until =
                 now.saturating_add(self.config.stall_cooldown_ms.saturating_mul(1 << shift));
@@ -2388,8 +2394,35 @@ impl Download {
                 self.set_slot(index, Slot::Upstream, now);
                 return Some(Action::FetchUpstream { index });
             }
+            // Nothing wanted is left, but a chunk may wait on peers that all failed since they
+            // last delivered (a stalled provider given a request again after its cooldown):
+            // taken from them, or it would wait for their next timeout.
+            if let Some(index) = self.chunk_held_by_suspects() {
+                let requesters = self.chunks[index as usize].requesters.clone();
+                for peer in requesters {
+                    self.remove_request(peer, index);
+                    self.queue.push_back(Action::Cancel { peer, index });
+                }
+                self.set_slot(index, Slot::Upstream, now);
+                return Some(Action::FetchUpstream { index });
+            }
         }
         None
+    }
+
+    /// The lowest chunk in flight whose every requester has failed since its last delivery.
+    fn chunk_held_by_suspects(&self) -> Option<u32> {
+        self.endgame
+            .iter()
+            .map(|&(_, index)| index)
+            .filter(|&index| {
+                let requesters = &self.chunks[index as usize].requesters;
+                !requesters.is_empty()
+                    && requesters
+                        .iter()
+                        .all(|q| self.peers.get(q).is_none_or(|p| p.strikes > 0))
+            })
+            .min()
     }
 }
 

@@ -356,11 +356,10 @@ fn timed_out_request_is_reissued_elsewhere() {
             },
         ]
     );
-    // The stall counts against the peer: its rate is halved from the assumed one.
-    assert_eq!(
-        d.peer_rate(&silent),
-        Some(DownloadConfig::default().initial_peer_rate / 2)
-    );
+    // The stall counts against the peer (a strike, a cooldown), but a peer that never delivered
+    // gets no made-up rate: it stays unmeasured.
+    assert_eq!(d.peer_rate(&silent), None);
+    assert_eq!(d.peer_rate(&good), Some(1024 * 1000 / 10));
     d.chunk_received(good, lost, 1024, deadline + 5);
     assert_eq!(drain(&mut d, deadline + 5), vec![Action::Done]);
 }
@@ -438,6 +437,109 @@ fn a_busy_peer_is_backed_off_not_benched() {
     let reqs = requests_to(&drain(&mut d, now + 1), p(1));
     d.chunk_failed(p(1), reqs[0], FailReason::Busy, now + 1);
     assert_eq!(d.next_wakeup(), Some(now + 1 + 250));
+}
+
+#[test]
+fn a_follower_whose_only_provider_never_delivers_goes_upstream_after_one_timeout() {
+    // A follower (not a designated seeder) whose one provider accepts requests and sends
+    // nothing: its first request times out at the floor, and since the provider never
+    // delivered, the swarm's measured rate is nil, so the follower takes the blob from the
+    // upstream at once (its last progress, the provider's arrival, is older than the takeover
+    // time). Before, the strike gave the provider half the assumed rate, the swarm looked fast
+    // enough, and the follower waited out three strikes and their cooldowns (about 18 s).
+    let config = DownloadConfig {
+        upstream_allowed: false,
+        ..fixed(1)
+    };
+    let (floor, takeover) = (config.timeout_floor_ms, config.takeover_after_ms);
+    assert!(
+        takeover <= floor,
+        "the case needs the takeover wait inside the first timeout"
+    );
+    let mut d = Download::new(layout(4), config, 0);
+    d.add_peer(p(1), Have::All, 0);
+    let first = requests_to(&drain(&mut d, 0), p(1));
+    assert_eq!(first.len(), 1);
+    assert_eq!(d.next_wakeup(), Some(floor));
+    assert!(drain(&mut d, floor - 1).is_empty());
+    let actions = drain(&mut d, floor);
+    assert!(
+        actions.contains(&Action::Cancel {
+            peer: p(1),
+            index: first[0]
+        }),
+        "{actions:?}"
+    );
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::FetchUpstream { .. })),
+        "no upstream fetch after the first timeout: {actions:?}"
+    );
+    assert_eq!(d.peer_rate(&p(1)), None);
+}
+
+#[test]
+fn a_blob_whose_only_provider_stalls_completes_from_the_upstream_once_it_may_take_over() {
+    // The daemon's configuration; the upstream answers each chunk 100 ms after it is asked; the
+    // provider never answers. A designated seeder and a first follower may go upstream after
+    // one timeout, a second follower (the daemon staggers the takeover wait by rank) after 10 s
+    // without progress; none may wait for a further timeout of a chunk the stalled provider
+    // was given again after its cooldown.
+    let floor = DownloadConfig::default().timeout_floor_ms;
+    for (upstream_allowed, takeover) in [(true, 5_000), (false, 5_000), (false, 10_000)] {
+        let config = DownloadConfig {
+            upstream_allowed,
+            takeover_after_ms: takeover,
+            ..DownloadConfig::default()
+        };
+        let mut d = Download::new(layout(8), config, 0);
+        d.add_peer(p(1), Have::All, 0);
+        let mut pending: Vec<(u64, u32)> = Vec::new();
+        let (mut now, mut done) = (0, None);
+        while now <= 60_000 && done.is_none() {
+            for (at, index) in std::mem::take(&mut pending) {
+                if at <= now {
+                    d.upstream_received(index, now);
+                } else {
+                    pending.push((at, index));
+                }
+            }
+            for a in drain(&mut d, now) {
+                match a {
+                    Action::FetchUpstream { index } => pending.push((now + 100, index)),
+                    Action::Done => done = Some(now),
+                    _ => {}
+                }
+            }
+            now += 10;
+        }
+        let done = done.expect("the blob completes");
+        let may = floor.max(takeover);
+        assert!(
+            done <= may + 200,
+            "seeder {upstream_allowed}, takeover {takeover} ms: done at {done} ms, allowed \
+             upstream from {may} ms"
+        );
+    }
+}
+
+#[test]
+fn a_stalled_provider_that_delivered_before_is_halved_per_strike() {
+    let config = DownloadConfig {
+        timeout_floor_ms: 100,
+        ..fixed(1)
+    };
+    let mut d = Download::new(layout(4), config, 0);
+    d.add_peer(p(1), Have::All, 0);
+    let first = requests_to(&drain(&mut d, 0), p(1));
+    d.chunk_received(p(1), first[0], u64::from(CS), 10);
+    let measured = d.peer_rate(&p(1)).unwrap();
+    assert_eq!(measured, u64::from(CS) * 1000 / 10);
+    assert_eq!(requests_to(&drain(&mut d, 10), p(1)).len(), 1);
+    let deadline = d.next_wakeup().unwrap();
+    drain(&mut d, deadline);
+    assert_eq!(d.peer_rate(&p(1)), Some(measured / 2));
 }
 
 #[test]
