@@ -50,8 +50,8 @@
 //!
 //! # Bounds
 //! Command channel [`COMMAND_QUEUE`]; address book [`MAX_ADDRESS_BOOK`] peers with at most 16
-//! addresses each; [`MAX_MDNS_PEERS`] peers found by mDNS; record store as above; connections idle for [`IDLE_CONNECTION_TIMEOUT`]
-//! are closed.
+//! addresses each; [`MAX_MDNS_PEERS`] peers found by mDNS; record store as above; connections
+//! idle for [`IDLE_CONNECTION_TIMEOUT`] are closed.
 
 mod actor;
 mod addr;
