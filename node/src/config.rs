@@ -254,6 +254,9 @@ pub struct P2pConfig {
     pub fault_lie_tables: bool,
     /// Fault injection for in-process tests (no flag): send chunk headers and no bytes.
     pub fault_stall_chunks: bool,
+    /// Fault injection for in-process tests (no flag): send chunk bytes at this many bytes a
+    /// second (0: off).
+    pub fault_chunk_rate: u64,
     /// How chunk uploads are scheduled.
     pub serve: ServeConfig,
 }
@@ -280,6 +283,7 @@ impl P2pConfig {
             fault_corrupt_chunks: false,
             fault_lie_tables: false,
             fault_stall_chunks: false,
+            fault_chunk_rate: 0,
             serve: ServeConfig::default(),
         }
     }
@@ -567,6 +571,7 @@ impl RunArgs {
                     fault_corrupt_chunks: self.fault_corrupt_chunks,
                     fault_lie_tables: self.fault_lie_tables,
                     fault_stall_chunks: false,
+                    fault_chunk_rate: 0,
                     serve,
                 })
             }

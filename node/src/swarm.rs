@@ -23,7 +23,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -203,6 +203,7 @@ impl Swarm {
             fault_corrupt_chunks: config.fault_corrupt_chunks,
             fault_lie_tables: config.fault_lie_tables,
             fault_stall_chunks: config.fault_stall_chunks,
+            fault_chunk_rate: config.fault_chunk_rate,
             serve: config.serve.clone(),
             ..PeerConfig::new(listen, key)
         };
@@ -443,6 +444,21 @@ impl Swarm {
             d.shutdown().await;
         }
     }
+}
+
+/// How old a chunk request must be before the bytes it received are reported to its download
+/// (`Download::chunk_progress`): a fast transfer finishes before, and costs nothing.
+const PROGRESS_REPORT_AFTER: Duration = Duration::from_secs(1);
+
+/// A chunk request in flight to a peer, as the driver tracks it.
+struct InFlightRequest {
+    /// Its task, aborted on `Action::Cancel` (dropping its streams resets them).
+    task: tokio::task::AbortHandle,
+    /// Bytes of the chunk received so far (counted as they arrive, not yet verified).
+    received: Arc<AtomicU64>,
+    sent: Instant,
+    /// `received` as last reported to the download.
+    reported: u64,
 }
 
 /// What the driver's helper tasks report.
@@ -818,8 +834,9 @@ impl Mirror {
         let (etx, mut erx) = mpsc::channel::<Event>(256);
         let me = sw.peer_id();
         let mut peers: HashMap<PeerId, PeerInfo> = HashMap::new();
-        // The task of each chunk request in flight to a peer, aborted on `Action::Cancel`.
-        let mut requests: HashMap<(PeerId, u32), tokio::task::AbortHandle> = HashMap::new();
+        // Each chunk request in flight to a peer: its task (aborted on `Action::Cancel`) and
+        // the bytes it has received, reported to the download while it is slow.
+        let mut requests: HashMap<(PeerId, u32), InFlightRequest> = HashMap::new();
         // Subscribes to `peer`'s holding: every bitfield it pushes becomes an `Event::Have`.
         let watch_have = |peer: PeerId, addr: SocketAddr| {
             let (sw, etx) = (sw.clone(), etx.clone());
@@ -928,6 +945,15 @@ impl Mirror {
         // `Download::allow_upstream` was called (see `STARVED_UPSTREAM`).
         let mut upstream_opened = false;
         'run: loop {
+            // A request older than `PROGRESS_REPORT_AFTER` whose bytes still arrive is not
+            // timed out (a peer behind a thin link).
+            for ((peer, index), r) in requests.iter_mut() {
+                let got = r.received.load(Ordering::Relaxed);
+                if got > r.reported && r.sent.elapsed() >= PROGRESS_REPORT_AFTER {
+                    dl.chunk_progress(*peer, *index, got, now());
+                    r.reported = got;
+                }
+            }
             // Another blob is being imported from the upstream by this node: it goes first. A
             // held download is waiting by choice, not stalled.
             let held = sw.importing();
@@ -945,9 +971,20 @@ impl Mirror {
                         };
                         let (sw, view, etx) = (sw.clone(), view.clone(), etx.clone());
                         let authz = authz.clone();
+                        let received = Arc::new(AtomicU64::new(0));
+                        let counted = received.clone();
                         let task = tokio::spawn(async move {
                             let result = match sw.conn(addr).await {
-                                Ok(c) => c.chunk_prefix(&digest, &view, index, &authz).await,
+                                Ok(c) => {
+                                    c.chunk_prefix_progress(
+                                        &digest,
+                                        &view,
+                                        index,
+                                        &authz,
+                                        Some(&counted),
+                                    )
+                                    .await
+                                }
                                 Err(e) => Err(e),
                             };
                             if matches!(result, Err(PeerError::Connection(_))) {
@@ -967,7 +1004,15 @@ impl Mirror {
                                 })
                                 .await;
                         });
-                        requests.insert((peer, index), task.abort_handle());
+                        requests.insert(
+                            (peer, index),
+                            InFlightRequest {
+                                task: task.abort_handle(),
+                                received,
+                                sent: Instant::now(),
+                                reported: 0,
+                            },
+                        );
                     }
                     Action::FetchUpstream { index } => {
                         let (this, reg, name, auth, view, etx) = (
@@ -998,7 +1043,8 @@ impl Mirror {
                     Action::Cancel { peer, index } => {
                         // Dropping the request's streams resets them: the sender stops
                         // sending a chunk nobody waits for any more.
-                        if let Some(task) = requests.remove(&(peer, index)) {
+                        if let Some(InFlightRequest { task, .. }) = requests.remove(&(peer, index))
+                        {
                             if !task.is_finished() {
                                 task.abort();
                                 self.metrics.chunk_requests_cancelled.inc();

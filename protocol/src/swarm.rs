@@ -66,7 +66,8 @@
 //! # Driving a [`Download`]
 //!
 //! Feed every event (peer joined or left, a peer announced a chunk, a chunk arrived verified or
-//! failed, an upstream chunk arrived), then call [`Download::poll_action`] until it returns
+//! failed, a slow chunk's bytes are still arriving ([`Download::chunk_progress`]), an upstream
+//! chunk arrived), then call [`Download::poll_action`] until it returns
 //! `None`, carry out the actions, and wake up at [`Download::next_wakeup`] (calling
 //! [`Download::tick`] or simply `poll_action` again). Inputs about unknown peers, indices out of
 //! range or requests no longer in flight are ignored, so the caller need not filter races.
@@ -1046,6 +1047,8 @@ impl Peer {
 struct InFlight {
     sent: u64,
     deadline: u64,
+    /// Bytes reported received so far ([`Download::chunk_progress`]).
+    received: u64,
 }
 
 /// One node downloading one blob from peers and, as a fallback, from the upstream. See the module
@@ -1600,6 +1603,20 @@ impl Download {
 
     // ----- requests -----
 
+    /// How long `bytes` may take at `rate` bytes a second before their request times out:
+    /// `timeout_factor` times that, at least the timeout floor.
+    fn timeout_for(&self, bytes: u128, rate: u64) -> u64 {
+        let expected_ms = (bytes * 1000).div_ceil(u128::from(rate.max(1)));
+        let timeout = expected_ms
+            .saturating_mul(u128::from(self.config.timeout_factor))
+            .max(u128::from(
+                self.config
+                    .timeout_floor_ms
+                    .max(self.budget_timeout_floor_ms),
+            ));
+        u64::try_from(timeout).unwrap_or(u64::MAX)
+    }
+
     fn issue(&mut self, peer: PeerId, index: u32, now: u64) {
         let len = self.layout.range(index).map_or(0, |(_, len)| len);
         let Some(p) = self.peers.get_mut(&peer) else {
@@ -1615,20 +1632,13 @@ impl Download {
         } else {
             p.rate
         };
-        let expected_ms = (u128::from(len) * queued * 1000).div_ceil(u128::from(rate.max(1)));
-        let timeout = expected_ms
-            .saturating_mul(u128::from(self.config.timeout_factor))
-            .max(u128::from(
-                self.config
-                    .timeout_floor_ms
-                    .max(self.budget_timeout_floor_ms),
-            ));
-        let deadline = now.saturating_add(u64::try_from(timeout).unwrap_or(u64::MAX));
+        let deadline = now.saturating_add(self.timeout_for(u128::from(len) * queued, rate));
         self.requests.insert(
             (peer, index),
             InFlight {
                 sent: now,
                 deadline,
+                received: 0,
             },
         );
         self.deadlines.insert((deadline, peer, index));
@@ -1971,6 +1981,45 @@ impl Download {
             }
         }
         self.starved.remove(&peer);
+    }
+
+    /// `received` bytes of chunk `index` have arrived from `peer` so far (counted, not yet
+    /// verified): a transfer that moves is not timed out. The request's deadline becomes at
+    /// least `now` plus the time the rest takes at the rate seen since it was sent (times
+    /// `timeout_factor`, at least the timeout floor), and a peer with no measured rate gets
+    /// that one. A peer behind a link too thin for a chunk within the floor (an edge site's
+    /// WAN) thus still delivers, while one that stops sending times out as before. Not
+    /// progress of the swarm (a slow peer must not keep a follower from judging it slow);
+    /// ignored for a request not in flight, or without more bytes than its last report.
+    pub fn chunk_progress(&mut self, peer: PeerId, index: u32, received: u64, now: u64) {
+        let Some(&req) = self.requests.get(&(peer, index)) else {
+            return;
+        };
+        let len = self
+            .layout
+            .range(index)
+            .map_or(0, |(_, len)| u64::from(len));
+        if received <= req.received || received >= len {
+            return;
+        }
+        self.now = self.now.max(now);
+        let elapsed = now.saturating_sub(req.sent).max(1);
+        let seen = u64::try_from(u128::from(received) * 1000 / u128::from(elapsed))
+            .unwrap_or(u64::MAX)
+            .max(1);
+        if self.peers.get(&peer).is_some_and(|p| p.rate == 0) {
+            self.set_rate(peer, seen);
+        }
+        let deadline = now.saturating_add(self.timeout_for(u128::from(len - received), seen));
+        let deadline = deadline.max(req.deadline);
+        if deadline > req.deadline {
+            self.deadlines.remove(&(req.deadline, peer, index));
+            self.deadlines.insert((deadline, peer, index));
+        }
+        if let Some(r) = self.requests.get_mut(&(peer, index)) {
+            r.deadline = deadline;
+            r.received = received;
+        }
     }
 
     /// Chunk `index` arrived from `peer` with `bytes_len` bytes and verified. Completes the chunk

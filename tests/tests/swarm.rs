@@ -265,6 +265,43 @@ async fn a_stalled_request_is_abandoned_and_its_stream_reset() {
     }
 }
 
+/// A peer behind a thin link (each chunk takes longer than a request's first timeout) is the
+/// only source once the upstream is down: the download must not give up on a transfer that
+/// is still moving. It reports the bytes received, the request's deadline follows them, and
+/// the blob completes from that peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_peer_still_delivers_when_the_upstream_is_down() {
+    let origin = Origin::start().await.unwrap();
+    // Two chunks of 256 KiB at 40 KiB/s: 6.4 s each, over the 5 s timeout floor.
+    let data = pseudo_random(512 << 10, 23);
+    let d = origin.put_blob(data.clone());
+    let key = [6u8; 32];
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let slow = start_node_with(&origin, dirs[0].path(), vec![], key, |p| {
+        p.fault_chunk_rate = 40 << 10
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let url = |n: &Node| format!("http://{}/v2/x/blobs/{d}", n.addr());
+    assert_eq!(get_bytes(&http, url(&slow)).await, data);
+    origin.set_fault(shoal_node::origin::Fault::ServerError);
+    let victim = start_node(&origin, dirs[1].path(), vec![p2p_addr(&slow)], key).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let got = tokio::time::timeout(Duration::from_secs(90), get_bytes(&http, url(&victim)))
+        .await
+        .expect("the pull finishes");
+    assert_eq!(got, data, "the victim must end with the right bytes");
+    let victim_metrics = metrics(&http, &victim).await;
+    assert_eq!(
+        counter(&victim_metrics, "shoal_chunk_requests_cancelled_total"),
+        0,
+        "a moving transfer was abandoned: {victim_metrics}"
+    );
+    for n in [slow, victim] {
+        n.shutdown().await;
+    }
+}
+
 /// A seeder streaming a blob from a slow upstream shares it as it arrives: the other nodes,
 /// asking at the same time, wait for it (far longer than the takeover time) instead of going
 /// upstream themselves, and get their bytes from it and from each other.

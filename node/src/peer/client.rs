@@ -1,6 +1,7 @@
 //! The fetching side: connect, authenticate, ask for tables, chunks and bitfields.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -336,6 +337,7 @@ async fn read_verifying(
     verifier: &mut ChunkStreamVerifier,
     sink: &mut Sink,
     until: u32,
+    progress: Option<&AtomicU64>,
 ) -> Result<bool, ReadFailure> {
     let mut batch: [Bytes; READ_BATCH] = Default::default();
     while verifier.received() < until {
@@ -353,6 +355,9 @@ async fn read_verifying(
             }
             verifier.update(&s).map_err(|_| ReadFailure::Overrun)?;
             sink.push(s);
+        }
+        if let Some(p) = progress {
+            p.store(u64::from(verifier.received()), Ordering::Relaxed);
         }
     }
     Ok(true)
@@ -519,7 +524,7 @@ impl PeerConn {
         authz: &[u8],
     ) -> Result<Bytes, PeerError> {
         let verifier = whole_table_verifier(digest, table, index, authz)?;
-        self.receive_chunk(digest, verifier, authz, true)
+        self.receive_chunk(digest, verifier, authz, true, None)
             .await
             .map(Chunk::into_bytes)
     }
@@ -534,7 +539,8 @@ impl PeerConn {
         authz: &[u8],
     ) -> Result<Chunk, PeerError> {
         let verifier = whole_table_verifier(digest, table, index, authz)?;
-        self.receive_chunk(digest, verifier, authz, false).await
+        self.receive_chunk(digest, verifier, authz, false, None)
+            .await
     }
 
     /// Chunk `index` of blob `digest` in one buffer: as [`PeerConn::chunk_prefix_segments`],
@@ -546,8 +552,22 @@ impl PeerConn {
         index: u32,
         authz: &[u8],
     ) -> Result<Bytes, PeerError> {
+        self.chunk_prefix_progress(digest, table, index, authz, None)
+            .await
+    }
+
+    /// [`PeerConn::chunk_prefix`], storing the chunk's bytes received so far (unverified: a
+    /// count, for the caller's timeouts) in `progress` as they arrive.
+    pub async fn chunk_prefix_progress(
+        &self,
+        digest: &Digest,
+        table: &Arc<TablePrefix>,
+        index: u32,
+        authz: &[u8],
+        progress: Option<&AtomicU64>,
+    ) -> Result<Bytes, PeerError> {
         let verifier = prefix_verifier(digest, table, index, authz)?;
-        self.receive_chunk(digest, verifier, authz, true)
+        self.receive_chunk(digest, verifier, authz, true, progress)
             .await
             .map(Chunk::into_bytes)
     }
@@ -568,7 +588,8 @@ impl PeerConn {
         authz: &[u8],
     ) -> Result<Chunk, PeerError> {
         let verifier = prefix_verifier(digest, table, index, authz)?;
-        self.receive_chunk(digest, verifier, authz, false).await
+        self.receive_chunk(digest, verifier, authz, false, None)
+            .await
     }
 
     /// Asks for the chunk `verifier` checks and reads it, hashing each segment as it arrives;
@@ -579,6 +600,7 @@ impl PeerConn {
         (mut verifier, chunk_size): (ChunkStreamVerifier, u32),
         authz: &[u8],
         contiguous: bool,
+        progress: Option<&AtomicU64>,
     ) -> Result<Chunk, PeerError> {
         let (index, len) = (verifier.index(), verifier.len());
         let request = Request::Chunk {
@@ -615,7 +637,7 @@ impl PeerConn {
             // One timer per [`PROGRESS_STEP`] bytes rather than per packet: the wait that times
             // out is "the next step of the chunk".
             let step = verifier.received().saturating_add(PROGRESS_STEP).min(len);
-            let read = read_verifying(&mut recv, &mut verifier, &mut sink, step);
+            let read = read_verifying(&mut recv, &mut verifier, &mut sink, step, progress);
             match timeout(self.limit, read).await {
                 Err(_) => return Err(PeerError::Timeout("chunk data")),
                 Ok(Ok(true)) => {}

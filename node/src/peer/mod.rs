@@ -126,6 +126,9 @@ pub struct PeerConfig {
     /// Fault injection for tests: send a chunk's header and none of its bytes, and wait for the
     /// requester to stop the stream (a stalled peer).
     pub fault_stall_chunks: bool,
+    /// Fault injection for tests: send chunk bytes at this many bytes a second (0: as fast as
+    /// the connection goes; a peer behind a thin link).
+    pub fault_chunk_rate: u64,
     /// Fault injection for tests: serve every midstate table (whole, or the prefix of a blob
     /// still arriving) with one midstate in the middle replaced by garbage (a lying table; see
     /// `server::lying_table`). Chunks are served genuine.
@@ -153,6 +156,7 @@ impl PeerConfig {
             site: String::new(),
             fault_corrupt_chunks: false,
             fault_stall_chunks: false,
+            fault_chunk_rate: 0,
             fault_lie_tables: false,
         }
     }

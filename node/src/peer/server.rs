@@ -599,9 +599,15 @@ async fn send_chunk(
         return Ok(());
     }
     let counter = shared.metrics.served_bytes.get_or_create(label).clone();
+    // Test-only pacing (a peer behind a thin link): small pieces, each after its time.
+    let rate = shared.config.fault_chunk_rate;
+    let piece_size = if rate > 0 { 16 << 10 } else { SERVE_PIECE };
     let mut offset = 0;
     while offset < total {
-        let n = SERVE_PIECE.min(total - offset);
+        let n = piece_size.min(total - offset);
+        if rate > 0 {
+            tokio::time::sleep(std::time::Duration::from_secs_f64(n as f64 / rate as f64)).await;
+        }
         let mut piece = match &bytes {
             ChunkBytes::Mapped(b) => b.slice(offset..offset + n),
             ChunkBytes::Arriving { blob, start, .. } => {

@@ -525,6 +525,79 @@ fn a_blob_whose_only_provider_stalls_completes_from_the_upstream_once_it_may_tak
 }
 
 #[test]
+fn a_chunk_whose_bytes_keep_arriving_is_not_timed_out() {
+    // A peer behind a thin link: the chunk takes 4 floors, its bytes arriving all along. (No
+    // upstream: a slow swarm would send the other chunk there.)
+    let config = DownloadConfig {
+        upstream_allowed: false,
+        takeover_after_ms: u64::MAX,
+        ..fixed(1)
+    };
+    let floor = config.timeout_floor_ms;
+    let mut d = Download::new(layout(2), config, 0);
+    d.add_peer(p(1), Have::All, 0);
+    let first = requests_to(&drain(&mut d, 0), p(1));
+    assert_eq!(first.len(), 1);
+    let len = u64::from(CS);
+    let total = 4 * floor;
+    let mut now = 0;
+    while now + floor / 2 < total {
+        now += floor / 2;
+        d.chunk_progress(p(1), first[0], len * now / total, now);
+        let actions = drain(&mut d, now);
+        assert!(
+            !actions.contains(&Action::Cancel {
+                peer: p(1),
+                index: first[0]
+            }),
+            "timed out at {now} ms while its bytes arrive: {actions:?}"
+        );
+        assert!(d.next_wakeup().unwrap() > now);
+    }
+    // The rate seen so far, for a peer that had none.
+    let seen = d.peer_rate(&p(1)).expect("a rate from the bytes seen");
+    assert!(seen > 0 && seen < len * 1000 / floor, "{seen}");
+    d.chunk_received(p(1), first[0], len, total);
+    assert_eq!(requests_to(&drain(&mut d, total), p(1)), vec![1 - first[0]]);
+}
+
+#[test]
+fn a_chunk_whose_bytes_stop_times_out_after_its_last_progress() {
+    let config = DownloadConfig {
+        upstream_allowed: false,
+        takeover_after_ms: u64::MAX,
+        ..fixed(1)
+    };
+    let (floor, factor) = (config.timeout_floor_ms, config.timeout_factor);
+    let mut d = Download::new(layout(2), config, 0);
+    d.add_peer(p(1), Have::All, 0);
+    let first = requests_to(&drain(&mut d, 0), p(1));
+    let len = u64::from(CS);
+    // A tenth of the chunk in the first floor, then nothing more.
+    let at = floor - 1;
+    d.chunk_progress(p(1), first[0], len / 10, at);
+    let deadline = d.next_wakeup().unwrap();
+    assert!(deadline > floor, "extended: {deadline}");
+    // The rest at the rate seen (a tenth per floor), times the factor.
+    assert!(deadline >= at + 9 * floor * factor - 10, "{deadline}");
+    // No more bytes: the same report changes nothing, and the request times out there.
+    d.chunk_progress(p(1), first[0], len / 10, deadline - 1);
+    assert_eq!(d.next_wakeup(), Some(deadline));
+    assert!(drain(&mut d, deadline - 1).is_empty());
+    let actions = drain(&mut d, deadline);
+    assert!(
+        actions.contains(&Action::Cancel {
+            peer: p(1),
+            index: first[0]
+        }),
+        "{actions:?}"
+    );
+    // Reports for requests not in flight are ignored.
+    d.chunk_progress(p(1), first[0], len / 2, deadline + 1);
+    d.chunk_progress(p(9), 0, 1, deadline + 1);
+}
+
+#[test]
 fn a_stalled_provider_that_delivered_before_is_halved_per_strike() {
     let config = DownloadConfig {
         timeout_floor_ms: 100,
