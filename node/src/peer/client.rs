@@ -635,10 +635,14 @@ impl PeerConn {
         };
         while verifier.received() < len {
             // One timer per [`PROGRESS_STEP`] bytes rather than per packet: the wait that times
-            // out is "the next step of the chunk".
-            let step = verifier.received().saturating_add(PROGRESS_STEP).min(len);
+            // out is "the next step of the chunk", and only if no byte came in it (a thin link
+            // may take longer than the limit for a step; a stalled peer sends nothing).
+            let before = verifier.received();
+            let step = before.saturating_add(PROGRESS_STEP).min(len);
             let read = read_verifying(&mut recv, &mut verifier, &mut sink, step, progress);
             match timeout(self.limit, read).await {
+                // (`read_chunks` is cancel-safe: what the reader took is in the verifier.)
+                Err(_) if verifier.received() > before => {}
                 Err(_) => return Err(PeerError::Timeout("chunk data")),
                 Ok(Ok(true)) => {}
                 Ok(Ok(false)) => {

@@ -119,10 +119,19 @@ pub(crate) async fn write(
     bytes: Bytes,
     limit: Duration,
 ) -> Result<(), FrameError> {
-    match timeout(limit, send.write_chunk(bytes)).await {
-        Err(_) => Err(FrameError::Timeout),
-        Ok(r) => Ok(r?),
+    // `limit` bounds each wait for the peer to take more, not the whole write: a peer behind a
+    // thin link that keeps taking bytes is not cut off, one that stops is. (`write_chunks` is
+    // cancel-safe: a wait that times out wrote nothing.)
+    let mut bufs = [bytes];
+    while !bufs[0].is_empty() {
+        match timeout(limit, send.write_chunks(&mut bufs)).await {
+            Err(_) => return Err(FrameError::Timeout),
+            Ok(r) => {
+                r?;
+            }
+        }
     }
+    Ok(())
 }
 
 /// Writes one request.
