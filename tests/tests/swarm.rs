@@ -219,35 +219,52 @@ async fn a_poisoned_peer_is_banned_and_costs_only_its_chunks() {
     }
 }
 
-/// A peer that announces a chunk and never sends it: the request times out, the download
-/// abandons it (`Action::Cancel`), and the abandoned request's stream is reset, so the sender
-/// learns that nobody waits for the chunk any more; the blob completes from the upstream.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_request_is_abandoned_and_its_stream_reset() {
+/// A sole provider with a fault and a node that pulls from it: the provider (made with `fault`)
+/// fetches a `len`-byte blob from the origin, the origin then gets `origin_fault` (if any),
+/// and a second node joining through the provider pulls the blob, which must complete right
+/// within 90 s. Returns the provider, the victim and the victim's metrics, with the data
+/// directories to keep alive.
+async fn pull_from_a_faulty_sole_provider(
+    len: usize,
+    key: [u8; 32],
+    fault: impl FnOnce(&mut P2pConfig),
+    origin_fault: Option<shoal_node::origin::Fault>,
+) -> (Origin, Vec<tempfile::TempDir>, Node, Node, String) {
     let origin = Origin::start().await.unwrap();
-    let data = pseudo_random(2 << 20, 17);
+    let data = pseudo_random(len, key[0].into());
     let d = origin.put_blob(data.clone());
-    let key = [4u8; 32];
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let stalled = start_node_with(&origin, dirs[0].path(), vec![], key, |p| {
-        p.fault_stall_chunks = true
-    })
-    .await;
+    let provider = start_node_with(&origin, dirs[0].path(), vec![], key, fault).await;
     let http = reqwest::Client::new();
     let url = |n: &Node| format!("http://{}/v2/x/blobs/{d}", n.addr());
-    assert_eq!(get_bytes(&http, url(&stalled)).await, data);
-    let victim = start_node(&origin, dirs[1].path(), vec![p2p_addr(&stalled)], key).await;
+    assert_eq!(get_bytes(&http, url(&provider)).await, data);
+    if let Some(f) = origin_fault {
+        origin.set_fault(f);
+    }
+    let victim = start_node(&origin, dirs[1].path(), vec![p2p_addr(&provider)], key).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let got = tokio::time::timeout(Duration::from_secs(90), get_bytes(&http, url(&victim)))
         .await
         .expect("the pull finishes");
     assert_eq!(got, data, "the victim must end with the right bytes");
     let victim_metrics = metrics(&http, &victim).await;
+    (origin, dirs, provider, victim, victim_metrics)
+}
+
+/// A peer that announces a chunk and never sends it: the request times out, the download
+/// abandons it (`Action::Cancel`), and the abandoned request's stream is reset, so the sender
+/// learns that nobody waits for the chunk any more; the blob completes from the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_request_is_abandoned_and_its_stream_reset() {
+    let stall = |p: &mut P2pConfig| p.fault_stall_chunks = true;
+    let (_origin, _dirs, stalled, victim, victim_metrics) =
+        pull_from_a_faulty_sole_provider(2 << 20, [4u8; 32], stall, None).await;
     assert!(
         counter(&victim_metrics, "shoal_chunk_requests_cancelled_total") > 0,
         "{victim_metrics}"
     );
     // The stalled sender sees its streams stopped (it waits for that, at most its timeout).
+    let http = reqwest::Client::new();
     let mut stopped = 0;
     for _ in 0..100 {
         stopped = counter(
@@ -271,28 +288,12 @@ async fn a_stalled_request_is_abandoned_and_its_stream_reset() {
 /// the blob completes from that peer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_peer_still_delivers_when_the_upstream_is_down() {
-    let origin = Origin::start().await.unwrap();
     // Two chunks of 256 KiB at 24 KiB/s: 10.7 s each, over the download's 5 s timeout floor
     // and over the 10 s the connection gives any one wait.
-    let data = pseudo_random(512 << 10, 23);
-    let d = origin.put_blob(data.clone());
-    let key = [6u8; 32];
-    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let slow = start_node_with(&origin, dirs[0].path(), vec![], key, |p| {
-        p.fault_chunk_rate = 24 << 10
-    })
-    .await;
-    let http = reqwest::Client::new();
-    let url = |n: &Node| format!("http://{}/v2/x/blobs/{d}", n.addr());
-    assert_eq!(get_bytes(&http, url(&slow)).await, data);
-    origin.set_fault(shoal_node::origin::Fault::ServerError);
-    let victim = start_node(&origin, dirs[1].path(), vec![p2p_addr(&slow)], key).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let got = tokio::time::timeout(Duration::from_secs(90), get_bytes(&http, url(&victim)))
-        .await
-        .expect("the pull finishes");
-    assert_eq!(got, data, "the victim must end with the right bytes");
-    let victim_metrics = metrics(&http, &victim).await;
+    let thin = |p: &mut P2pConfig| p.fault_chunk_rate = 24 << 10;
+    let down = Some(shoal_node::origin::Fault::ServerError);
+    let (_origin, _dirs, slow, victim, victim_metrics) =
+        pull_from_a_faulty_sole_provider(512 << 10, [6u8; 32], thin, down).await;
     assert_eq!(
         counter(&victim_metrics, "shoal_chunk_requests_cancelled_total"),
         0,
