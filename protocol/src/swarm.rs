@@ -1083,6 +1083,9 @@ pub struct Download {
     endgame: BTreeSet<(u32, u32)>,
     upstream: BTreeSet<u32>,
     upstream_retry_at: u64,
+    /// The last upstream fetch failed (none succeeded since): a slow peer's transfer is not
+    /// taken back for an upstream that may be down.
+    upstream_faltering: bool,
     requests: BTreeMap<(PeerId, u32), InFlight>,
     deadlines: BTreeSet<(u64, PeerId, u32)>,
     /// Cooldown and exclusion ends.
@@ -1154,6 +1157,7 @@ impl Download {
             endgame: BTreeSet::new(),
             upstream: BTreeSet::new(),
             upstream_retry_at: 0,
+            upstream_faltering: false,
             requests: BTreeMap::new(),
             deadlines: BTreeSet::new(),
             peer_timers: BTreeSet::new(),
@@ -2163,6 +2167,7 @@ impl Download {
         if index >= self.layout.count() {
             return;
         }
+        self.upstream_faltering = false;
         self.complete(index, None, now);
     }
 
@@ -2171,6 +2176,7 @@ impl Download {
     pub fn upstream_failed(&mut self, index: u32, now: u64) {
         self.tick(now);
         if self.chunk(index).is_some_and(|c| c.slot == Slot::Upstream) {
+            self.upstream_faltering = true;
             self.upstream_retry_at = now.saturating_add(self.config.upstream_retry_ms);
             self.set_slot(index, Slot::Wanted, now);
         }
@@ -2444,9 +2450,10 @@ impl Download {
                 return Some(Action::FetchUpstream { index });
             }
             // Nothing wanted is left, but a chunk may wait on peers that all failed since they
-            // last delivered (a stalled provider given a request again after its cooldown):
-            // taken from them, or it would wait for their next timeout.
-            if let Some(index) = self.chunk_held_by_suspects() {
+            // last delivered (a stalled provider given a request again after its cooldown), or
+            // that send it slower than the upstream would (a transfer kept alive by
+            // `chunk_progress`, while the upstream answers): taken from them.
+            if let Some(index) = self.chunk_held_by_laggards(now) {
                 let requesters = self.chunks[index as usize].requesters.clone();
                 for peer in requesters {
                     self.remove_request(peer, index);
@@ -2459,17 +2466,38 @@ impl Download {
         None
     }
 
-    /// The lowest chunk in flight whose every requester has failed since its last delivery.
-    fn chunk_held_by_suspects(&self) -> Option<u32> {
+    /// The lowest chunk in flight whose every requester has failed since its last delivery or,
+    /// while the upstream is idle and its last fetch did not fail, reported bytes at a rate that
+    /// would finish the chunk later than the upstream would fetch it whole.
+    fn chunk_held_by_laggards(&self, now: u64) -> Option<u32> {
+        let lagging = |peer: &PeerId, index: u32| {
+            if self.peers.get(peer).is_none_or(|p| p.strikes > 0) {
+                return true;
+            }
+            let Some(req) = self.requests.get(&(*peer, index)) else {
+                return true;
+            };
+            // Only for an upstream that is idle and did not fail last: one in doubt may be down
+            // (the slow transfer would be lost for nothing), and one that fails is.
+            if self.upstream_faltering || !self.upstream.is_empty() || req.received == 0 {
+                return false;
+            }
+            let len = self
+                .layout
+                .range(index)
+                .map_or(0, |(_, len)| u128::from(len));
+            let elapsed = u128::from(now.saturating_sub(req.sent).max(1));
+            let rest_ms =
+                len.saturating_sub(u128::from(req.received)) * elapsed / u128::from(req.received);
+            let upstream_ms = len * 1000 / u128::from(self.config.upstream_rate.max(1));
+            rest_ms > upstream_ms
+        };
         self.endgame
             .iter()
             .map(|&(_, index)| index)
             .filter(|&index| {
                 let requesters = &self.chunks[index as usize].requesters;
-                !requesters.is_empty()
-                    && requesters
-                        .iter()
-                        .all(|q| self.peers.get(q).is_none_or(|p| p.strikes > 0))
+                !requesters.is_empty() && requesters.iter().all(|q| lagging(q, index))
             })
             .min()
     }

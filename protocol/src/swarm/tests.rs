@@ -598,6 +598,57 @@ fn a_chunk_whose_bytes_stop_times_out_after_its_last_progress() {
 }
 
 #[test]
+fn a_slow_transfer_is_taken_back_for_a_working_upstream_but_not_for_a_failing_one() {
+    // A seeder's only peer sends a chunk at 1 % a second (reported with `chunk_progress`).
+    for upstream_works in [true, false] {
+        let mut d = Download::new(layout(2), fixed(1), 0);
+        d.add_peer(p(1), Have::All, 0);
+        let slow = requests_to(&drain(&mut d, 0), p(1));
+        assert_eq!(slow.len(), 1);
+        let (slow, other) = (slow[0], 1 - slow[0]);
+        let len = u64::from(CS);
+        let mut now = 0;
+        let mut upstream = Vec::new();
+        let mut cancelled = false;
+        while now < 30_000 {
+            now += 500;
+            d.chunk_progress(p(1), slow, len * now / 100_000, now);
+            for a in drain(&mut d, now) {
+                match a {
+                    Action::FetchUpstream { index } => upstream.push(index),
+                    Action::Cancel { peer, index } if peer == p(1) && index == slow => {
+                        cancelled = true
+                    }
+                    _ => {}
+                }
+            }
+            for index in std::mem::take(&mut upstream) {
+                if upstream_works {
+                    d.upstream_received(index, now);
+                } else {
+                    d.upstream_failed(index, now);
+                }
+            }
+        }
+        if upstream_works {
+            // The other chunk went upstream first (the swarm is slow), then the slow one.
+            assert!(cancelled, "the slow transfer was left to run");
+            assert_eq!(d.poll_action(now), None, "done, and nothing more to do");
+        } else {
+            assert!(
+                !cancelled,
+                "a moving transfer was given up for a failing upstream"
+            );
+            d.chunk_received(p(1), slow, len, now);
+            assert!(
+                !drain(&mut d, now).contains(&Action::Done),
+                "chunk {other} still wanted"
+            );
+        }
+    }
+}
+
+#[test]
 fn a_stalled_provider_that_delivered_before_is_halved_per_strike() {
     let config = DownloadConfig {
         timeout_floor_ms: 100,
