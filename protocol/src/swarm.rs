@@ -59,9 +59,10 @@
 //!   upstream keep waiting for it, and take over only once it stalls or dies. For the same
 //!   reason a follower judges the peers' speed only once no progress was made for
 //!   `takeover_after_ms`. While the peers are too slow and nothing wanted is left, a chunk in
-//!   flight only at peers that all failed since their last delivery is cancelled there and
-//!   fetched upstream (a stalled provider given a request again after its cooldown would
-//!   otherwise hold it until another timeout).
+//!   flight only at peers that all failed since their last delivery (a stalled provider given a
+//!   request again after its cooldown), or that report bytes ([`Download::chunk_progress`]) at a
+//!   rate finishing it later than the upstream would while the upstream is idle and its last
+//!   fetch did not fail, is cancelled there and fetched upstream.
 //!
 //! # Driving a [`Download`]
 //!
