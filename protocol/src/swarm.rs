@@ -1701,20 +1701,25 @@ impl Download {
         }
     }
 
-    /// Chunk `index` arrived (from anywhere): cancel the other requests for it.
-    fn complete(&mut self, index: u32, from: Option<PeerId>, now: u64) {
-        if self.chunks[index as usize].slot == Slot::Done {
-            return;
-        }
-        let losers: Vec<PeerId> = self.chunks[index as usize].requesters.clone();
-        for peer in losers {
-            if Some(peer) == from {
+    /// Cancels every request for chunk `index` except `keep`'s (emitting `Cancel`s).
+    fn cancel_requests(&mut self, index: u32, keep: Option<PeerId>, now: u64) {
+        let requesters: Vec<PeerId> = self.chunks[index as usize].requesters.clone();
+        for peer in requesters {
+            if Some(peer) == keep {
                 continue;
             }
             self.remove_request(peer, index);
             self.queue.push_back(Action::Cancel { peer, index });
             self.refresh(peer, now);
         }
+    }
+
+    /// Chunk `index` arrived (from anywhere): cancel the other requests for it.
+    fn complete(&mut self, index: u32, from: Option<PeerId>, now: u64) {
+        if self.chunks[index as usize].slot == Slot::Done {
+            return;
+        }
+        self.cancel_requests(index, from, now);
         self.set_slot(index, Slot::Done, now);
         if self.remaining == 0 {
             // Nothing more to ask anyone.
@@ -2455,11 +2460,7 @@ impl Download {
             // that send it slower than the upstream would (a transfer kept alive by
             // `chunk_progress`, while the upstream answers): taken from them.
             if let Some(index) = self.chunk_held_by_laggards(now) {
-                let requesters = self.chunks[index as usize].requesters.clone();
-                for peer in requesters {
-                    self.remove_request(peer, index);
-                    self.queue.push_back(Action::Cancel { peer, index });
-                }
+                self.cancel_requests(index, None, now);
                 self.set_slot(index, Slot::Upstream, now);
                 return Some(Action::FetchUpstream { index });
             }
