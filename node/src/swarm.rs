@@ -976,14 +976,8 @@ impl Mirror {
                         let task = tokio::spawn(async move {
                             let result = match sw.conn(addr).await {
                                 Ok(c) => {
-                                    c.chunk_prefix_progress(
-                                        &digest,
-                                        &view,
-                                        index,
-                                        &authz,
-                                        Some(&counted),
-                                    )
-                                    .await
+                                    c.chunk_prefix(&digest, &view, index, &authz, Some(&counted))
+                                        .await
                                 }
                                 Err(e) => Err(e),
                             };

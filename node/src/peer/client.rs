@@ -544,21 +544,9 @@ impl PeerConn {
     }
 
     /// Chunk `index` of blob `digest` in one buffer: as [`PeerConn::chunk_prefix_segments`],
-    /// with each segment also copied into the buffer as it arrives.
+    /// with each segment also copied into the buffer as it arrives, and the chunk's bytes
+    /// received so far (unverified: a count, for the caller's timeouts) stored in `progress`.
     pub async fn chunk_prefix(
-        &self,
-        digest: &Digest,
-        table: &Arc<TablePrefix>,
-        index: u32,
-        authz: &[u8],
-    ) -> Result<Bytes, PeerError> {
-        self.chunk_prefix_progress(digest, table, index, authz, None)
-            .await
-    }
-
-    /// [`PeerConn::chunk_prefix`], storing the chunk's bytes received so far (unverified: a
-    /// count, for the caller's timeouts) in `progress` as they arrive.
-    pub async fn chunk_prefix_progress(
         &self,
         digest: &Digest,
         table: &Arc<TablePrefix>,
