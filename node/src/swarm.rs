@@ -457,8 +457,6 @@ struct InFlightRequest {
     /// Bytes of the chunk received so far (counted as they arrive, not yet verified).
     received: Arc<AtomicU64>,
     sent: Instant,
-    /// `received` as last reported to the download.
-    reported: u64,
 }
 
 /// What the driver's helper tasks report.
@@ -946,12 +944,11 @@ impl Mirror {
         let mut upstream_opened = false;
         'run: loop {
             // A request older than `PROGRESS_REPORT_AFTER` whose bytes still arrive is not
-            // timed out (a peer behind a thin link).
-            for ((peer, index), r) in requests.iter_mut() {
-                let got = r.received.load(Ordering::Relaxed);
-                if got > r.reported && r.sent.elapsed() >= PROGRESS_REPORT_AFTER {
-                    dl.chunk_progress(*peer, *index, got, now());
-                    r.reported = got;
+            // timed out (a peer behind a thin link; the download ignores a report without new
+            // bytes).
+            for ((peer, index), r) in &requests {
+                if r.sent.elapsed() >= PROGRESS_REPORT_AFTER {
+                    dl.chunk_progress(*peer, *index, r.received.load(Ordering::Relaxed), now());
                 }
             }
             // Another blob is being imported from the upstream by this node: it goes first. A
@@ -1004,7 +1001,6 @@ impl Mirror {
                                 task: task.abort_handle(),
                                 received,
                                 sent: Instant::now(),
-                                reported: 0,
                             },
                         );
                     }
