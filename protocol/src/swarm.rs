@@ -165,6 +165,38 @@ impl core::fmt::Debug for PeerId {
     }
 }
 
+/// FNV-1a over bytes: a peer id's hash for its seeded tie-breakers.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// What a [`Download`] needs of a peer's identity: cheap copies, a total order (its maps are
+/// ordered, so ties fall the same way on every run) and a hash for its seeded tie-breakers.
+/// The daemon's is [`PeerId`]; the simulator numbers its nodes with `u32`, which orders and
+/// hashes exactly as the `PeerId::from_u64` of the same number, so either gives the same
+/// decisions, and the small key keeps the download's maps compact at 100,000 nodes.
+pub trait PeerKey: Copy + Ord + core::fmt::Debug {
+    /// FNV-1a over the id's bytes.
+    fn id_hash(&self) -> u64;
+}
+
+impl PeerKey for PeerId {
+    fn id_hash(&self) -> u64 {
+        fnv1a(self.as_bytes())
+    }
+}
+
+/// A simulated node's number: the same order and hash as [`PeerId::from_u64`] of it.
+impl PeerKey for u32 {
+    fn id_hash(&self) -> u64 {
+        fnv1a(&u64::from(*self).to_be_bytes())
+    }
+}
+
 /// The XOR distance (Kademlia metric) between a key and a peer's position `sha256(peer id)`.
 pub fn xor_distance(key: &[u8; 32], peer: &PeerId) -> [u8; 32] {
     xor_keys(key, &peer.kad_key())
@@ -440,7 +472,7 @@ impl InFlightBudget {
     /// Gives `dl`, one of `downloads` downloads sharing this budget, its part
     /// ([`Download::set_budget`]): [`InFlightBudget::per_download`] in flight and the timeout
     /// floor that goes with it; the download keeps its own caps and floors.
-    pub fn apply(&self, dl: &mut Download, downloads: usize, now: u64) {
+    pub fn apply<P: PeerKey>(&self, dl: &mut Download<P>, downloads: usize, now: u64) {
         let chunk_size = dl.layout().chunk_size();
         dl.set_budget(
             self.per_download(chunk_size, downloads, now),
@@ -786,11 +818,11 @@ pub enum FailReason {
 
 /// What the driver of a [`Download`] must do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
+pub enum Action<P = PeerId> {
     /// Ask `peer` for chunk `index`.
     Request {
         /// The peer.
-        peer: PeerId,
+        peer: P,
         /// The chunk.
         index: u32,
     },
@@ -798,7 +830,7 @@ pub enum Action {
     /// harmless but no longer expected.
     Cancel {
         /// The peer.
-        peer: PeerId,
+        peer: P,
         /// The chunk.
         index: u32,
     },
@@ -814,13 +846,13 @@ pub enum Action {
     /// [`Download::table_refetched`]).
     RefetchTable {
         /// The peer whose chunk disagreed.
-        exclude: PeerId,
+        exclude: P,
     },
     /// The peer sent corrupt data: drop it (every request to it is void) and refuse it until
     /// `until`.
     Ban {
         /// The peer.
-        peer: PeerId,
+        peer: P,
         /// The end of the ban, in the caller's milliseconds.
         until: u64,
     },
@@ -970,13 +1002,8 @@ fn splitmix64(state: &mut u64) -> u64 {
 }
 
 /// A per-peer tie-breaker that depends only on the seed and the id, not on arrival order.
-fn peer_tiebreak(seed: u64, peer: &PeerId) -> u64 {
-    // FNV-1a over the bytes, then mixed with the seed.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in peer.as_bytes() {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    let mut state = h ^ seed;
+fn peer_tiebreak(seed: u64, peer: &impl PeerKey) -> u64 {
+    let mut state = peer.id_hash() ^ seed;
     splitmix64(&mut state)
 }
 
@@ -994,13 +1021,13 @@ enum Slot {
 }
 
 #[derive(Debug, Clone)]
-struct Chunk {
+struct Chunk<P> {
     slot: Slot,
     /// Usable partial holders (peers holding everything are counted in `complete_holders`).
     avail: u32,
     tiebreak: u64,
     /// Peers with a request in flight for this chunk.
-    requesters: Vec<PeerId>,
+    requesters: Vec<P>,
     /// While wanted with no usable holder: since when (the entry in `unavailable`).
     unavailable_since: Option<u64>,
 }
@@ -1010,10 +1037,10 @@ struct Chunk {
 const PROBES: usize = 64;
 
 /// A ready peer's rank: fastest first, then by a seeded tie-breaker.
-type ReadyKey = (Reverse<u64>, u64, PeerId);
+type ReadyKey<P> = (Reverse<u64>, u64, P);
 
 #[derive(Debug, Clone)]
-struct Peer {
+struct Peer<P> {
     have: Have,
     /// True while the peer's holdings count as availability (present and not excluded).
     counted: bool,
@@ -1028,14 +1055,14 @@ struct Peer {
     benches: u32,
     cooldown_until: u64,
     tiebreak: u64,
-    ready_key: Option<ReadyKey>,
+    ready_key: Option<ReadyKey<P>>,
     starved: bool,
     /// In another site: asked only for chunks no near peer holds (see
     /// [`Download::set_peer_far`]).
     far: bool,
 }
 
-impl Peer {
+impl<P> Peer<P> {
     fn has(&self, index: u32) -> bool {
         match &self.have {
             Have::All => true,
@@ -1055,22 +1082,22 @@ struct InFlight {
 /// One node downloading one blob from peers and, as a fallback, from the upstream. See the module
 /// documentation for the policy and how to drive it.
 #[derive(Debug, Clone)]
-pub struct Download {
+pub struct Download<P: PeerKey = PeerId> {
     layout: ChunkLayout,
     config: DownloadConfig,
     start: u64,
     /// The latest `now` seen.
     now: u64,
-    chunks: Vec<Chunk>,
+    chunks: Vec<Chunk<P>>,
     remaining: u32,
     done_emitted: bool,
     /// New requests held (see [`Download::hold_peer_requests`]).
     held: bool,
     /// When the last hold ended: the swarm is judged (slow or not) only from then on.
     released_at: u64,
-    peers: BTreeMap<PeerId, Peer>,
+    peers: BTreeMap<P, Peer<P>>,
     /// Bans and benches: their end, and whether it is a ban. Kept across `remove_peer`.
-    excluded: BTreeMap<PeerId, (u64, bool)>,
+    excluded: BTreeMap<P, (u64, bool)>,
     /// Counted peers holding every chunk.
     complete_holders: u32,
     /// Sum of the rates of counted peers.
@@ -1087,10 +1114,10 @@ pub struct Download {
     /// The last upstream fetch failed (none succeeded since): a slow peer's transfer is not
     /// taken back for an upstream that may be down.
     upstream_faltering: bool,
-    requests: BTreeMap<(PeerId, u32), InFlight>,
-    deadlines: BTreeSet<(u64, PeerId, u32)>,
+    requests: BTreeMap<(P, u32), InFlight>,
+    deadlines: BTreeSet<(u64, P, u32)>,
     /// Cooldown and exclusion ends.
-    peer_timers: BTreeSet<(u64, PeerId)>,
+    peer_timers: BTreeSet<(u64, P)>,
     /// No request deadline or peer timer falls before this (a lower bound, exact after each
     /// [`Download::tick`]): a tick before it has nothing to do. Every input ticks.
     timers_from: u64,
@@ -1099,14 +1126,14 @@ pub struct Download {
     /// within its own `max_in_flight_bytes` and above its own `timeout_floor_ms`.
     budget_bytes: u64,
     budget_timeout_floor_ms: u64,
-    ready: BTreeSet<ReadyKey>,
-    starved: BTreeSet<PeerId>,
+    ready: BTreeSet<ReadyKey<P>>,
+    starved: BTreeSet<P>,
     /// Requests in flight to far peers.
     far_requests: u32,
     /// Set by [`Download::allow_upstream`] until a peer delivers: the swarm counts as slow.
     starving: bool,
     table_refetch_pending: bool,
-    queue: VecDeque<Action>,
+    queue: VecDeque<Action<P>>,
     /// The last time a peer joined or announced a chunk it did not hold before: while the swarm
     /// makes progress, chunks nobody holds yet are not taken from the upstream.
     last_progress: u64,
@@ -1120,9 +1147,9 @@ pub struct Download {
     member_quiet: u64,
 }
 
-impl Download {
+impl<P: PeerKey> Download<P> {
     /// A download of a blob of this layout, started at `now`, with every chunk wanted.
-    pub fn new(layout: ChunkLayout, config: DownloadConfig, now: u64) -> Download {
+    pub fn new(layout: ChunkLayout, config: DownloadConfig, now: u64) -> Download<P> {
         let mut rng = config.seed;
         let count = layout.count();
         // Its own stream, so that the chunks' tiebreaks stay those of the seed.
@@ -1229,7 +1256,7 @@ impl Download {
     }
 
     /// The number of requests in flight to `peer`.
-    pub fn in_flight(&self, peer: &PeerId) -> u32 {
+    pub fn in_flight(&self, peer: &P) -> u32 {
         self.peers.get(peer).map_or(0, |p| p.in_flight)
     }
 
@@ -1239,28 +1266,28 @@ impl Download {
     }
 
     /// A peer's measured rate in bytes per second, once it has delivered something.
-    pub fn peer_rate(&self, peer: &PeerId) -> Option<u64> {
+    pub fn peer_rate(&self, peer: &P) -> Option<u64> {
         self.peers
             .get(peer)
             .and_then(|p| (p.rate > 0).then_some(p.rate))
     }
 
     /// The most requests `peer` may have in flight now.
-    pub fn peer_capacity(&self, peer: &PeerId) -> u32 {
+    pub fn peer_capacity(&self, peer: &P) -> u32 {
         self.peers.get(peer).map_or(0, |p| self.capacity(p))
     }
 
     /// True while `peer` is banned or benched.
-    pub fn is_excluded(&self, peer: &PeerId) -> bool {
+    pub fn is_excluded(&self, peer: &P) -> bool {
         self.excluded.contains_key(peer)
     }
 
     /// True while `peer` is banned (for corrupt data, or by [`Download::ban_peer`]).
-    pub fn is_banned(&self, peer: &PeerId) -> bool {
+    pub fn is_banned(&self, peer: &P) -> bool {
         self.excluded.get(peer).is_some_and(|&(_, ban)| ban)
     }
 
-    fn chunk(&self, index: u32) -> Option<&Chunk> {
+    fn chunk(&self, index: u32) -> Option<&Chunk<P>> {
         self.chunks.get(index as usize)
     }
 
@@ -1408,7 +1435,7 @@ impl Download {
     // ----- peer bookkeeping -----
 
     /// Starts or stops counting a peer's holdings and rate.
-    fn set_counted(&mut self, peer: PeerId, counted: bool, now: u64) {
+    fn set_counted(&mut self, peer: P, counted: bool, now: u64) {
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
@@ -1440,7 +1467,7 @@ impl Download {
 
     /// Lets starved far peers look again.
     fn unstarve_far(&mut self, now: u64) {
-        let far: Vec<PeerId> = self
+        let far: Vec<P> = self
             .starved
             .iter()
             .copied()
@@ -1458,7 +1485,7 @@ impl Download {
             .any(|q| !q.far && q.counted && q.has(index))
     }
 
-    fn capacity(&self, p: &Peer) -> u32 {
+    fn capacity(&self, p: &Peer<P>) -> u32 {
         let rate = if p.rate == 0 {
             self.config.initial_peer_rate
         } else {
@@ -1473,13 +1500,13 @@ impl Download {
     }
 
     /// A cooldown, ban or bench of `peer` ends at `at`.
-    fn add_peer_timer(&mut self, at: u64, peer: PeerId) {
+    fn add_peer_timer(&mut self, at: u64, peer: P) {
         self.peer_timers.insert((at, peer));
         self.timers_from = self.timers_from.min(at);
     }
 
     /// Recomputes whether a peer is in the ready set, and its rank there.
-    fn refresh(&mut self, peer: PeerId, now: u64) {
+    fn refresh(&mut self, peer: P, now: u64) {
         let Some(p) = self.peers.get(&peer) else {
             return;
         };
@@ -1510,7 +1537,7 @@ impl Download {
         }
     }
 
-    fn starve(&mut self, peer: PeerId, now: u64) {
+    fn starve(&mut self, peer: P, now: u64) {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.starved = true;
             self.starved.insert(peer);
@@ -1518,7 +1545,7 @@ impl Download {
         self.refresh(peer, now);
     }
 
-    fn unstarve(&mut self, peer: PeerId, now: u64) {
+    fn unstarve(&mut self, peer: P, now: u64) {
         if self.starved.remove(&peer) {
             if let Some(p) = self.peers.get_mut(&peer) {
                 p.starved = false;
@@ -1536,7 +1563,7 @@ impl Download {
         }
     }
 
-    fn set_rate(&mut self, peer: PeerId, rate: u64) {
+    fn set_rate(&mut self, peer: P, rate: u64) {
         if let Some(p) = self.peers.get_mut(&peer) {
             if p.counted {
                 self.aggregate_rate = self
@@ -1555,7 +1582,7 @@ impl Download {
     /// measurement, and a rate made up from `initial_peer_rate` would count in the swarm's
     /// aggregate rate, so a follower whose only provider stalled from the start judged the
     /// swarm fast enough and waited out every strike (about 18 s) before it went upstream.
-    fn strike(&mut self, peer: PeerId, now: u64) {
+    fn strike(&mut self, peer: P, now: u64) {
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
@@ -1587,7 +1614,7 @@ impl Download {
 
     /// Bans or benches a peer until `until`: cancels its requests (re-wanting their chunks) and
     /// stops counting its holdings.
-    fn exclude(&mut self, peer: PeerId, until: u64, ban: bool, now: u64) {
+    fn exclude(&mut self, peer: P, until: u64, ban: bool, now: u64) {
         let entry = self.excluded.entry(peer).or_insert((until, ban));
         *entry = (entry.0.max(until), entry.1 || ban);
         let end = entry.0;
@@ -1622,7 +1649,7 @@ impl Download {
         u64::try_from(timeout).unwrap_or(u64::MAX)
     }
 
-    fn issue(&mut self, peer: PeerId, index: u32, now: u64) {
+    fn issue(&mut self, peer: P, index: u32, now: u64) {
         let len = self.layout.range(index).map_or(0, |(_, len)| len);
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
@@ -1662,7 +1689,7 @@ impl Download {
     }
 
     /// Forgets the request for `index` to `peer`, if any; the chunk's slot is left alone.
-    fn remove_request(&mut self, peer: PeerId, index: u32) -> Option<InFlight> {
+    fn remove_request(&mut self, peer: P, index: u32) -> Option<InFlight> {
         let req = self.requests.remove(&(peer, index))?;
         self.deadlines.remove(&(req.deadline, peer, index));
         let in_peers = self.chunks[index as usize].slot == Slot::Peers;
@@ -1695,15 +1722,15 @@ impl Download {
     }
 
     /// The answer to a request arrived: a `Cancel` for it still queued (not yet polled) is moot.
-    fn forget_cancel(&mut self, peer: PeerId, index: u32) {
+    fn forget_cancel(&mut self, peer: P, index: u32) {
         if !self.queue.is_empty() {
             self.queue.retain(|a| *a != Action::Cancel { peer, index });
         }
     }
 
     /// Cancels every request for chunk `index` except `keep`'s (emitting `Cancel`s).
-    fn cancel_requests(&mut self, index: u32, keep: Option<PeerId>, now: u64) {
-        let requesters: Vec<PeerId> = self.chunks[index as usize].requesters.clone();
+    fn cancel_requests(&mut self, index: u32, keep: Option<P>, now: u64) {
+        let requesters: Vec<P> = self.chunks[index as usize].requesters.clone();
         for peer in requesters {
             if Some(peer) == keep {
                 continue;
@@ -1715,7 +1742,7 @@ impl Download {
     }
 
     /// Chunk `index` arrived (from anywhere): cancel the other requests for it.
-    fn complete(&mut self, index: u32, from: Option<PeerId>, now: u64) {
+    fn complete(&mut self, index: u32, from: Option<P>, now: u64) {
         if self.chunks[index as usize].slot == Slot::Done {
             return;
         }
@@ -1723,7 +1750,7 @@ impl Download {
         self.set_slot(index, Slot::Done, now);
         if self.remaining == 0 {
             // Nothing more to ask anyone.
-            let ready: Vec<PeerId> = self.ready.iter().map(|k| k.2).collect();
+            let ready: Vec<P> = self.ready.iter().map(|k| k.2).collect();
             for peer in ready {
                 self.refresh(peer, now);
             }
@@ -1827,7 +1854,7 @@ impl Download {
 
     /// A peer joined with these holdings (or announced them again: the new set replaces the old,
     /// requests in flight stay). A bitfield of the wrong length is refused (returns false).
-    pub fn add_peer(&mut self, peer: PeerId, have: Have, now: u64) -> bool {
+    pub fn add_peer(&mut self, peer: P, have: Have, now: u64) -> bool {
         self.tick(now);
         let have = match have {
             Have::Bits(bits) if bits.len() != self.layout.count() => return false,
@@ -1891,7 +1918,7 @@ impl Download {
     /// nodes then fetch each chunk across the WAN about once between them (each asks for the
     /// chunks that have not reached its site yet, rarest first with its own tie-breaks), and
     /// share it inside the site. Peers are near until marked.
-    pub fn set_peer_far(&mut self, peer: PeerId, far: bool, now: u64) {
+    pub fn set_peer_far(&mut self, peer: P, far: bool, now: u64) {
         self.tick(now);
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
@@ -1916,13 +1943,13 @@ impl Download {
     }
 
     /// A peer announced that it now holds chunk `index` verified.
-    pub fn peer_has(&mut self, peer: PeerId, index: u32, now: u64) {
+    pub fn peer_has(&mut self, peer: P, index: u32, now: u64) {
         self.peer_has_many(peer, &[index], now);
     }
 
     /// A peer announced that it now holds the chunks `indices` verified (a watch update carries
     /// many): the same as [`Download::peer_has`] for each in turn, with one look-up of the peer.
-    pub fn peer_has_many(&mut self, peer: PeerId, indices: &[u32], now: u64) {
+    pub fn peer_has_many(&mut self, peer: P, indices: &[u32], now: u64) {
         self.tick(now);
         let count = self.layout.count();
         let mut gained = false;
@@ -1967,7 +1994,7 @@ impl Download {
 
     /// A peer left: its requests are void (no `Cancel` is emitted; the connection is gone) and
     /// their chunks are wanted again. A ban outlives the peer's departure.
-    pub fn remove_peer(&mut self, peer: PeerId, now: u64) {
+    pub fn remove_peer(&mut self, peer: P, now: u64) {
         self.tick(now);
         if !self.peers.contains_key(&peer) {
             return;
@@ -2001,7 +2028,7 @@ impl Download {
     /// WAN) thus still delivers, while one that stops sending times out as before. Not
     /// progress of the swarm (a slow peer must not keep a follower from judging it slow);
     /// ignored for a request not in flight, or without more bytes than its last report.
-    pub fn chunk_progress(&mut self, peer: PeerId, index: u32, received: u64, now: u64) {
+    pub fn chunk_progress(&mut self, peer: P, index: u32, received: u64, now: u64) {
         let Some(&req) = self.requests.get(&(peer, index)) else {
             return;
         };
@@ -2034,7 +2061,7 @@ impl Download {
 
     /// Chunk `index` arrived from `peer` with `bytes_len` bytes and verified. Completes the chunk
     /// even if the request had timed out or been cancelled; updates the peer's rate.
-    pub fn chunk_received(&mut self, peer: PeerId, index: u32, bytes_len: u64, now: u64) {
+    pub fn chunk_received(&mut self, peer: P, index: u32, bytes_len: u64, now: u64) {
         if index >= self.layout.count() {
             self.tick(now);
             return;
@@ -2072,7 +2099,7 @@ impl Download {
     }
 
     /// A request for chunk `index` to `peer` failed (see [`FailReason`]).
-    pub fn chunk_failed(&mut self, peer: PeerId, index: u32, reason: FailReason, now: u64) {
+    pub fn chunk_failed(&mut self, peer: P, index: u32, reason: FailReason, now: u64) {
         if index >= self.layout.count() {
             self.tick(now);
             return;
@@ -2121,7 +2148,7 @@ impl Download {
         self.refresh(peer, now);
     }
 
-    fn ban(&mut self, peer: PeerId, now: u64) {
+    fn ban(&mut self, peer: P, now: u64) {
         let until = now.saturating_add(self.config.ban_ms);
         if self
             .excluded
@@ -2136,7 +2163,7 @@ impl Download {
 
     /// The node proved `peer` dishonest by other means (its table lied, say): ban it as for a
     /// corrupt chunk.
-    pub fn ban_peer(&mut self, peer: PeerId, now: u64) {
+    pub fn ban_peer(&mut self, peer: P, now: u64) {
         self.tick(now);
         self.ban(peer, now);
     }
@@ -2153,7 +2180,7 @@ impl Download {
         self.set_slot(index, Slot::Wanted, now);
         if was_complete {
             // Peers left the ready set when nothing remained.
-            let peers: Vec<PeerId> = self.peers.keys().copied().collect();
+            let peers: Vec<P> = self.peers.keys().copied().collect();
             for peer in peers {
                 self.refresh(peer, now);
             }
@@ -2192,7 +2219,7 @@ impl Download {
 
     /// The next thing to do at `now`, or `None` when there is nothing to do until the next input
     /// or [`Download::next_wakeup`].
-    pub fn poll_action(&mut self, now: u64) -> Option<Action> {
+    pub fn poll_action(&mut self, now: u64) -> Option<Action<P>> {
         self.tick(now);
         if let Some(action) = self.queue.pop_front() {
             return Some(action);
@@ -2232,7 +2259,7 @@ impl Download {
     /// that delivered least recently; `None`: keep them all. Without this a follower kept the
     /// same peers to the end and, when none of them got the chunks it lacked, fetched those
     /// from the upstream at the takeover time.
-    pub fn replaceable_peer(&self, now: u64) -> Option<PeerId> {
+    pub fn replaceable_peer(&self, now: u64) -> Option<P> {
         let &(since, _) = self.unavailable.first()?;
         if self
             .unavailable_due(since)
@@ -2263,7 +2290,7 @@ impl Download {
     }
 
     /// The best chunk to ask `peer` for, if any: for a far peer, the best no near peer holds.
-    fn pick_for(&self, peer: &PeerId) -> Option<u32> {
+    fn pick_for(&self, peer: &P) -> Option<u32> {
         let p = self.peers.get(peer)?;
         if p.far {
             return self.pick_far(p);
@@ -2303,7 +2330,7 @@ impl Download {
 
     /// [`Download::pick_for`] for a far peer: the first wanted chunk in priority order that it
     /// holds and no near peer does; in the endgame, the same among the requests to duplicate.
-    fn pick_far(&self, p: &Peer) -> Option<u32> {
+    fn pick_far(&self, p: &Peer<P>) -> Option<u32> {
         if !self.wanted.is_empty() {
             return self
                 .wanted
@@ -2339,7 +2366,7 @@ impl Download {
         since.max(self.last_progress).max(self.released_at)
     }
 
-    fn assign_peer(&mut self, now: u64) -> Option<Action> {
+    fn assign_peer(&mut self, now: u64) -> Option<Action<P>> {
         if self.held {
             return None;
         }
@@ -2428,7 +2455,7 @@ impl Download {
             < u128::from(self.config.upstream_rate) * u128::from(percent)
     }
 
-    fn assign_upstream(&mut self, now: u64) -> Option<Action> {
+    fn assign_upstream(&mut self, now: u64) -> Option<Action<P>> {
         if self.held || now < self.upstream_retry_at {
             return None;
         }
@@ -2472,7 +2499,7 @@ impl Download {
     /// while the upstream is idle and its last fetch did not fail, reported bytes at a rate that
     /// would finish the chunk later than the upstream would fetch it whole.
     fn chunk_held_by_laggards(&self, now: u64) -> Option<u32> {
-        let lagging = |peer: &PeerId, index: u32| {
+        let lagging = |peer: &P, index: u32| {
             if self.peers.get(peer).is_none_or(|p| p.strikes > 0) {
                 return true;
             }

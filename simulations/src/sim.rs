@@ -137,7 +137,7 @@ struct Known {
 /// One node wanting one blob.
 struct Task {
     state: State,
-    dl: Option<Box<Download>>,
+    dl: Option<Box<Download<u32>>>,
     /// Verified chunks: what the node serves.
     have: Bitfield,
     peers: Vec<Known>,
@@ -782,7 +782,7 @@ impl Sim {
                 let b = ti as u32 % self.nb;
                 held += u64::from(t.have.count_ones());
                 for k in &t.peers {
-                    excluded += usize::from(dl.is_excluded(&pid(k.id)));
+                    excluded += usize::from(dl.is_excluded(&k.id));
                     let cur = &self.tasks[(k.id * self.nb + b) as usize].have;
                     let u = cur
                         .as_bytes()
@@ -1043,8 +1043,7 @@ impl Sim {
                 let Some(old) = dl.replaceable_peer(now_ms).filter(|_| self.p.peer_swap) else {
                     continue;
                 };
-                let old = pidx(&old);
-                dl.remove_peer(pid(old), now_ms);
+                dl.remove_peer(old, now_ms);
                 self.tasks[task as usize].peers.retain(|k| k.id != old);
                 self.watchers[(old * self.nb + b) as usize].retain(|&w| w != task);
                 self.r.peer_swaps += 1;
@@ -1056,9 +1055,9 @@ impl Sim {
             } else {
                 Have::Bits(have.clone())
             };
-            dl.add_peer(pid(p), h, now_ms);
+            dl.add_peer(p, h, now_ms);
             if far {
-                dl.set_peer_far(pid(p), true, now_ms);
+                dl.set_peer_far(p, true, now_ms);
             }
             self.watchers[(p * self.nb + b) as usize].push(task);
             self.tasks[task as usize].peers.push(Known {
@@ -1105,7 +1104,7 @@ impl Sim {
             };
             if died != u64::MAX {
                 if self.now >= died.saturating_add(detect) {
-                    dl.remove_peer(pid(k.id), now_ms);
+                    dl.remove_peer(k.id, now_ms);
                     return false;
                 }
                 return true;
@@ -1124,7 +1123,7 @@ impl Sim {
                 &self.gained[(k.id * self.nb + b) as usize][k.last_count as usize..count as usize],
             );
             new.sort_unstable();
-            dl.peer_has_many(pid(k.id), &new, now_ms);
+            dl.peer_has_many(k.id, &new, now_ms);
             k.last_count = count;
             k.complete = count == full;
             true
@@ -1167,8 +1166,8 @@ impl Sim {
         let mut done = false;
         while let Some(action) = dl.poll_action(now_ms) {
             match action {
-                Action::Request { peer, index } => self.request(task, pidx(&peer), index),
-                Action::Cancel { peer, index } => self.cancel(task, pidx(&peer), index),
+                Action::Request { peer, index } => self.request(task, peer, index),
+                Action::Cancel { peer, index } => self.cancel(task, peer, index),
                 Action::FetchUpstream { index } => {
                     self.r.upstream_chunk_fetches += 1;
                     let up = self.up_node;
@@ -1181,11 +1180,10 @@ impl Sim {
                 }
                 Action::Ban { peer, .. } => {
                     self.r.bans += 1;
-                    let p = pidx(&peer);
                     let t = &mut self.tasks[task as usize];
-                    t.peers.retain(|k| k.id != p);
-                    if !t.banned.contains(&p) {
-                        t.banned.push(p);
+                    t.peers.retain(|k| k.id != peer);
+                    if !t.banned.contains(&peer) {
+                        t.banned.push(peer);
                     }
                 }
                 Action::Done => done = true,
@@ -1744,7 +1742,7 @@ impl Sim {
                 };
                 if self.nodes[src as usize].poisoned {
                     self.r.corrupt_bytes += total;
-                    dl.chunk_failed(pid(src), index, FailReason::Corrupt, now_ms);
+                    dl.chunk_failed(src, index, FailReason::Corrupt, now_ms);
                 } else {
                     self.r.peer_bytes += total;
                     let (dst, _) = self.split(task);
@@ -1752,7 +1750,7 @@ impl Sim {
                         self.r.wan_bytes += total;
                     }
                     self.mark_have(task, index);
-                    dl.chunk_received(pid(src), index, total, now_ms);
+                    dl.chunk_received(src, index, total, now_ms);
                 }
                 self.tasks[task as usize].dl = Some(dl);
                 self.drive(task);
@@ -1827,9 +1825,9 @@ impl Sim {
         let Some(dl) = self.tasks[task as usize].dl.as_mut() else {
             return;
         };
-        dl.chunk_failed(pid(peer), index, reason, now_ms);
+        dl.chunk_failed(peer, index, reason, now_ms);
         if dead {
-            dl.remove_peer(pid(peer), now_ms);
+            dl.remove_peer(peer, now_ms);
             self.tasks[task as usize].peers.retain(|k| k.id != peer);
         }
         self.drive(task);

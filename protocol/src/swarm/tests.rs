@@ -2177,3 +2177,129 @@ fn a_later_gateway_behind_a_thin_wan_waits_as_a_member() {
     assert_eq!(later, 0, "a later gateway now waits as a member");
     assert!(wake.is_some_and(|w| w >= 1_100), "{wake:?}");
 }
+
+/// One step of [`same_decisions_with_either_peer_key`]'s random drive of a download.
+#[derive(Debug, Clone)]
+enum KeyOp {
+    Add(u32, Vec<u32>),
+    Has(u32, u32),
+    Received(u32, u32),
+    Failed(u32, u32, u8),
+    Remove(u32),
+    Tick(u64),
+}
+
+/// Drives a download keyed by `P` through `ops`, returning every action with its peer as the
+/// node number (`back`).
+fn drive_keyed<P: PeerKey>(
+    ops: &[KeyOp],
+    seed: u64,
+    key: impl Fn(u32) -> P,
+    back: impl Fn(P) -> u32,
+) -> Vec<(u64, Action<u32>)> {
+    let layout = ChunkLayout::new(24 * 1024, 1024).unwrap();
+    let config = DownloadConfig {
+        seed,
+        upstream_allowed: true,
+        ..DownloadConfig::default()
+    };
+    let mut d: Download<P> = Download::new(layout, config, 0);
+    let mut now = 0;
+    let mut out = Vec::new();
+    for op in ops {
+        match op {
+            KeyOp::Add(n, held) => {
+                let mut bits = Bitfield::new(24);
+                for &i in held {
+                    bits.set(i);
+                }
+                d.add_peer(key(*n), Have::Bits(bits), now);
+            }
+            KeyOp::Has(n, i) => d.peer_has(key(*n), *i, now),
+            KeyOp::Received(n, i) => d.chunk_received(key(*n), *i, 1024, now),
+            KeyOp::Failed(n, i, r) => {
+                let reason = match r % 3 {
+                    0 => FailReason::Busy,
+                    1 => FailReason::Refused,
+                    _ => FailReason::Corrupt,
+                };
+                d.chunk_failed(key(*n), *i, reason, now);
+            }
+            KeyOp::Remove(n) => d.remove_peer(key(*n), now),
+            KeyOp::Tick(dt) => {
+                now += dt;
+                d.tick(now);
+            }
+        }
+        while let Some(a) = d.poll_action(now) {
+            let a = match a {
+                Action::Request { peer, index } => Action::Request {
+                    peer: back(peer),
+                    index,
+                },
+                Action::Cancel { peer, index } => Action::Cancel {
+                    peer: back(peer),
+                    index,
+                },
+                Action::FetchUpstream { index } => Action::FetchUpstream { index },
+                Action::RefetchTable { exclude } => Action::RefetchTable {
+                    exclude: back(exclude),
+                },
+                Action::Ban { peer, until } => Action::Ban {
+                    peer: back(peer),
+                    until,
+                },
+                Action::Done => Action::Done,
+            };
+            out.push((now, a));
+        }
+    }
+    out
+}
+
+fn arb_key_op() -> impl Strategy<Value = KeyOp> {
+    // Node numbers across the byte boundaries, so that order and hash differences would show.
+    let node = prop_oneof![
+        0u32..8,
+        Just(255u32),
+        Just(256u32),
+        Just(65_536u32),
+        any::<u32>()
+    ];
+    prop_oneof![
+        (node.clone(), proptest::collection::vec(0u32..24, 0..24))
+            .prop_map(|(n, h)| KeyOp::Add(n, h)),
+        (node.clone(), 0u32..24).prop_map(|(n, i)| KeyOp::Has(n, i)),
+        (node.clone(), 0u32..24).prop_map(|(n, i)| KeyOp::Received(n, i)),
+        (node.clone(), 0u32..24, any::<u8>()).prop_map(|(n, i, r)| KeyOp::Failed(n, i, r)),
+        node.prop_map(KeyOp::Remove),
+        (0u64..3_000).prop_map(KeyOp::Tick),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// The simulator keys its downloads by node number (`u32`), the daemon by `PeerId`: the
+    /// same inputs give the same decisions either way, so the simulator measures the daemon's
+    /// policy.
+    #[test]
+    fn same_decisions_with_either_peer_key(
+        ops in proptest::collection::vec(arb_key_op(), 0..80),
+        seed in any::<u64>(),
+    ) {
+        let by_id = drive_keyed(&ops, seed, |n| PeerId::from_u64(u64::from(n)), |p: PeerId| {
+            u32::try_from(u64::from_be_bytes(p.as_bytes().try_into().unwrap())).unwrap()
+        });
+        let by_number = drive_keyed(&ops, seed, |n| n, |n| n);
+        prop_assert_eq!(by_id, by_number);
+    }
+
+    /// `u32` keys order and hash as the `PeerId`s of the same numbers.
+    #[test]
+    fn node_numbers_order_and_hash_as_their_peer_ids(a in any::<u32>(), b in any::<u32>()) {
+        let (x, y) = (PeerId::from_u64(u64::from(a)), PeerId::from_u64(u64::from(b)));
+        prop_assert_eq!(a.cmp(&b), x.cmp(&y));
+        prop_assert_eq!(a.id_hash(), x.id_hash());
+    }
+}
