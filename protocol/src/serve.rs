@@ -322,15 +322,15 @@ impl<R: Ord + Copy, K: Ord + Clone> ServeScheduler<R, K> {
         while self.active.len() < self.config.max_active as usize {
             let mut best: Option<(u32, u64)> = None;
             for (&s, w) in &self.queue {
-                if !self.startable(&w.key, w.index) {
+                // Only fewer copies than the best so far can win: the count is cheaper to look
+                // up than whether the request may start.
+                let n = self.served(&w.key, w.index);
+                if best.is_some_and(|(bn, _)| n >= bn) || !self.startable_with(&w.key, w.index, n) {
                     continue;
                 }
-                let n = self.served(&w.key, w.index);
-                if best.is_none_or(|(bn, _)| n < bn) {
-                    best = Some((n, s));
-                    if n == 0 {
-                        break;
-                    }
+                best = Some((n, s));
+                if n == 0 {
+                    break;
                 }
             }
             let Some((_, s)) = best else {
@@ -349,6 +349,11 @@ impl<R: Ord + Copy, K: Ord + Clone> ServeScheduler<R, K> {
 
     /// Whether another upload of chunk `index` of `key` may start (`max_active_per_chunk`).
     fn startable(&self, key: &K, index: u32) -> bool {
+        self.startable_with(key, index, self.served(key, index))
+    }
+
+    /// [`ServeScheduler::startable`], given the chunk's `served` count.
+    fn startable_with(&self, key: &K, index: u32, served: u32) -> bool {
         let cap = self.config.max_active_per_chunk;
         if (cap == 0 && !self.config.first_copy_alone)
             || self.active.len() < self.config.min_active as usize
@@ -360,7 +365,7 @@ impl<R: Ord + Copy, K: Ord + Clone> ServeScheduler<R, K> {
             .values()
             .filter(|(k, i)| *i == index && k == key)
             .count() as u32;
-        if self.config.first_copy_alone && active > 0 && self.served(key, index) <= active {
+        if self.config.first_copy_alone && active > 0 && served <= active {
             return false;
         }
         cap == 0 || active < cap

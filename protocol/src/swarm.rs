@@ -405,8 +405,11 @@ pub const RATE_WINDOWS: usize = 5;
 /// keeps enough in flight to fill its link.
 #[derive(Debug, Clone, Default)]
 pub struct InFlightBudget {
-    /// Bytes received in each of the last windows, the current one last: (window start, bytes).
-    windows: VecDeque<(u64, u64)>,
+    /// Bytes received in each of the last windows, the current one last: (window start, bytes);
+    /// the first `len` entries are used. Inline, not on the heap: every drive of a download
+    /// reads it (the simulator's 400,000 of them missed the cache on it).
+    windows: [(u64, u64); RATE_WINDOWS],
+    len: usize,
 }
 
 impl InFlightBudget {
@@ -418,13 +421,15 @@ impl InFlightBudget {
     /// `bytes` arrived (a verified chunk from a peer, or a piece of an upstream import).
     pub fn received(&mut self, bytes: u64, now: u64) {
         let start = now - now % RATE_WINDOW_MS;
-        match self.windows.back_mut() {
+        match self.windows[..self.len].last_mut() {
             Some((s, b)) if *s == start => *b = b.saturating_add(bytes),
             _ => {
-                self.windows.push_back((start, bytes));
-                while self.windows.len() > RATE_WINDOWS {
-                    self.windows.pop_front();
+                if self.len == RATE_WINDOWS {
+                    self.windows.copy_within(1.., 0);
+                    self.len -= 1;
                 }
+                self.windows[self.len] = (start, bytes);
+                self.len += 1;
             }
         }
     }
@@ -433,7 +438,7 @@ impl InFlightBudget {
     /// of the last [`RATE_WINDOWS`] windows' time (0 when nothing arrived in that time).
     pub fn rate(&self, now: u64) -> u64 {
         let horizon = RATE_WINDOW_MS * RATE_WINDOWS as u64;
-        self.windows
+        self.windows[..self.len]
             .iter()
             .filter(|(s, _)| s.saturating_add(horizon) > now)
             .map(|&(_, b)| b.saturating_mul(1_000) / RATE_WINDOW_MS)
