@@ -10,7 +10,9 @@
 //! * [`Download`]: one node fetching one blob from peers and, as a fallback, from the upstream.
 //! * [`designated_seeders`] and [`SeedPlan`]: herd control for a blob that no peer holds yet.
 //! * [`InFlightBudget`]: one node's chunk requests in flight, shared among its downloads.
-//! * [`PeerId`]: a peer's identity as bytes (a libp2p peer id's bytes, or a simulator's number).
+//! * [`PeerId`]: a peer's identity as bytes (a libp2p peer id's bytes); [`PeerKey`]: what a
+//!   [`Download`] needs of an identity (the daemon's `PeerId`, the simulator's `u32` node numbers,
+//!   which order and hash as the `PeerId`s of the same numbers).
 //!
 //! # The download policy
 //!
